@@ -1,0 +1,5 @@
+"""`python -m mpitrain` is the `mpitrain` command."""
+
+from mpitrain.cli import main
+
+main()

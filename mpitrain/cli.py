@@ -1,0 +1,171 @@
+"""The `mpitrain` command: `train` and `data synth`, long flags, an optional TOML file.
+
+    mpitrain train --steps 100                         # one process
+    mpirun -n 4 mpitrain train --config run.toml       # flags override the file
+    mpitrain data synth --task linreg --samples 100 --out linreg.h5
+
+An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
+"""
+
+import argparse
+import sys
+import time
+
+from mpitrain import __version__
+from mpitrain.config import CHOICES, TrainConfig, build, load_toml
+from mpitrain.errors import MpitrainError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing, so the message is printed once, by rank 0."""
+
+    def error(self, message):
+        raise MpitrainError(message)
+
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    add = parser.add_argument
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="PATH", help="HDF5 file, directory or glob of shard files with datasets "
+                       "'x' (samples x features) and 'y' (labels); absent: a synthetic set is generated")
+    group.add_argument("--val-fraction", type=float, metavar="F",
+                       help=f"fraction of rows held out for validation (default {defaults.val_fraction})")
+    group.add_argument("--synth-samples", type=int, metavar="N",
+                       help=f"rows of the synthetic set used without --data (default {defaults.synth_samples})")
+    group.add_argument("--partition", choices=CHOICES["partition"],
+                       help="how training rows are split over ranks with --sampler shard: contiguous equal "
+                       "blocks, or per-class proportional (default uniform)")
+    group.add_argument("--sampler", choices=CHOICES["sampler"],
+                       help="shard: each rank shuffles its own rows; global: every step's global batch comes "
+                       "from one seeded permutation, identical for any world size (default shard)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", metavar="W0-W1-..-Wn",
+                       help=f"layer widths, input first, output last (default {defaults.model})")
+    group.add_argument("--activation", choices=CHOICES["activation"], help="hidden activation (default relu)")
+    group.add_argument("--loss", choices=CHOICES["loss"],
+                       help="ce: softmax cross-entropy on integer labels; mse: mean squared error (default ce)")
+    group.add_argument("--dtype", choices=CHOICES["dtype"], help="parameter and activation dtype (default float32)")
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--optimizer", choices=CHOICES["optimizer"], help="(default adam)")
+    group.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
+    group.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    group.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
+    group.add_argument("--schedule", choices=CHOICES["schedule"], help="learning-rate schedule (default constant)")
+    group.add_argument("--warmup-steps", type=int, metavar="N", help="linear warm-up steps (default 0)")
+    group.add_argument("--batch-size", type=int, metavar="N",
+                       help=f"GLOBAL batch, split over ranks (default {defaults.batch_size})")
+    group.add_argument("--epochs", type=int, metavar="N", help=f"(default {defaults.epochs})")
+    group.add_argument("--steps", type=int, metavar="N",
+                       help="total optimizer steps, overriding --epochs; 0 saves the initial parameters")
+    group.add_argument("--seed", type=int, help="seeds init, shuffling and the synthetic set (default 0)")
+    group = parser.add_argument_group("parallel and hardware")
+    group.add_argument("--allreduce", choices=CHOICES["allreduce"],
+                       help="gradient sum: mpitrain's ring (reduce-scatter + all-gather) or MPI Allreduce (default ring)")
+    group.add_argument("--device", choices=CHOICES["device"],
+                       help="cpu (NumPy), gpu (CuPy, GPU local_rank %% count), auto: gpu if one is visible (default auto)")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="BLAS threads per rank (default: cores / ranks on the node; env MPITRAIN_THREADS)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--metrics", metavar="FILE.jsonl", help="one JSON object per epoch, and a final one")
+    group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")
+    group.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                       help="no progress bar")
+    add("--config", metavar="FILE.toml", help="TOML file of the same settings (keys as the flags, e.g. "
+        "batch-size = 256, optionally under [train]); flags given on the command line win")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mpitrain", description="Data-parallel training over MPI with NumPy or CuPy.",
+                     epilog="Run under MPI: mpirun -n 4 mpitrain train ...  (see README.md)")
+    parser.add_argument("--version", action="version", version=f"mpitrain {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    train = commands.add_parser("train", help="train a model", description="Train an MLP, data-parallel over "
+                                "the ranks of the job. Defaults: 784-1024-10 ReLU MLP, Adam lr 1e-3, softmax "
+                                "cross-entropy, global batch 128, 3 epochs, on a synthetic set.")
+    _train_flags(train)
+
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", metavar="TOOL", parser_class=_Parser)
+    data_commands.required = True
+    synth = data_commands.add_parser("synth", help="write a synthetic dataset to HDF5")
+    synth.add_argument("--task", choices=("classify", "linreg"), default="classify",
+                       help="classify: learnable classes; linreg: y = 2 x0 + 3 x1 + N(0,1), x in [0,1)^2")
+    synth.add_argument("--samples", type=int, default=12000, metavar="N", help="rows (default 12000)")
+    synth.add_argument("--features", type=int, default=784, metavar="F", help="classify only (default 784)")
+    synth.add_argument("--classes", type=int, default=10, metavar="C", help="classify only (default 10)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, metavar="FILE.h5", help="output file (a folder with --shards > 1)")
+    synth.add_argument("--shards", type=int, default=1, metavar="K", help="split into K files (default 1)")
+    return parser
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    file_values = load_toml(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return build(file_values, flags)
+
+
+def run_synth(args: argparse.Namespace) -> None:
+    from mpitrain.data import synth
+
+    for name in ("samples", "features", "classes", "shards"):
+        if getattr(args, name) < 1:
+            raise MpitrainError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.task == "classify":
+        x, y = synth.make_classification(args.samples, args.features, args.classes, args.seed)
+    else:
+        x, y = synth.make_linreg(args.samples, args.seed)
+    synth.write_h5(args.out, x, y, shards=args.shards)
+    print(f"wrote {args.samples} rows ({args.task}) to {args.out}")
+
+
+def run(argv: list[str] | None) -> None:
+    args = make_parser().parse_args(argv)
+    if args.command == "data":
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            run_synth(args)
+        return
+    from mpitrain.comm import world
+    from mpitrain.train import train
+
+    train(train_config(args), world())
+
+
+def _report_error(error: MpitrainError) -> None:
+    """Print the error once if every rank has it; otherwise this rank alone prints and aborts the job.
+
+    The ranks meet in a non-blocking barrier: if some rank does not arrive within a few seconds
+    it is stuck in a collective this rank will never join, and only an abort ends the job.
+    """
+    from mpi4py import MPI
+
+    from mpitrain.comm import abort
+
+    world = MPI.COMM_WORLD
+    arrived = world.Ibarrier()
+    deadline = time.monotonic() + 5.0
+    while not arrived.Test():
+        if time.monotonic() > deadline:
+            abort(f"mpitrain: error: [rank {world.rank}] {error}", EXIT_USAGE)
+        time.sleep(0.005)
+    if world.rank == 0:
+        print(f"mpitrain: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `mpitrain` and `python -m mpitrain`."""
+    from mpitrain.comm import install_abort_handler
+
+    install_abort_handler()
+    try:
+        run(argv)
+    except MpitrainError as error:
+        _report_error(error)

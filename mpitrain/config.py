@@ -1,0 +1,131 @@
+"""Training configuration: one dataclass, filled from defaults, then a TOML file, then flags.
+
+Every value is checked here, before any rank communicates, so a bad value fails identically on
+every rank with a one-line message.
+"""
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, fields
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from mpitrain.errors import MpitrainError
+
+CHOICES = {
+    "activation": ("relu", "tanh"),
+    "loss": ("ce", "mse"),
+    "optimizer": ("adam", "sgd"),
+    "schedule": ("constant", "cosine"),
+    "partition": ("uniform", "stratified"),
+    "sampler": ("shard", "global"),
+    "allreduce": ("ring", "mpi"),
+    "dtype": ("float32", "float64"),
+    "device": ("cpu", "gpu", "auto"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; the defaults train the reference MLP."""
+
+    data: str | None = None
+    val_fraction: float = 0.1
+    synth_samples: int = 12000
+    model: str = "784-1024-10"
+    activation: str = "relu"
+    loss: str = "ce"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 128
+    epochs: int = 3
+    steps: int | None = None
+    partition: str = "uniform"
+    sampler: str = "shard"
+    allreduce: str = "ring"
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    metrics: str | None = None
+    save: str | None = None
+    progress: bool = True
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value, where: str):
+    """Check one value against its field's type; ints are accepted where floats are expected."""
+    kind = FIELD_TYPES[name]
+    union = typing.get_args(kind)
+    if union and value is None:
+        return None
+    base = union[0] if union else kind
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not base:
+        raise MpitrainError(f"{where}: {name} = {value!r} is not a {base.__name__}")
+    return value
+
+
+def load_toml(path: str) -> dict:
+    """Read a TOML config file into {field: value}; keys may use dashes or underscores."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise MpitrainError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MpitrainError(f"{path}: malformed TOML: {exc}") from None
+    values = {}
+    for key, value in raw.get("train", raw).items():
+        name = key.replace("-", "_")
+        if name not in FIELD_TYPES:
+            raise MpitrainError(f"{path}: unknown key {key!r}")
+        values[name] = _coerce(name, value, path)
+    return values
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Raise MpitrainError naming the first bad value; return the config unchanged."""
+    for name, allowed in CHOICES.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise MpitrainError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(allowed)}")
+    positive = {"batch_size": config.batch_size, "synth_samples": config.synth_samples}
+    for name, value in positive.items():
+        if value < 1:
+            raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if config.epochs < 1 and config.steps is None:
+        raise MpitrainError(f"--epochs {config.epochs}: must be at least 1")
+    if config.steps is not None and config.steps < 0:
+        raise MpitrainError(f"--steps {config.steps}: must be 0 or more")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise MpitrainError(f"--val-fraction {config.val_fraction}: must be in [0, 1)")
+    for name in ("lr", "momentum", "weight_decay"):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0:
+            raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
+    if config.warmup_steps < 0:
+        raise MpitrainError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
+    return config
+
+
+def build(file_values: dict, flag_values: dict) -> TrainConfig:
+    """Defaults, overridden by the TOML file's values, overridden by the flags given."""
+    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    return validate(dataclasses.replace(TrainConfig(), **merged))
+
+
+def as_dict(config: TrainConfig) -> dict:
+    """The config as plain JSON-able values (for metrics and checkpoints)."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}

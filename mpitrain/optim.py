@@ -1,0 +1,147 @@
+"""SGD, Adam and learning-rate schedules over the model's flat parameter and gradient buffers.
+
+Every update is a few in-place vector operations on whole flat arrays (numpy or cupy, taken from the
+arrays themselves); state and scratch buffers are allocated once here, never in step().
+"""
+
+import math
+
+import numpy as np
+
+from mpitrain.errors import MpitrainError
+
+
+def _array_module(a):
+    """numpy or cupy, whichever owns `a`."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
+def _host_copy(a) -> np.ndarray:
+    """A numpy copy of a numpy or cupy array (cupy's .get() copies device to host)."""
+    return a.get() if hasattr(a, "get") else np.array(a)
+
+
+class _FlatOptimizer:
+    """Shared parts: L2 weight decay, the step counter t, named state buffers and their checkpointing."""
+
+    def __init__(self, params, grads, lr, weight_decay, buffer_names):
+        if params.shape != grads.shape or params.ndim != 1:
+            raise ValueError(f"params {params.shape} and grads {grads.shape} must be equal 1-D buffers")
+        self.xp = _array_module(params)
+        self.params, self.grads = params, grads
+        self.lr, self.weight_decay = lr, weight_decay
+        self.t = 0
+        self.buffers = {name: self.xp.zeros_like(params) for name in buffer_names}
+        self._scratch = self.xp.zeros_like(params)
+
+    def _gradient(self):
+        """g = grad + wd * p (L2 decay), in the scratch buffer so `grads` stays as backward left it."""
+        if not self.weight_decay:
+            return self.grads
+        self.xp.multiply(self.params, self.weight_decay, out=self._scratch)
+        self._scratch += self.grads
+        return self._scratch
+
+    def state(self) -> dict:
+        """{"step": t, name: host numpy copy of each state buffer}."""
+        return {"step": self.t, **{name: _host_copy(buf) for name, buf in self.buffers.items()}}
+
+    def load_state(self, state: dict):
+        """Inverse of state(); names and shapes are checked before any buffer is written."""
+        expected = {"step", *self.buffers}
+        if set(state) != expected:
+            raise MpitrainError(f"optimizer state has entries {sorted(state)}, expected {sorted(expected)}")
+        for name, buf in self.buffers.items():
+            if tuple(np.shape(state[name])) != buf.shape:
+                raise MpitrainError(
+                    f"optimizer state '{name}': shape {tuple(np.shape(state[name]))} "
+                    f"but the parameters have {buf.shape}"
+                )
+        for name, buf in self.buffers.items():
+            buf[...] = self.xp.asarray(state[name], dtype=buf.dtype)
+        self.t = int(state["step"])
+
+
+class SGD(_FlatOptimizer):
+    """g = grad + wd p;  v = mu v + g (only when mu > 0, else v = g);  p -= lr v."""
+
+    def __init__(self, params, grads, lr, momentum=0.0, weight_decay=0.0):
+        super().__init__(params, grads, lr, weight_decay, ["velocity"] if momentum else [])
+        self.momentum = momentum
+
+    def step(self, lr=None):
+        """One in-place update; `lr` (the scheduled rate) overrides the constructor's for this step."""
+        lr = self.lr if lr is None else lr
+        g = self._gradient()
+        if self.momentum:
+            v = self.buffers["velocity"]
+            v *= self.momentum
+            v += g
+            g = v
+        self.xp.multiply(g, lr, out=self._scratch)
+        self.params -= self._scratch
+        self.t += 1
+
+
+class Adam(_FlatOptimizer):
+    """Adam (Kingma & Ba) with bias correction; weight decay is L2 added to the gradient.
+
+    g = grad + wd p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+    p -= lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1-b1^t), v_hat = v / (1-b2^t).
+    """
+
+    def __init__(self, params, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, grads, lr, weight_decay, ["m", "v"])
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        # A second scratch buffer: g may already occupy the first one while the moments are updated.
+        self._work = self.xp.zeros_like(params)
+
+    def step(self, lr=None):
+        """One in-place update; `lr` (the scheduled rate) overrides the constructor's for this step."""
+        lr = self.lr if lr is None else lr
+        xp, m, v, w = self.xp, self.buffers["m"], self.buffers["v"], self._work
+        self.t += 1
+        g = self._gradient()
+        m *= self.beta1
+        xp.multiply(g, 1 - self.beta1, out=w)
+        m += w
+        v *= self.beta2
+        xp.multiply(g, g, out=w)
+        w *= 1 - self.beta2
+        v += w
+        # m_hat / (sqrt(v_hat) + eps) = (m / bias1) / (sqrt(v) / sqrt(bias2) + eps): the scalar
+        # corrections go into the denominator and the step size instead of two more array passes.
+        bias1, bias2 = 1 - self.beta1**self.t, 1 - self.beta2**self.t
+        xp.sqrt(v, out=w)
+        w /= math.sqrt(bias2)
+        w += self.eps
+        xp.divide(m, w, out=w)
+        w *= lr / bias1
+        self.params -= w
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def schedule(kind: str, base_lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning rate for 0-based `step`.
+
+    Warm-up: base_lr * (step+1) / warmup_steps for step < warmup_steps (ends at base_lr).
+    Then constant base_lr, or cosine: base_lr * (1 + cos(pi * progress)) / 2 with
+    progress = (step - warmup_steps) / (total_steps - warmup_steps), reaching 0 at step = total_steps.
+    """
+    if kind not in SCHEDULES:
+        raise MpitrainError(f"lr schedule '{kind}': expected one of {', '.join(SCHEDULES)}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise MpitrainError(f"warm-up of {warmup_steps} steps: expected between 0 and {total_steps} (all steps)")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if kind == "constant" or total_steps == warmup_steps:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))

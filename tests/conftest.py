@@ -1,0 +1,59 @@
+"""Make pytest safe under `mpirun -n N python -m pytest`.
+
+- Every test phase ends with an agreement over all ranks: a failure on one rank fails the test
+  on every rank, with that rank's message, so all ranks take the same path through the suite.
+- Only rank 0 prints the report; the others stay quiet.
+- A session that ends non-zero aborts the whole job at exit, so a rank that failed on its own
+  (an import error, a collection error) cannot leave the others waiting in a collective.
+"""
+
+import sys
+
+import mpi4py.run
+import pytest
+from mpi4py import MPI
+
+_harness = MPI.COMM_WORLD.Dup()
+
+
+@pytest.fixture
+def comm():
+    """A fresh clone of COMM_WORLD for one test, freed after it."""
+    clone = MPI.COMM_WORLD.Dup()
+    yield clone
+    clone.Free()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    if _harness.rank != 0:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
+
+
+def pytest_report_header(config):
+    return f"mpi: world size {_harness.size}, {MPI.Get_library_version().splitlines()[0]}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    summary = None
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        summary = (crash.message if crash else report.longreprtext.strip() or "failed")[:500]
+    failures = _harness.allgather(summary)
+    failed_ranks = [rank for rank, text in enumerate(failures) if text is not None]
+    if failed_ranks and not report.failed:
+        first = failed_ranks[0]
+        report.outcome = "failed"
+        report.longrepr = f"failed on rank(s) {failed_ranks}; rank {first}: {failures[first]}"
+    elif failed_ranks and _harness.size > 1:
+        report.sections.append(("mpi", f"failed on rank(s) {failed_ranks}"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus != 0 and MPI.COMM_WORLD.size > 1:
+        sys.stdout.flush()
+        mpi4py.run.set_abort_status(int(exitstatus))

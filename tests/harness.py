@@ -1,0 +1,39 @@
+"""Helpers for tests that start their own jobs (`mpirun`, `mpitrain`) as subprocesses."""
+
+import os
+import subprocess
+import sys
+
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPIR_", "MPI_LOCAL", "OMPI_", "I_MPI_")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without the outer launcher's variables, so a nested mpirun starts afresh."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    env.update(extra)
+    return env
+
+
+def run_on_root(comm, argv: list[str], timeout: float = 120, **env: str) -> dict:
+    """Run `argv` as a subprocess on rank 0 only, and give every rank its result.
+
+    Nested jobs are started once rather than once per rank: four ranks each starting an
+    `mpirun -n 2` would oversubscribe a small machine for no extra coverage.
+    """
+    result = None
+    if comm.rank == 0:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=clean_env(**env))
+            result = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+        except subprocess.TimeoutExpired as exc:
+            result = {"returncode": None, "stdout": str(exc.stdout), "stderr": f"timed out after {timeout} s"}
+    return comm.bcast(result, root=0)
+
+
+def mpitrain_argv(world_size: int, *args: str) -> list[str]:
+    """`mpirun -n W python -m mpitrain ARGS` with this interpreter (or no mpirun for W = 0)."""
+    command = [sys.executable, "-m", "mpitrain", *args]
+    if world_size == 0:
+        return command
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    return [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(world_size), *command]

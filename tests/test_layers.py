@@ -1,0 +1,94 @@
+"""Linear, ReLU and Tanh: analytic backward equals central finite differences in float64."""
+
+import numpy as np
+import pytest
+
+from mpitrain.nn.layers import Linear, ReLU, Tanh, weight_init
+
+
+def _cupy_or_skip():
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed")
+    try:
+        gpus = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        gpus = 0
+    if gpus == 0:
+        pytest.skip("cupy is installed but no CUDA device is visible")
+    return cupy
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def xp(request):
+    """Every test body runs on each array backend that is usable here."""
+    return np if request.param == "numpy" else _cupy_or_skip()
+
+
+def numeric_grad(loss, a, h=1e-6):
+    """Central differences of the scalar loss() with respect to every entry of `a`, perturbed in place."""
+    grad = np.zeros(a.shape)
+    for index in np.ndindex(a.shape):
+        saved = float(a[index])
+        a[index] = saved + h
+        plus = loss()
+        a[index] = saved - h
+        minus = loss()
+        a[index] = saved
+        grad[index] = (plus - minus) / (2 * h)
+    return grad
+
+
+def rel_error(analytic, numeric):
+    analytic = analytic.get() if hasattr(analytic, "get") else np.asarray(analytic)
+    return np.linalg.norm(analytic - numeric) / max(np.linalg.norm(analytic) + np.linalg.norm(numeric), 1e-300)
+
+
+def test_linear_gradients(xp):
+    rng = np.random.default_rng(0)
+    layer = Linear(xp, 4, 3)
+    params = xp.asarray(rng.standard_normal(Linear.n_params(4, 3)))
+    grads = xp.zeros_like(params)
+    layer.bind(params, grads)
+    x = xp.asarray(rng.standard_normal((5, 4)))
+    # L = sum(Y * R) for a fixed random R, so dL/dY = R exercises every output.
+    r = xp.asarray(rng.standard_normal((5, 3)))
+
+    def loss():
+        return float(xp.sum(layer.forward(x) * r))
+
+    layer.forward(x)
+    dx = layer.backward(r)
+    assert layer.weight.shape == (4, 3) and layer.bias.shape == (3,)
+    assert rel_error(layer.grad_weight, numeric_grad(loss, layer.weight)) < 1e-6
+    assert rel_error(layer.grad_bias, numeric_grad(loss, layer.bias)) < 1e-6
+    assert rel_error(dx, numeric_grad(loss, x)) < 1e-6
+    assert layer.backward(r, need_dx=False) is None
+
+
+@pytest.mark.parametrize("activation", [ReLU, Tanh])
+def test_activation_gradients(xp, activation):
+    rng = np.random.default_rng(1)
+    # Keep ReLU inputs well away from its kink at 0, where finite differences are meaningless.
+    x_host = rng.uniform(0.1, 2.0, size=(6, 5)) * rng.choice([-1.0, 1.0], size=(6, 5))
+    x = xp.asarray(x_host)
+    r = xp.asarray(rng.standard_normal((6, 5)))
+    layer = activation(xp)
+
+    def loss():
+        return float(xp.sum(layer.forward(x) * r))
+
+    layer.forward(x)
+    dx = layer.backward(r)
+    assert rel_error(dx, numeric_grad(loss, x)) < 1e-6
+
+
+def test_weight_init_scales():
+    rng = np.random.default_rng(2)
+    fan_in, fan_out = 400, 300
+    he = weight_init(rng, fan_in, fan_out, "relu")
+    assert he.shape == (fan_in, fan_out)
+    assert abs(he.std() / np.sqrt(2 / fan_in) - 1) < 0.02
+    glorot = weight_init(rng, fan_in, fan_out, "tanh")
+    limit = np.sqrt(6 / (fan_in + fan_out))
+    assert np.abs(glorot).max() <= limit
+    # U(-a, a) has standard deviation a / sqrt(3).
+    assert abs(glorot.std() / (limit / np.sqrt(3)) - 1) < 0.02
