@@ -1,11 +1,20 @@
-"""Parameters on disk: one HDF5 dataset per parameter (`0/weight`, `0/bias`, ...), written atomically.
+"""Parameters and training checkpoints on disk, as HDF5, written atomically.
+
+A parameter file holds one dataset per parameter (`0/weight`, `0/bias`, ...). A checkpoint holds
+everything a run needs to continue bit for bit: parameters, optimizer state, RNG states, and a
+JSON record of step, epoch, sampler position and config, with a SHA-256 digest over all of it.
 
 A write goes to a temporary name in the same folder, is flushed and fsynced, then renamed over
-the target, so a crash mid-write never destroys what was saved before. Loading reads plain
-numeric datasets only: nothing from a file is ever unpickled or evaluated.
+the target (and the folder fsynced), so a crash mid-write never destroys what was saved before.
+Loading reads plain numeric datasets and parses JSON: nothing from a file is ever unpickled or
+evaluated.
 """
 
+import hashlib
+import json
 import os
+import re
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -26,9 +35,19 @@ def atomic_h5_write(path: str, write) -> None:
         with open(temporary, "rb") as raw:
             os.fsync(raw.fileno())
         os.replace(temporary, path)
+        _fsync_folder(folder)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable: without it a power loss can bring back the old directory entry."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def save_parameters(path: str, named: dict[str, np.ndarray], attrs: dict | None = None) -> None:
@@ -61,3 +80,136 @@ def load_parameters(path: str) -> dict[str, np.ndarray]:
     except OSError as exc:
         raise MpitrainError(f"{path}: not a readable HDF5 file ({exc})") from None
     return named
+
+
+# ---------------------------------------------------------------------------- training checkpoints
+
+FORMAT = "mpitrain-checkpoint"
+VERSION = 1
+_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
+
+
+class CorruptCheckpoint(MpitrainError):
+    """A checkpoint file that cannot be read back intact (truncated, damaged, or not a checkpoint)."""
+
+
+@dataclass
+class Checkpoint:
+    """One training state: numeric arrays by path ("model/0/weight", "optimizer/m", ...) and a
+    JSON-able `meta` dict (step, epoch, sampler position, config, ...)."""
+
+    meta: dict
+    arrays: dict[str, np.ndarray]
+
+
+def checkpoint_name(step: int) -> str:
+    """ckpt-00000120.h5: zero-padded so names sort by step."""
+    return f"ckpt-{step:08d}.h5"
+
+
+def _digest(meta_json: str, arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the meta JSON and every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"\0{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.view(np.uint8).reshape(-1) if array.size else b"")
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str, checkpoint: Checkpoint) -> None:
+    """Write `checkpoint` atomically to `path` with its digest in the file attributes."""
+    meta_json = json.dumps(checkpoint.meta, sort_keys=True)
+    digest = _digest(meta_json, checkpoint.arrays)
+
+    def write(handle):
+        handle.attrs["format"] = FORMAT
+        handle.attrs["version"] = VERSION
+        handle.attrs["meta"] = meta_json
+        handle.attrs["sha256"] = digest
+        for name, array in checkpoint.arrays.items():
+            handle.create_dataset(name, data=array)
+
+    atomic_h5_write(path, write)
+
+
+def _text_attr(handle, key: str, path: str) -> str:
+    value = handle.attrs.get(key)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        raise CorruptCheckpoint(f"{path}: not an mpitrain checkpoint (attribute {key!r} missing or not text)")
+    return value
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Read a checkpoint and verify its digest; CorruptCheckpoint names the file and what is wrong."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            if item.dtype.kind not in "fiub":
+                raise CorruptCheckpoint(f"{path}: dataset {name!r} has non-numeric dtype {item.dtype}")
+            arrays[name] = item[()]
+
+    try:
+        with h5py.File(path, "r") as handle:
+            if _text_attr(handle, "format", path) != FORMAT:
+                raise CorruptCheckpoint(f"{path}: not an mpitrain checkpoint (format {handle.attrs['format']!r})")
+            version = handle.attrs.get("version")
+            if not isinstance(version, (int, np.integer)) or int(version) != VERSION:
+                raise CorruptCheckpoint(f"{path}: checkpoint format version {version!r}, this mpitrain reads {VERSION}")
+            meta_json = _text_attr(handle, "meta", path)
+            stored = _text_attr(handle, "sha256", path)
+            handle.visititems(visit)
+    except FileNotFoundError:
+        raise MpitrainError(f"{path}: checkpoint not found") from None
+    except OSError as exc:
+        raise CorruptCheckpoint(f"{path}: unreadable or truncated HDF5 file ({exc})") from None
+    if _digest(meta_json, arrays) != stored:
+        raise CorruptCheckpoint(f"{path}: checksum mismatch: the file was damaged after it was written")
+    try:
+        meta = json.loads(meta_json)
+    except ValueError as exc:
+        raise CorruptCheckpoint(f"{path}: malformed metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpoint(f"{path}: metadata is not a JSON object")
+    return Checkpoint(meta, arrays)
+
+
+def list_checkpoints(folder: str) -> list[tuple[int, str]]:
+    """[(step, path)] of the checkpoint files in `folder`, oldest first; temporaries are not listed."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise MpitrainError(f"{folder}: cannot list the checkpoint folder ({exc.strerror})") from None
+    found = [(int(match.group(1)), os.path.join(folder, name))
+             for name in names if (match := _CHECKPOINT_NAME.match(name))]
+    return sorted(found)
+
+
+def newest_valid_checkpoint(folder: str, warn) -> tuple[str, Checkpoint] | None:
+    """The newest checkpoint in `folder` that reads back intact, or None; warn(message) for each
+    newer one that does not, so a write cut short by a crash costs one interval, not the run."""
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load_checkpoint(path)
+        except CorruptCheckpoint as exc:
+            warn(f"{exc}; trying the previous checkpoint")
+    return None
+
+
+def prune_checkpoints(folder: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints (and temporaries a killed writer left); return
+    the deleted paths."""
+    deleted = [path for _, path in list_checkpoints(folder)[:-keep]]
+    deleted += [os.path.join(folder, name) for name in os.listdir(folder)
+                if name.startswith(".ckpt-") and ".h5.tmp" in name]
+    for path in deleted:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return deleted
