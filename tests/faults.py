@@ -1,0 +1,50 @@
+"""`mpitrain` with one fault injected on one rank, for tests that need a real failure in a real job.
+
+    mpirun -n 2 python tests/faults.py kill 7 1 -- train --steps 20 ...     # rank 1 SIGKILLs itself in step 7
+    mpirun -n 2 python tests/faults.py signal 7 1 -- train ...              # rank 1 gets SIGUSR1 in step 7
+    mpirun -n 2 python tests/faults.py skip-allreduce 3 1 -- train ...      # rank 1 skips step 3's all-reduce
+
+The fault is a monkeypatch of the trainer's per-step calls made here, in the test process only;
+the product has no hook for it. Steps count from 1, as in mpitrain's messages.
+"""
+
+import os
+import signal
+import sys
+
+from mpi4py import MPI
+
+import mpitrain.train
+from mpitrain.cli import main
+
+
+def at_step(fault: str, step: int, rank: int) -> None:
+    """Patch mpitrain.train so that `fault` happens on `rank` in step `step`."""
+    if MPI.COMM_WORLD.rank != rank:
+        return
+    if fault == "skip-allreduce":
+        allreduce, calls = mpitrain.train.allreduce, [0]
+
+        def skipping(buf, comm, algorithm="ring"):
+            calls[0] += 1
+            if calls[0] != step:
+                allreduce(buf, comm, algorithm)
+
+        mpitrain.train.allreduce = skipping
+        return
+    action = {"kill": signal.SIGKILL, "signal": signal.SIGUSR1}[fault]
+    schedule = mpitrain.train.schedule
+
+    def scheduled(kind, base_lr, index, total, warmup):
+        if index + 1 == step:  # schedule() runs once per step with the 0-based index
+            os.kill(os.getpid(), action)
+        return schedule(kind, base_lr, index, total, warmup)
+
+    mpitrain.train.schedule = scheduled
+
+
+if __name__ == "__main__":
+    fault, step, rank, separator, *argv = sys.argv[1:]
+    assert separator == "--", "usage: faults.py FAULT STEP RANK -- MPITRAIN-ARGS"
+    at_step(fault, int(step), int(rank))
+    main(argv)
