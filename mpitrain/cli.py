@@ -5,6 +5,7 @@
     mpitrain data synth --task linreg --samples 100 --out linreg.h5
 
 An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
+A run stopped by SIGUSR1/SIGTERM after writing its checkpoint exits 75 (see mpitrain/preempt.py).
 """
 
 import argparse
@@ -14,6 +15,7 @@ import time
 from mpitrain import __version__
 from mpitrain.config import CHOICES, TrainConfig, build, load_toml
 from mpitrain.errors import MpitrainError
+from mpitrain.preempt import EXIT_PREEMPTED, Preempted
 
 EXIT_USAGE = 2
 
@@ -73,6 +75,23 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")
     group.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                        help="no progress bar")
+    group = parser.add_argument_group("checkpoints, preemption and failures")
+    group.add_argument("--checkpoint-dir", metavar="DIR",
+                       help="write checkpoints here (ckpt-<step>.h5); also turns SIGUSR1/SIGTERM into a "
+                       "checkpoint and exit 75 (requeue)")
+    group.add_argument("--checkpoint-every", type=int, metavar="N",
+                       help="checkpoint every N steps (default: only at the end and when signalled)")
+    group.add_argument("--keep-checkpoints", type=int, metavar="K",
+                       help=f"keep the newest K checkpoints (default {defaults.keep_checkpoints})")
+    group.add_argument("--resume", metavar="PATH|auto",
+                       help="continue from a checkpoint file, or from the newest valid one in --checkpoint-dir "
+                       "(auto: start at step 0 when there is none)")
+    group.add_argument("--comm-timeout", type=float, metavar="S",
+                       help="abort every rank, naming the operation each waits in, when one communication "
+                       "call waits longer than S seconds (default: wait forever)")
+    group.add_argument("--on-nan", choices=CHOICES["on_nan"],
+                       help="NaN or Inf in the loss or gradients: stop with an error, or skip the update on "
+                       "every rank and count it (default abort)")
     add("--config", metavar="FILE.toml", help="TOML file of the same settings (keys as the flags, e.g. "
         "batch-size = 256, optionally under [train]); flags given on the command line win")
 
@@ -132,9 +151,13 @@ def run(argv: list[str] | None) -> None:
         if MPI.COMM_WORLD.rank == 0:
             run_synth(args)
         return
+    from mpi4py import MPI
+
     from mpitrain.comm import world
+    from mpitrain.slurm import check_not_singleton
     from mpitrain.train import train
 
+    check_not_singleton(MPI.COMM_WORLD.size)
     train(train_config(args), world())
 
 
@@ -169,3 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except MpitrainError as error:
         _report_error(error)
+    except Preempted as stop:
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            print(f"mpitrain: preempted by {stop}; exit {EXIT_PREEMPTED}: run again with --resume auto",
+                  file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)

@@ -26,6 +26,7 @@ CHOICES = {
     "allreduce": ("ring", "mpi"),
     "dtype": ("float32", "float64"),
     "device": ("cpu", "gpu", "auto"),
+    "on_nan": ("abort", "skip"),
 }
 
 
@@ -58,6 +59,13 @@ class TrainConfig:
     metrics: str | None = None
     save: str | None = None
     progress: bool = True
+    # checkpoints, preemption and failure handling (mpitrain/resilience.py)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    comm_timeout: float | None = None
+    on_nan: str = "abort"
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
@@ -117,7 +125,21 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
     if config.warmup_steps < 0:
         raise MpitrainError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
+    _validate_resilience(config)
     return config
+
+
+def _validate_resilience(config: TrainConfig) -> None:
+    if config.checkpoint_every is not None and config.checkpoint_every < 1:
+        raise MpitrainError(f"--checkpoint-every {config.checkpoint_every}: must be at least 1")
+    if config.keep_checkpoints < 1:
+        raise MpitrainError(f"--keep-checkpoints {config.keep_checkpoints}: must be at least 1")
+    if config.checkpoint_every is not None and config.checkpoint_dir is None:
+        raise MpitrainError("--checkpoint-every needs --checkpoint-dir")
+    if config.resume == "auto" and config.checkpoint_dir is None:
+        raise MpitrainError("--resume auto needs --checkpoint-dir (the folder searched for the newest checkpoint)")
+    if config.comm_timeout is not None and not (math.isfinite(config.comm_timeout) and config.comm_timeout > 0):
+        raise MpitrainError(f"--comm-timeout {config.comm_timeout}: must be a positive number of seconds")
 
 
 def build(file_values: dict, flag_values: dict) -> TrainConfig:

@@ -9,6 +9,7 @@ the sum, so the result is the mean over the global batch whatever the world size
     mpirun -n 4 mpitrain train          # four ranks, same global batch of 128
 """
 
+import itertools
 import json
 import os
 import tempfile
@@ -29,6 +30,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.losses import MeanSquaredError, SoftmaxCrossEntropy
 from mpitrain.nn.model import Sequential, parse_widths
 from mpitrain.optim import SGD, Adam, schedule
+from mpitrain.resilience import Resilience
 
 
 @dataclass
@@ -223,10 +225,10 @@ class Batches:
             self.own_x = backend.xp.asarray(data.own_x, dtype=self.dtype)
             self.own_y = backend.xp.asarray(data.own_y, dtype=self.label_dtype)
 
-    def epoch(self, epoch: int, count: int):
-        """The first `count` batches of `epoch`."""
+    def epoch(self, epoch: int, count: int, start: int = 0):
+        """Batches start..count-1 of `epoch` (a resumed run starts inside an epoch)."""
         xp = self.backend.xp
-        for _, rows in zip(range(count), self.data.sampler.batches(epoch)):
+        for rows in itertools.islice(self.data.sampler.batches(epoch), start, count):
             if self.data.own_x is not None:
                 index = xp.asarray(rows)
                 yield self.own_x[index], self.own_y[index]
@@ -243,7 +245,18 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
-    """Train under `config` on the ranks of `comm`; every rank returns the same result. Collective."""
+    """Train under `config` on the ranks of `comm`; every rank returns the same result. Collective.
+
+    Raises mpitrain.preempt.Preempted on every rank when a signal stopped the run at a checkpoint.
+    """
+    guard = Resilience(config, comm)
+    try:
+        return _train(config, guard.comm, guard)
+    finally:
+        guard.close()
+
+
+def _train(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience) -> TrainResult:
     widths = parse_widths(config.model)
     backend = select_backend(config.device, comm)
     threads = limit_blas_threads(comm, config.threads)
@@ -262,33 +275,43 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     val_y = backend.xp.asarray(data.val_y, dtype=batches.label_dtype)
     report = Reporter(config, comm.size, steps, is_root)
     report.start(backend, threads)
+    start = guard.start(model, optimizer, dataset, data.steps_per_epoch, steps, report.say)
 
-    step, epoch = 0, 0
+    step, epoch, position = start.step, start.epoch, start.position
     while step < steps:
-        started, loss_sum, epoch_steps = time.perf_counter(), 0.0, 0
-        for x, y in batches.epoch(epoch, min(data.steps_per_epoch, steps - step)):
+        started, loss_sum, kept_steps, epoch_steps = time.perf_counter(), 0.0, 0, 0
+        for x, y in batches.epoch(epoch, min(data.steps_per_epoch, position + steps - step), start=position):
             out = model.forward(x)
-            loss_sum += float(loss.forward(out, y))
+            step_loss = float(loss.forward(out, y))
             model.backward(loss.backward(scale))
             allreduce(model.grads, comm, config.allreduce)
-            optimizer.step(schedule(config.schedule, config.lr, step, steps, config.warmup_steps))
+            if guard.keep_step(step_loss, model.grads):
+                optimizer.step(schedule(config.schedule, config.lr, step, steps, config.warmup_steps))
+                loss_sum += step_loss
+                kept_steps += 1
             step += 1
+            position += 1
             epoch_steps += 1
             report.advance()
+            guard.boundary(step, epoch, position)
         backend.synchronize()
         elapsed = time.perf_counter() - started
         totals = comm.allreduce(loss_sum, op=MPI.SUM)
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "loss": totals / max(epoch_steps * config.batch_size, 1),
+            "loss": totals / max(kept_steps * config.batch_size, 1),
             "samples_per_s": epoch_steps * config.batch_size / elapsed if elapsed > 0 else 0.0,
             "world_size": comm.size,
             **evaluate(model, loss, val_x, val_y, config, comm),
+            **guard.metrics(),
         }
         report.epoch(record)
-        epoch += 1
+        if position == data.steps_per_epoch:
+            epoch, position = epoch + 1, 0
+        guard.boundary(step, epoch, position)
 
+    guard.finish(step, epoch, position)
     result = TrainResult(model.state(), report.history)
     report.finish(result)
     if config.save:
@@ -323,7 +346,8 @@ class Reporter:
             return
         if self.config.metrics:
             try:
-                self.metrics = open(self.config.metrics, "w")
+                # A resumed run continues its metrics file.
+                self.metrics = open(self.config.metrics, "a" if self.config.resume else "w")
             except OSError as exc:
                 raise MpitrainError(f"--metrics {self.config.metrics}: {exc.strerror}") from None
         self.say(

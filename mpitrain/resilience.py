@@ -1,0 +1,350 @@
+"""Checkpoints, resume, preemption, the NaN policy, the watchdog and the start-up check of one run.
+
+The training loop calls these hooks, and nothing else of this module:
+
+    guard = Resilience(config, comm)       # compares configs across ranks; watchdog; signal flags
+    comm = guard.comm                      # comm, watched when --comm-timeout is given
+    start = guard.start(...)               # compares model and dataset shapes; --resume
+    if guard.keep_step(loss, grads): ...   # after the gradient all-reduce: NaN/Inf and signals agreed
+    guard.boundary(step, epoch, position)  # after each step and epoch: periodic checkpoint, preemption
+    guard.finish(step, epoch, position)    # final checkpoint
+    guard.close()                          # watchdog stopped, signal handlers restored
+
+A resumed run equals an uninterrupted one bit for bit: the checkpoint holds the parameters, the
+optimizer's buffers and step counter, and the position in the data (epoch and batches taken,
+the order itself being a pure function of seed, epoch and rank), and everything after is the
+same arithmetic on the same world size.
+"""
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from mpitrain import __version__
+from mpitrain.checkpoint import (
+    Checkpoint,
+    checkpoint_name,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from mpitrain.comm.consistency import check_consistent
+from mpitrain.comm.failure import agree
+from mpitrain.comm.watchdog import Watchdog, watch
+from mpitrain.config import TrainConfig, as_dict
+from mpitrain.errors import MpitrainError
+from mpitrain.preempt import Preempted, PreemptionFlag
+
+# Fields that may differ between ranks (per-node core counts, rank 0's progress bar).
+RANK_LOCAL_FIELDS = ("threads", "progress")
+# Fields that do not change the arithmetic of a run: a resume may change them without a warning.
+NON_TRAJECTORY_FIELDS = RANK_LOCAL_FIELDS + ("metrics", "save", "device", "checkpoint_dir", "checkpoint_every",
+                                             "keep_checkpoints", "resume", "comm_timeout", "on_nan")
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimizer steps done, current epoch, batches of that epoch already taken."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+
+class Resilience:
+    """The fault-tolerance side of one training run on the ranks of comm. Construction is collective."""
+
+    def __init__(self, config: TrainConfig, comm: MPI.Intracomm):
+        fields = {name: value for name, value in as_dict(config).items() if name not in RANK_LOCAL_FIELDS}
+        check_consistent(comm, fields, "configuration")
+        self.config = config
+        self.watchdog = Watchdog(config.comm_timeout, comm.rank) if config.comm_timeout else None
+        self.comm = watch(comm, self.watchdog) if self.watchdog else comm
+        self.flag = PreemptionFlag() if config.checkpoint_dir else None
+        self.skipped = 0
+        self.stop_reason: str | None = None
+        self.say = self.warn = lambda line: None
+        self._flags = np.zeros(2, dtype=np.int64)
+        self._written: tuple[int, str] | None = None
+        self._step = 0
+
+    # ------------------------------------------------------------------------ start and resume
+
+    def start(self, model, optimizer, dataset, steps_per_epoch: int, total_steps: int, say) -> Position:
+        """Check that every rank built the same model and sees the same dataset, then resume if asked.
+        Collective. `say` prints a line (rank 0's reporter)."""
+        self.model, self.optimizer = model, optimizer
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        if self.comm.rank == 0:
+            self.say = say
+            self.warn = lambda line: print(f"mpitrain: warning: {line}", file=sys.stderr, flush=True)
+        check_consistent(self.comm, {"model shape": _model_shape(model), "dataset shape": _dataset_shape(dataset),
+                                     "steps per epoch": steps_per_epoch}, "start-up")
+        position = self._resume() if self.config.resume else Position()
+        self._set_step(position.step)
+        return position
+
+    def _resume(self) -> Position:
+        comm, found, error = self.comm, None, None
+        if comm.rank == 0:
+            try:
+                found = self._find_checkpoint()
+                if found is not None:
+                    self._check_compatible(*found)
+            except MpitrainError as exc:
+                error = exc
+        agree(comm, error)
+        header = None
+        if found is not None:
+            path, checkpoint = found
+            header = (path, checkpoint.meta, {name: (a.shape, a.dtype.str) for name, a in checkpoint.arrays.items()})
+        header = comm.bcast(header, root=0)
+        if header is None:
+            self.say(f"mpitrain: no checkpoint in {self.config.checkpoint_dir}: starting at step 0")
+            return Position()
+        path, meta, layout = header
+        arrays = found[1].arrays if comm.rank == 0 else {name: np.empty(shape, dtype) for name, (shape, dtype) in layout.items()}
+        for name in sorted(layout):
+            comm.Bcast(arrays[name], root=0)
+        position = self._restore(Checkpoint(meta, arrays))
+        self.say(f"mpitrain: resumed from {path} (step {position.step}, epoch {position.epoch + 1})")
+        self._written = (position.step, path)
+        return position
+
+    def _find_checkpoint(self) -> tuple[str, Checkpoint] | None:
+        if self.config.resume == "auto":
+            return newest_valid_checkpoint(self.config.checkpoint_dir, self.warn)
+        return self.config.resume, load_checkpoint(self.config.resume)
+
+    def _check_compatible(self, path: str, checkpoint: Checkpoint) -> None:
+        """Refuse a checkpoint this run cannot load; warn about settings that change the arithmetic."""
+        meta = checkpoint.meta
+        model = _field(meta, "model", dict, path)
+        saved_shapes = {name: tuple(shape) for name, shape in _field(model, "shapes", dict, path).items()}
+        shapes = _model_shape(self.model)["parameters"]
+        if saved_shapes != {name: tuple(shape) for name, shape in shapes.items()}:
+            differing = next((name for name in shapes if saved_shapes.get(name) != tuple(shapes[name])), None)
+            detail = f"{differing} is {saved_shapes.get(differing)} there, {tuple(shapes[differing])} here" if differing \
+                else f"it has parameters {sorted(saved_shapes)}"
+            raise MpitrainError(f"{path}: checkpoint is for model {model.get('widths')} but this run builds "
+                                f"--model {self.config.model} ({detail})")
+        kind = _field(_field(meta, "optimizer", dict, path), "kind", str, path)
+        if kind != self.config.optimizer:
+            raise MpitrainError(f"{path}: checkpoint holds {kind} state but this run uses --optimizer {self.config.optimizer}")
+        expected = {f"model/{name}" for name in shapes} | {f"optimizer/{name}" for name in self.optimizer.buffers}
+        missing = sorted(expected - checkpoint.arrays.keys())
+        if missing:
+            raise MpitrainError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        for name in ("step", "epoch", "position"):
+            _field(meta, name, int, path)
+        saved = _field(meta, "config", dict, path)
+        now = as_dict(self.config)
+        changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in now.items()
+                   if name not in NON_TRAJECTORY_FIELDS and saved.get(name) != value]
+        if _field(meta, "world_size", int, path) != self.comm.size:
+            changed.append(f"world size {meta['world_size']} -> {self.comm.size}")
+        if changed:
+            self.warn(f"{path}: resuming with {', '.join(changed)}: the run will not repeat an uninterrupted one")
+
+    def _restore(self, checkpoint: Checkpoint) -> Position:
+        meta, arrays = checkpoint.meta, checkpoint.arrays
+        self.model.load_state({name[6:]: a for name, a in arrays.items() if name.startswith("model/")})
+        state = {name[10:]: a for name, a in arrays.items() if name.startswith("optimizer/")}
+        self.optimizer.load_state({**state, "step": meta["optimizer"]["t"]})
+        if meta["world_size"] == self.comm.size:
+            _set_rng_state(arrays, self.comm.rank)
+        self.skipped = int(meta.get("skipped_steps", 0))
+        position = Position(meta["step"], meta["epoch"], meta["position"])
+        if meta.get("steps_per_epoch") != self.steps_per_epoch and position.position:
+            self.warn(f"epochs now have {self.steps_per_epoch} steps, {meta.get('steps_per_epoch')} when saved: "
+                      f"continuing at the start of epoch {position.epoch + 2}")
+            position = Position(position.step, position.epoch + 1, 0)
+        return position
+
+    # ------------------------------------------------------------------------ every step
+
+    def keep_step(self, loss_value: float, grads) -> bool:
+        """Whether to apply this step's update, the same answer on every rank. Collective.
+
+        Call after the gradient all-reduce: the flags of every rank (a non-finite loss or
+        gradient here, a signal received) are combined in one small all-reduce, so a NaN on one
+        rank and a signal on another are acted on by all ranks at the same step.
+        """
+        nonfinite = not math.isfinite(loss_value) or not _finite(grads)
+        signum = self.flag.signum if self.flag is not None else 0
+        self._flags[0], self._flags[1] = nonfinite, signum
+        if self.comm.size > 1:
+            self.comm.Allreduce(MPI.IN_PLACE, self._flags, op=MPI.MAX)
+        if self._flags[1] and self.stop_reason is None:
+            received = self.comm.allgather(signum)
+            ranks = [rank for rank, got in enumerate(received) if got]
+            names = sorted({signal.Signals(got).name for got in received if got})
+            self.stop_reason = f"{'/'.join(names)} on rank(s) {_compact(ranks)}"
+        if not self._flags[0]:
+            return True
+        bad_loss = [rank for rank, bad in enumerate(self.comm.allgather(not math.isfinite(loss_value))) if bad]
+        where = f"loss on rank(s) {_compact(bad_loss)}" if bad_loss else "all-reduced gradient"
+        if self.config.on_nan == "abort":
+            raise MpitrainError(f"step {self._step + 1}: NaN or Inf in the {where}; "
+                                "--on-nan skip would drop such steps instead")
+        self.skipped += 1
+        self.warn(f"step {self._step + 1}: NaN or Inf in the {where}: update skipped on every rank "
+                  f"({self.skipped} skipped so far)")
+        return False
+
+    def boundary(self, step: int, epoch: int, position: int) -> None:
+        """After a step (or an epoch's evaluation): write the periodic checkpoint, or the checkpoint
+        of an agreed stop and raise Preempted on every rank. Collective.
+
+        The last step of an epoch waits for the call after the epoch's evaluation (position 0 of
+        the next epoch), so a resumed run never repeats or skips an epoch record.
+        """
+        self._set_step(step)
+        if position == self.steps_per_epoch or step >= self.total_steps:
+            return
+        if self.stop_reason is not None:
+            path = self._write(Position(step, epoch, position))
+            raise Preempted(step, path, self.stop_reason)
+        every = self.config.checkpoint_every
+        if every and step % every == 0:
+            self._write(Position(step, epoch, position))
+
+    def finish(self, step: int, epoch: int, position: int) -> None:
+        """Write the final checkpoint (if checkpointing), so `--resume auto` of a finished run is a no-op."""
+        if self.config.checkpoint_dir:
+            self._write(Position(step, epoch, position))
+
+    def close(self) -> None:
+        """Stop the watchdog and restore the signal handlers; safe to call more than once."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.flag is not None:
+            self.flag.restore()
+            self.flag = None
+
+    def metrics(self) -> dict:
+        return {"skipped_steps": self.skipped}
+
+    def _set_step(self, step: int) -> None:
+        self._step = step
+        if self.watchdog is not None:
+            self.watchdog.step = step + 1
+
+    # ------------------------------------------------------------------------ writing
+
+    def _write(self, position: Position) -> str:
+        """Rank 0 writes the checkpoint of `position` (RNG states gathered from every rank), then
+        keeps the newest --keep-checkpoints; every rank learns whether it worked. Collective."""
+        if self._written is not None and self._written[0] == position.step:
+            return self._written[1]
+        folder = self.config.checkpoint_dir
+        path = os.path.join(folder, checkpoint_name(position.step))
+        rng_states = self.comm.gather(_rng_state(), root=0)
+        error = None
+        if self.comm.rank == 0:
+            started = time.perf_counter()
+            try:
+                os.makedirs(folder, exist_ok=True)
+                save_checkpoint(path, self._snapshot(position, rng_states))
+                prune_checkpoints(folder, self.config.keep_checkpoints)
+            except MpitrainError as exc:
+                error = exc
+            except (OSError, ValueError) as exc:
+                error = MpitrainError(f"{path}: cannot write the checkpoint ({exc})")
+            if error is None:
+                size = os.path.getsize(path) / 1e6
+                self.say(f"checkpoint: step {position.step} -> {path} ({size:.1f} MB in "
+                         f"{time.perf_counter() - started:.2f} s)")
+        agree(self.comm, error)
+        self._written = (position.step, path)
+        return path
+
+    def _snapshot(self, position: Position, rng_states: list) -> Checkpoint:
+        arrays = {f"model/{name}": value for name, value in self.model.state().items()}
+        optimizer = self.optimizer.state()
+        t = optimizer.pop("step")
+        arrays.update({f"optimizer/{name}": value for name, value in optimizer.items()})
+        arrays.update(_rng_arrays(rng_states))
+        config = self.config
+        meta = {
+            "step": position.step,
+            "epoch": position.epoch,
+            "position": position.position,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.comm.size,
+            "skipped_steps": self.skipped,
+            "model": {"widths": config.model, "activation": config.activation, "dtype": config.dtype,
+                      "shapes": _model_shape(self.model)["parameters"]},
+            "optimizer": {"kind": config.optimizer, "t": int(t)},
+            "sampler": {"kind": config.sampler, "partition": config.partition, "seed": config.seed,
+                        "order": "permutation seeded by (seed, epoch[, rank]); `position` batches taken"},
+            "config": as_dict(config),
+            "mpitrain": __version__,
+        }
+        return Checkpoint(meta, arrays)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _finite(array) -> bool:
+    """No NaN or Inf anywhere in `array` (NumPy or CuPy; one pass, one host sync)."""
+    xp = np if isinstance(array, np.ndarray) else sys.modules["cupy"]
+    return bool(xp.isfinite(array).all())
+
+
+def _model_shape(model) -> dict:
+    return {"dtype": str(model.dtype), "parameters": {name: list(view.shape) for name, view in model.named_parameters()}}
+
+
+def _dataset_shape(dataset) -> dict:
+    return {"rows": dataset.n_rows, "features": dataset.n_features, "x dtype": str(dataset.x_dtype),
+            "y dtype": str(dataset.y_dtype), "y width": dataset.y_width}
+
+
+def _field(mapping: dict, name: str, kind: type, path: str):
+    """mapping[name], which must be a `kind`: checkpoint metadata is checked, never trusted."""
+    value = mapping.get(name) if isinstance(mapping, dict) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise MpitrainError(f"{path}: checkpoint metadata '{name}' is missing or not a {kind.__name__}")
+    return value
+
+
+def _compact(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks[:8])) + (", ..." if len(ranks) > 8 else "")
+
+
+def _rng_state() -> tuple:
+    """This process's global NumPy and Python generator states. mpitrain draws from neither (its
+    randomness is seeded per use), but code around it may, and a resume restores them."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return key, pos, has_gauss, gauss, internal, gauss_next
+
+
+def _rng_arrays(states: list[tuple]) -> dict[str, np.ndarray]:
+    """One row per rank."""
+    return {
+        "rng/numpy_key": np.stack([s[0] for s in states]).astype(np.uint32),
+        "rng/numpy_pos": np.array([s[1] for s in states], dtype=np.int64),
+        "rng/numpy_gauss": np.array([[s[2], s[3]] for s in states], dtype=np.float64),
+        "rng/python_state": np.array([s[4] for s in states], dtype=np.int64),
+        "rng/python_gauss": np.array([[s[5] is not None, s[5] or 0.0] for s in states], dtype=np.float64),
+    }
+
+
+def _set_rng_state(arrays: dict[str, np.ndarray], rank: int) -> None:
+    if not all(name in arrays for name in _rng_arrays([_rng_state()])):
+        return
+    np.random.set_state(("MT19937", arrays["rng/numpy_key"][rank], int(arrays["rng/numpy_pos"][rank]),
+                         int(arrays["rng/numpy_gauss"][rank, 0]), float(arrays["rng/numpy_gauss"][rank, 1])))
+    has_gauss, gauss = arrays["rng/python_gauss"][rank]
+    random.setstate((3, tuple(int(v) for v in arrays["rng/python_state"][rank]), float(gauss) if has_gauss else None))
