@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+import time
 
-_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPIR_", "MPI_LOCAL", "OMPI_", "I_MPI_")
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPIR_", "MPI_LOCAL", "OMPI_", "I_MPI_", "SLURM_")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without the outer launcher's variables, so a nested mpirun starts afresh."""
+    """This environment without the outer launcher's variables, so a nested mpirun starts afresh
+    (inside a Slurm job too: with SLURM_* set, mpirun would launch through srun, not fork locally)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
     env.update(extra)
     return env
@@ -27,6 +29,11 @@ def run_on_root(comm, argv: list[str], timeout: float = 120, **env: str) -> dict
             result = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
         except subprocess.TimeoutExpired as exc:
             result = {"returncode": None, "stdout": str(exc.stdout), "stderr": f"timed out after {timeout} s"}
+    # The other ranks sleep rather than spin in MPI while they wait: on a small machine their
+    # polling would take the cores the nested job needs.
+    arrived = comm.Ibarrier()
+    while not arrived.Test():
+        time.sleep(0.01)
     return comm.bcast(result, root=0)
 
 
