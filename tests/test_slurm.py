@@ -8,7 +8,7 @@ import pytest
 
 from harness import mpitrain_argv, run_on_root
 from mpitrain.errors import MpitrainError
-from mpitrain.slurm import check_not_singleton, slurm_tasks
+from mpitrain.slurm import check_not_singleton, clean_next_step, fnv1a_32, slurm_tasks, stale_mpich_segments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = sorted(glob.glob(os.path.join(ROOT, "jobs", "*.sbatch")))
@@ -50,8 +50,33 @@ def test_templates_exist_and_parse():
 
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=os.path.basename)
-def test_templates_say_how_to_submit_and_survive_preemption(path):
+def test_templates_say_how_to_submit(path):
+    assert f"sbatch jobs/{os.path.basename(path)}" in open(path).read(), "header lacks the submit line"
+
+
+@pytest.mark.parametrize("path", [p for p in TEMPLATES if os.path.basename(p).startswith("train-")], ids=os.path.basename)
+def test_training_templates_checkpoint_and_requeue(path):
     text = open(path).read()
-    assert f"sbatch jobs/{os.path.basename(path)}" in text, "header lacks the submit line"
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@120" in text
-    assert "#SBATCH --open-mode=append" in text
+    assert "#SBATCH --open-mode=append" in text and "--resume auto" in text and "scontrol requeue" in text
+
+
+def test_fnv1a_matches_the_published_vectors():
+    # Test vectors from the FNV reference (Fowler/Noll/Vo): "" and "a" and "foobar".
+    assert fnv1a_32("") == 0x811C9DC5
+    assert fnv1a_32("a") == 0xE40C292C
+    assert fnv1a_32("foobar") == 0xBF9CF968
+
+
+def test_stale_segments_of_one_step_are_found_and_only_those(tmp_path):
+    stem = f"{fnv1a_32('77.1'):x}"
+    mine = [f"mpich_shm_{stem}_0", f"mpich_vci_{stem}_0", f"mpich_shm_{stem}_3"]
+    others = [f"mpich_shm_{fnv1a_32('77.2'):x}_0", f"mpich_shm_{stem}0_0", "unrelated"]
+    for name in mine + others:
+        (tmp_path / name).write_bytes(b"")
+    assert stale_mpich_segments("77.1", str(tmp_path)) == sorted(str(tmp_path / name) for name in mine)
+
+
+def test_cleaning_needs_a_job_step():
+    with pytest.raises(MpitrainError, match="inside a Slurm job step"):
+        clean_next_step({})
