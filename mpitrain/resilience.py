@@ -111,7 +111,10 @@ class Resilience:
             self.say(f"mpitrain: no checkpoint in {self.config.checkpoint_dir}: starting at step 0")
             return Position()
         path, meta, layout = header
-        arrays = found[1].arrays if comm.rank == 0 else {name: np.empty(shape, dtype) for name, (shape, dtype) in layout.items()}
+        if comm.rank == 0:
+            arrays = found[1].arrays
+        else:
+            arrays = {name: np.empty(shape, dtype) for name, (shape, dtype) in layout.items()}
         for name in sorted(layout):
             comm.Bcast(arrays[name], root=0)
         position = self._restore(Checkpoint(meta, arrays))
@@ -127,24 +130,32 @@ class Resilience:
     def _check_compatible(self, path: str, checkpoint: Checkpoint) -> None:
         """Refuse a checkpoint this run cannot load; warn about settings that change the arithmetic."""
         meta = checkpoint.meta
+        for name in ("step", "epoch", "position", "world_size", "skipped_steps"):
+            _field(meta, name, int, path)
+        _field(_field(meta, "optimizer", dict, path), "t", int, path)
         model = _field(meta, "model", dict, path)
-        saved_shapes = {name: tuple(shape) for name, shape in _field(model, "shapes", dict, path).items()}
+        shapes_field = _field(model, "shapes", dict, path)
+        try:
+            saved_shapes = {str(name): tuple(int(n) for n in shape) for name, shape in shapes_field.items()}
+        except (TypeError, ValueError):
+            raise MpitrainError(f"{path}: checkpoint metadata 'shapes' is malformed") from None
         shapes = _model_shape(self.model)["parameters"]
         if saved_shapes != {name: tuple(shape) for name, shape in shapes.items()}:
             differing = next((name for name in shapes if saved_shapes.get(name) != tuple(shapes[name])), None)
-            detail = f"{differing} is {saved_shapes.get(differing)} there, {tuple(shapes[differing])} here" if differing \
-                else f"it has parameters {sorted(saved_shapes)}"
+            if differing is None:
+                detail = f"it has parameters {sorted(saved_shapes)}"
+            else:
+                detail = f"{differing} is {saved_shapes.get(differing)} there, {tuple(shapes[differing])} here"
             raise MpitrainError(f"{path}: checkpoint is for model {model.get('widths')} but this run builds "
                                 f"--model {self.config.model} ({detail})")
         kind = _field(_field(meta, "optimizer", dict, path), "kind", str, path)
         if kind != self.config.optimizer:
-            raise MpitrainError(f"{path}: checkpoint holds {kind} state but this run uses --optimizer {self.config.optimizer}")
+            raise MpitrainError(f"{path}: checkpoint holds {kind} state but this run uses "
+                                f"--optimizer {self.config.optimizer}")
         expected = {f"model/{name}" for name in shapes} | {f"optimizer/{name}" for name in self.optimizer.buffers}
         missing = sorted(expected - checkpoint.arrays.keys())
         if missing:
             raise MpitrainError(f"{path}: checkpoint lacks {', '.join(missing)}")
-        for name in ("step", "epoch", "position"):
-            _field(meta, name, int, path)
         saved = _field(meta, "config", dict, path)
         now = as_dict(self.config)
         changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in now.items()
@@ -161,7 +172,7 @@ class Resilience:
         self.optimizer.load_state({**state, "step": meta["optimizer"]["t"]})
         if meta["world_size"] == self.comm.size:
             _set_rng_state(arrays, self.comm.rank)
-        self.skipped = int(meta.get("skipped_steps", 0))
+        self.skipped = meta["skipped_steps"]
         position = Position(meta["step"], meta["epoch"], meta["position"])
         if meta.get("steps_per_epoch") != self.steps_per_epoch and position.position:
             self.warn(f"epochs now have {self.steps_per_epoch} steps, {meta.get('steps_per_epoch')} when saved: "
@@ -302,7 +313,8 @@ def _finite(array) -> bool:
 
 
 def _model_shape(model) -> dict:
-    return {"dtype": str(model.dtype), "parameters": {name: list(view.shape) for name, view in model.named_parameters()}}
+    parameters = {name: list(view.shape) for name, view in model.named_parameters()}
+    return {"dtype": str(model.dtype), "parameters": parameters}
 
 
 def _dataset_shape(dataset) -> dict:

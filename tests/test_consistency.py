@@ -30,4 +30,5 @@ def test_mpmd_launch_with_different_flags_stops_naming_ranks_and_field(comm):
     done = run_on_root(comm, first + [":"] + second, timeout=60)
     lines = [line for line in (done["stdout"] + done["stderr"]).splitlines() if line.startswith("mpitrain: error")]
     assert done["returncode"] == 2, done
-    assert lines == ["mpitrain: error: inconsistent configuration: ranks differ in lr (0.1 on rank 0; 0.2 on rank 1)"], done
+    expected = "mpitrain: error: inconsistent configuration: ranks differ in lr (0.1 on rank 0; 0.2 on rank 1)"
+    assert lines == [expected], done

@@ -84,7 +84,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(comm, dataset, shared_dir, samp
     resumed = {}
     for start in (6, spe if spe % 6 == 0 else 12):
         path = os.path.join(folder, checkpoint_name(start))
-        resumed[start] = train(dataclasses.replace(settings, resume=path, checkpoint_dir=os.path.join(shared_dir, f"r{start}")), comm)
+        elsewhere = os.path.join(shared_dir, f"r{start}")
+        resumed[start] = train(dataclasses.replace(settings, resume=path, checkpoint_dir=elsewhere), comm)
     assert steps == [6, 12, 18, 24, 30]
     for start, result in resumed.items():
         assert_identical(result.parameters, full.parameters)
@@ -134,8 +135,8 @@ def test_checkpoint_of_another_model_is_refused_naming_both_shapes(comm, dataset
     folder = os.path.join(shared_dir, "ckpt")
     train(config(data=dataset, steps=2, checkpoint_dir=folder), comm)
     other = config(data=dataset, steps=4, model=f"{FEATURES}-8-{CLASSES}", checkpoint_dir=folder, resume="auto")
-    with pytest.raises(MpitrainError, match=r"model 12-16-3 but this run builds --model 12-8-3 \(0/weight is \(12, 16\) "
-                                            r"there, \(12, 8\) here\)"):
+    expected = r"model 12-16-3 but this run builds --model 12-8-3 \(0/weight is \(12, 16\) there, \(12, 8\) here\)"
+    with pytest.raises(MpitrainError, match=expected):
         train(other, comm)
 
 
@@ -153,6 +154,7 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_checkpoint(comm, datase
     the same checkpoint; resuming from it finishes exactly like an uninterrupted run."""
     folder = os.path.join(shared_dir, "ckpt")
     settings = config(data=dataset, sampler="shard", steps=20, checkpoint_dir=folder)
+    handler = signal.getsignal(signal.SIGUSR1)
     reference = train(dataclasses.replace(settings, checkpoint_dir=None), comm)
     signal_in_step(monkeypatch, comm, 7)
     try:
@@ -167,7 +169,7 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_checkpoint(comm, datase
     assert everyone[0] == (8, os.path.join(folder, checkpoint_name(8)), f"SIGUSR1 on rank(s) {comm.size - 1}")
     assert load_checkpoint(everyone[0][1]).meta["step"] == 8
     assert_identical(resumed.parameters, reference.parameters)
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "handler not restored"
+    assert signal.getsignal(signal.SIGUSR1) is handler, "handler not restored"
 
 
 # ---------------------------------------------------------------------------- NaN and Inf
@@ -232,8 +234,8 @@ def test_kill_9_of_one_rank_then_resume_auto(comm, dataset, shared_dir):
     runs = [run_on_root(comm, mpitrain_argv(2, *job_args(dataset, "--save", reference)), timeout=90)]
     checkpointing = ("--checkpoint-dir", folder, "--checkpoint-every", str(every))
     runs.append(run_on_root(comm, faulty_argv("kill", 13, 1, *job_args(dataset, *checkpointing)), timeout=90))
-    runs.append(run_on_root(comm, mpitrain_argv(2, *job_args(dataset, *checkpointing, "--resume", "auto", "--save", resumed)),
-                            timeout=90))
+    resume = job_args(dataset, *checkpointing, "--resume", "auto", "--save", resumed)
+    runs.append(run_on_root(comm, mpitrain_argv(2, *resume), timeout=90))
     assert runs[0]["returncode"] == 0, runs[0]
     assert runs[1]["returncode"] not in (0, None), runs[1]
     assert runs[2]["returncode"] == 0, runs[2]
@@ -247,7 +249,8 @@ def test_sigusr1_job_exits_with_the_requeue_status_and_resumes(comm, dataset, sh
     reference = os.path.join(shared_dir, "reference.h5")
     resumed = os.path.join(shared_dir, "resumed.h5")
     runs = [run_on_root(comm, mpitrain_argv(2, *job_args(dataset, "--save", reference)), timeout=90)]
-    runs.append(run_on_root(comm, faulty_argv("signal", 9, 1, *job_args(dataset, "--checkpoint-dir", folder)), timeout=90))
+    signalled = job_args(dataset, "--checkpoint-dir", folder)
+    runs.append(run_on_root(comm, faulty_argv("signal", 9, 1, *signalled), timeout=90))
     names = comm.bcast(os.listdir(folder) if comm.rank == 0 else None, root=0)
     runs.append(run_on_root(comm, mpitrain_argv(2, *job_args(dataset, "--checkpoint-dir", folder, "--resume", "auto",
                                                              "--save", resumed)), timeout=90))

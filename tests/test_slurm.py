@@ -54,7 +54,7 @@ def test_templates_say_how_to_submit(path):
     assert f"sbatch jobs/{os.path.basename(path)}" in open(path).read(), "header lacks the submit line"
 
 
-@pytest.mark.parametrize("path", [p for p in TEMPLATES if os.path.basename(p).startswith("train-")], ids=os.path.basename)
+@pytest.mark.parametrize("path", [p for p in TEMPLATES if "/train-" in p], ids=os.path.basename)
 def test_training_templates_checkpoint_and_requeue(path):
     text = open(path).read()
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@120" in text

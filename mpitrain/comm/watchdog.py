@@ -83,7 +83,8 @@ def describe(operation: str, args: tuple, kwargs: dict, size: int) -> str:
         parts.append(f"root {given['root']}")
     if not parts:
         parts.append(f"all {size} ranks")
-    nbytes = next((n for n in map(_nbytes, (given.get(k) for k in ("buf", "sendbuf", "recvbuf"))) if n is not None), None)
+    sizes = [_nbytes(given.get(name)) for name in ("buf", "sendbuf", "recvbuf")]
+    nbytes = next((n for n in sizes if n is not None), None)
     parts.append(_size(nbytes) if nbytes is not None else "Python object")
     return f"{operation} ({', '.join(parts)})"
 
