@@ -94,6 +94,12 @@ until [ "$(field "$requeue_job" Restarts)" = 1 ] && [ "$(field "$requeue_job" Jo
         || [ "$(date +%s)" -ge "$deadline" ] || ! squeue -h -j "$requeue_job" | grep -q .; do
     sleep 0.2
 done
+# Released at once, the job could start its step N.1 while the first run's slurmstepd for N.1 is
+# still cleaning up; seen here: the old one removed the new one's PMI2 socket and the new step
+# failed at MPI_Finalize ("failed to send temp kvs"). Slurm's own hold avoids that; so does waiting.
+while grep -qs "^slurmstepd: \[$requeue_job\." /proc/[0-9]*/cmdline && [ "$(date +%s)" -lt "$deadline" ]; do
+    sleep 0.2
+done
 scontrol update JobId="$requeue_job" StartTime=now 2>/dev/null
 echo "  signalled after $(since "$started") s; requeued within $(since "$signalled") s"
 
@@ -104,7 +110,7 @@ finished_ok "train-mpirun.sbatch" "$mpirun_job" "$dir/mpirun.out" "2 rank(s)" "e
 finished_ok "train-2nodes-gpu.sbatch (1 node, cpu)" "$nodes_job" "$dir/nodes.out" "local rank 1" "checkpoint: step 40"
 finished_ok "test.sbatch (4 ranks)" "$test_job" "$dir/test.out" " passed"
 finished_ok "requeued train-srun.sbatch" "$requeue_job" "$dir/requeue.out" \
-    "preempted by SIGUSR1 on rank(s) 0, 1" "requeueing" "run 1:" "resumed from" "checkpoint: step 400"
+    "preempted by SIGUSR1 on rank(s)" "requeueing" "run 1:" "resumed from" "checkpoint: step 400"
 check "requeued job restarted once" "$([ "$(field "$requeue_job" Restarts)" = 1 ]; echo $?)" \
     "Restarts=$(field "$requeue_job" Restarts)"
 python - "$dir/runs/srun/model.h5" "$dir/runs/requeue/model.h5" <<'EOF'
