@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CI: the jobs/ templates under a real one-node Slurm. Starts the cluster (.ci/slurm-up.sh),
-# submits every template with sbatch, sends one training job SIGUSR1 the way the time-limit
-# warning does and follows it through checkpoint, requeue and resume, checks each job's output
-# and final state, then stops the daemons by pid (.ci/slurm-down.sh).
+# submits every template with sbatch, signals the batch script of one srun job (SIGUSR1, as the
+# time-limit warning does) and of the mpirun job (SIGTERM) and follows both through checkpoint,
+# requeue and resume, checks each job's output and final state and that the requeued runs end
+# bit-identical to an uninterrupted one, then stops the daemons by pid (.ci/slurm-down.sh).
 #
 #   .ci/slurm-ci.sh                       # run from anywhere, in the environment that has mpitrain installed
 #   MPITRAIN_SLURM_KEEP=1 .ci/slurm-ci.sh # keep the job logs and run folders even when all checks pass
@@ -83,44 +84,53 @@ nodes_job=$(MPITRAIN_RUN_DIR=$dir/runs/nodes submit nodes --nodes=1 --ntasks-per
 test_job=$(submit test jobs/test.sbatch tests/test_ring.py tests/test_checkpoint.py tests/test_consistency.py)
 echo "  srun $srun_job, requeue $requeue_job, mpirun $mpirun_job, 2-node example $nodes_job, tests $test_job"
 
-echo "== preemption: SIGUSR1 to job $requeue_job's batch script once it has a checkpoint"
-first_checkpoint=$dir/runs/requeue/checkpoints/ckpt-00000020.h5
-deadline=$(( $(date +%s) + 240 ))
-until [ -f "$first_checkpoint" ] || [ "$(date +%s)" -ge "$deadline" ]; do sleep 0.1; done
-scancel --batch --signal=USR1 "$requeue_job"
-signalled=$(date +%s.%N)
-# `scontrol requeue` holds the job for 120 s before it may start again; CI does not wait that long.
-until [ "$(field "$requeue_job" Restarts)" = 1 ] && [ "$(field "$requeue_job" JobState)" = PENDING ] \
-        || [ "$(date +%s)" -ge "$deadline" ] || ! squeue -h -j "$requeue_job" | grep -q .; do
-    sleep 0.2
-done
-# Released at once, the job could start its step N.1 while the first run's slurmstepd for N.1 is
-# still cleaning up; seen here: the old one removed the new one's PMI2 socket and the new step
-# failed at MPI_Finalize ("failed to send temp kvs"). Slurm's own hold avoids that; so does waiting.
-while grep -qs "^slurmstepd: \[$requeue_job\." /proc/[0-9]*/cmdline && [ "$(date +%s)" -lt "$deadline" ]; do
-    sleep 0.2
-done
-scontrol update JobId="$requeue_job" StartTime=now 2>/dev/null
-echo "  signalled after $(since "$started") s; requeued within $(since "$signalled") s"
+preempt() {  # preempt JOBID RUN_DIR SIGNAL: signal the batch script once the job has a checkpoint
+    local job=$1 first=$2/checkpoints/ckpt-00000020.h5 sig=$3 signalled deadline=$(( $(date +%s) + 240 ))
+    until [ -f "$first" ] || [ "$(date +%s)" -ge "$deadline" ]; do sleep 0.1; done
+    scancel --batch --signal="$sig" "$job"
+    signalled=$(date +%s.%N)
+    # `scontrol requeue` holds the job for 120 s before it may start again; CI does not wait that long.
+    until [ "$(field "$job" Restarts)" = 1 ] && [ "$(field "$job" JobState)" = PENDING ] \
+            || [ "$(date +%s)" -ge "$deadline" ] || ! squeue -h -j "$job" | grep -q .; do
+        sleep 0.2
+    done
+    # Released at once, the job could start its step N.1 while the first run's slurmstepd for N.1 is
+    # still cleaning up; seen here: the old one removed the new one's PMI2 socket and the new step
+    # failed at MPI_Finalize ("failed to send temp kvs"). Slurm's own hold avoids that; so does waiting.
+    while grep -qs "^slurmstepd: \[$job\." /proc/[0-9]*/cmdline && [ "$(date +%s)" -lt "$deadline" ]; do
+        sleep 0.2
+    done
+    scontrol update JobId="$job" StartTime=now 2>/dev/null
+    echo "  job $job: SIG$sig to its batch script $(since "$started") s into this step; requeued and released" \
+        "$(since "$signalled") s later"
+}
+echo "== preemption: SIGUSR1 to job $requeue_job (srun), SIGTERM to job $mpirun_job (mpirun), each after a checkpoint"
+preempt "$requeue_job" "$dir/runs/requeue" USR1 &
+preempt "$mpirun_job" "$dir/runs/mpirun" TERM &
+wait
 
 wait_gone 600 "$srun_job" "$requeue_job" "$mpirun_job" "$nodes_job" "$test_job"
 echo "== results (all jobs done $(since "$started") s after the start of this step)"
 finished_ok "train-srun.sbatch" "$srun_job" "$dir/srun.out" "2 rank(s)" "epoch 2 step" "checkpoint: step 400"
-finished_ok "train-mpirun.sbatch" "$mpirun_job" "$dir/mpirun.out" "2 rank(s)" "epoch 2 step" "checkpoint: step 400"
 finished_ok "train-2nodes-gpu.sbatch (1 node, cpu)" "$nodes_job" "$dir/nodes.out" "local rank 1" "checkpoint: step 40"
 finished_ok "test.sbatch (4 ranks)" "$test_job" "$dir/test.out" " passed"
 finished_ok "requeued train-srun.sbatch" "$requeue_job" "$dir/requeue.out" \
     "preempted by SIGUSR1 on rank(s)" "requeueing" "run 1:" "resumed from" "checkpoint: step 400"
-check "requeued job restarted once" "$([ "$(field "$requeue_job" Restarts)" = 1 ]; echo $?)" \
-    "Restarts=$(field "$requeue_job" Restarts)"
-python - "$dir/runs/srun/model.h5" "$dir/runs/requeue/model.h5" <<'EOF'
+finished_ok "requeued train-mpirun.sbatch" "$mpirun_job" "$dir/mpirun.out" \
+    "preempted by SIGUSR1 on rank(s)" "requeueing" "run 1:" "resumed from" "checkpoint: step 400"
+for job in "$requeue_job" "$mpirun_job"; do
+    check "job $job restarted once" "$([ "$(field "$job" Restarts)" = 1 ]; echo $?)" "Restarts=$(field "$job" Restarts)"
+done
+for run in requeue mpirun; do
+    python - "$dir/runs/srun/model.h5" "$dir/runs/$run/model.h5" <<'EOF'
 import sys
 import numpy as np
 from mpitrain.checkpoint import load_parameters
 a, b = (load_parameters(path) for path in sys.argv[1:])
 sys.exit(0 if a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) else 1)
 EOF
-check "requeued run's final parameters equal the uninterrupted run's, bit for bit" $? "model.h5 files differ"
+    check "requeued $run run's final parameters equal the uninterrupted srun run's, bit for bit" $? "model.h5 differs"
+done
 
 echo "slurm-ci: $failures failure(s), $(since "$started") s in all; logs in $dir"
 if [ "$failures" -eq 0 ] && [ -z "${MPITRAIN_SLURM_KEEP:-}" ]; then
