@@ -119,7 +119,6 @@ class Resilience:
             comm.Bcast(arrays[name], root=0)
         position = self._restore(Checkpoint(meta, arrays))
         self.say(f"mpitrain: resumed from {path} (step {position.step}, epoch {position.epoch + 1})")
-        self._written = (position.step, path)
         return position
 
     def _find_checkpoint(self) -> tuple[str, Checkpoint] | None:
