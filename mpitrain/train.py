@@ -19,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain import checkpoint
-from mpitrain.backend import Backend, limit_blas_threads, select_backend, to_host
+from mpitrain.backend import Backend, limit_blas_threads, select_backend
 from mpitrain.comm import agree, allreduce, node_comm
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.data import partition, synth
@@ -91,6 +91,13 @@ def check_labels(y: np.ndarray, config: TrainConfig, classes: int) -> None:
         raise MpitrainError(f"{config.data}: 'y' holds NaN or Inf")
 
 
+def check_finite(x: np.ndarray, config: TrainConfig) -> None:
+    """Inputs hold no NaN or Inf: one bad value would turn every parameter into NaN after the all-reduce."""
+    if x.size and not np.all(np.isfinite(x)):
+        row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise MpitrainError(f"{config.data}: dataset 'x' holds NaN or Inf (row {row} of this rank's share)")
+
+
 def check_sizes(n_train: int, n_val: int, config: TrainConfig, world: int) -> None:
     """Enough rows for one global batch, and a global batch that gives every rank a sample."""
     if config.batch_size < world:
@@ -140,7 +147,7 @@ def load_rank_data(dataset: H5Dataset, config: TrainConfig, classes: int, comm: 
 
     own_val_rows = partition.uniform_rows(val_rows, comm.rank, comm.size)
     val_x, val_y = dataset.read(own_val_rows)
-    error = _error_of(check_labels, val_y, config, classes)
+    error = _error_of(check_labels, val_y, config, classes) or _error_of(check_finite, val_x, config)
     if config.sampler == "global":
         sampler = GlobalSampler(train_rows, config.batch_size, comm.rank, comm.size, config.seed)
         own_rows = partition.uniform_rows(train_rows, comm.rank, comm.size)
@@ -150,7 +157,7 @@ def load_rank_data(dataset: H5Dataset, config: TrainConfig, classes: int, comm: 
     else:
         own_rows = own_training_rows(dataset, train_rows, config, comm)
         own_x, own_y = dataset.read(own_rows)
-        error = error or _error_of(check_labels, own_y, config, classes)
+        error = error or _error_of(check_labels, own_y, config, classes) or _error_of(check_finite, own_x, config)
         steps = comm.allreduce(local_steps(len(own_rows), config.batch_size, comm.rank, comm.size), op=MPI.MIN)
         sampler = ShardSampler(own_rows, config.batch_size, comm.rank, comm.size, config.seed, steps)
     agree(comm, error)
@@ -216,7 +223,7 @@ class Batches:
     """Device-resident batches for this rank: from memory (shard sampler) or one read per step (global)."""
 
     def __init__(self, data: RankData, dataset: H5Dataset, backend: Backend, config: TrainConfig):
-        self.data, self.dataset, self.backend = data, dataset, backend
+        self.data, self.dataset, self.backend, self.config = data, dataset, backend, config
         self.dtype = np.dtype(config.dtype)
         self.label_dtype = np.int64 if config.loss == "ce" else self.dtype
         if data.own_x is not None:
@@ -232,6 +239,7 @@ class Batches:
                 yield self.own_x[index], self.own_y[index]
             else:
                 x, y = self.dataset.read(rows)
+                check_finite(x, self.config)
                 yield xp.asarray(x, dtype=self.dtype), xp.asarray(y, dtype=self.label_dtype)
 
 
