@@ -24,6 +24,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise MpitrainError(message)
 
+    def _print_message(self, message, file=None):
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            super()._print_message(message, file)
+
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
