@@ -7,11 +7,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.layers import weight_init
 from mpitrain.nn.losses import SoftmaxCrossEntropy
 from mpitrain.nn.model import Sequential, parse_widths
-
-
-def host(a):
-    """A host copy, so later writes to the device or numpy buffer cannot change it."""
-    return a.get() if hasattr(a, "get") else np.array(a)
+from gradcheck import host
 
 
 WIDTHS = [5, 7, 6, 3]

@@ -10,11 +10,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.losses import SoftmaxCrossEntropy
 from mpitrain.nn.model import Sequential
 from mpitrain.optim import SGD, Adam, schedule
-
-
-def host(a):
-    """A host copy, so later writes to the device or numpy buffer cannot change it."""
-    return a.get() if hasattr(a, "get") else np.array(a)
+from gradcheck import host
 
 
 N, STEPS = 50, 6
