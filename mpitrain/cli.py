@@ -74,6 +74,20 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="cpu (NumPy), gpu (CuPy, GPU local_rank %% count), auto: gpu if one is visible (default auto)")
     group.add_argument("--threads", type=int, metavar="N",
                        help="BLAS threads per rank (default: cores / ranks on the node; env MPITRAIN_THREADS)")
+    group = parser.add_argument_group("parameter server")
+    group.add_argument("--sync", choices=CHOICES["sync"],
+                       help="allreduce: every rank trains and gradients are summed by --allreduce (default); "
+                       "ps: the last --servers ranks hold the parameters, the others push gradients and pull them")
+    group.add_argument("--servers", type=int, metavar="S",
+                       help="server ranks with --sync ps; each holds one contiguous range of the parameters (default 1)")
+    group.add_argument("--ps-mode", choices=CHOICES["ps_mode"],
+                       help="sync: one update per step from every worker's gradient; async: each gradient is "
+                       "applied as it arrives (default sync)")
+    group.add_argument("--staleness", type=int, metavar="K",
+                       help="with --ps-mode sync, a worker may run up to K steps ahead of the slowest "
+                       "(stale-synchronous; default 0: lock-step)")
+    group.add_argument("--staleness-lr", action="store_const", const=True,
+                       help="divide the learning rate of each gradient by 1 + its staleness")
     group = parser.add_argument_group("output")
     group.add_argument("--metrics", metavar="FILE.jsonl", help="one JSON object per epoch, and a final one")
     group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")

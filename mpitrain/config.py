@@ -26,6 +26,8 @@ CHOICES = {
     "allreduce": ("ring", "mpi"),
     "dtype": ("float32", "float64"),
     "device": ("cpu", "gpu", "auto"),
+    "sync": ("allreduce", "ps"),
+    "ps_mode": ("sync", "async"),
 }
 
 
@@ -58,6 +60,12 @@ class TrainConfig:
     metrics: str | None = None
     save: str | None = None
     progress: bool = True
+    # parameter server (mpitrain/parallel/ps.py), used with sync = "ps"
+    sync: str = "allreduce"
+    servers: int = 1
+    ps_mode: str = "sync"
+    staleness: int = 0
+    staleness_lr: bool = False
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}

@@ -252,6 +252,10 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 
 def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     """Train under `config` on the ranks of `comm`; every rank returns the same result. Collective."""
+    if config.sync == "ps":
+        from mpitrain.parallel.ps import train_ps  # it builds on this module's setup
+
+        return train_ps(config, comm)
     widths = parse_widths(config.model)
     backend = select_backend(config.device, comm)
     threads = limit_blas_threads(comm, config.threads)
