@@ -14,6 +14,7 @@ import time
 from mpitrain import __version__
 from mpitrain.config import CHOICES, TrainConfig, build, load_toml
 from mpitrain.errors import MpitrainError
+from mpitrain.presets import PRESETS
 
 EXIT_USAGE = 2
 
@@ -93,6 +94,8 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")
     group.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                        help="no progress bar")
+    add("--preset", choices=PRESETS, help="start from a named recipe, which the config file and flags override: "
+        "linreg-ps fits y = 2 x0 + 3 x1 + noise with asynchronous parameter-server SGD and prints theta")
     add("--config", metavar="FILE.toml", help="TOML file of the same settings (keys as the flags, e.g. "
         "batch-size = 256, optionally under [train]); flags given on the command line win")
 
@@ -126,8 +129,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     file_values = load_toml(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    return build(file_values, flags)
+    preset_values = PRESETS[args.preset].values if args.preset else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "preset")}
+    return build({**preset_values, **file_values}, flags)
 
 
 def run_synth(args: argparse.Namespace) -> None:
@@ -155,7 +159,12 @@ def run(argv: list[str] | None) -> None:
     from mpitrain.comm import world
     from mpitrain.train import train
 
-    train(train_config(args), world())
+    config, comm, preset = train_config(args), world(), PRESETS.get(args.preset)
+    if preset:
+        preset.prepare(config, comm)
+    result = train(config, comm)
+    if preset:
+        preset.report(result, comm)
 
 
 def _report_error(error: MpitrainError) -> None:
