@@ -28,7 +28,9 @@ Modes (gradients are scaled by 1/global batch, as in train.py):
            of gradients as sync (steps x W); server 0 hands them out one at a time, so fast workers
            compute more of them than slow ones and one slow worker no longer paces the job.
 The staleness of a gradient is the number of updates applied between the θ it was computed on and its
-own application; --staleness-lr divides its learning rate by 1 + staleness.
+own application. --staleness-lr weighs each gradient by 1 / (1 + staleness): in async mode through
+the learning rate of its update, in sync mode inside the sum (the same thing for plain SGD).
+Servers keep θ and the optimizer state in host memory (NumPy) whatever --device says.
 """
 
 import time
@@ -43,6 +45,7 @@ from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
 from mpitrain.data.hdf5 import H5Dataset
 from mpitrain.errors import MpitrainError
+from mpitrain.nn.layers import Linear
 from mpitrain.nn.model import Sequential, parse_widths
 from mpitrain.optim import schedule
 from mpitrain.train import (Batches, RankData, Reporter, TrainResult, ensure_synthetic, evaluate, load_rank_data,
@@ -99,7 +102,7 @@ def describe(config: TrainConfig, roles: Roles) -> str:
     if config.ps_mode == "async":
         mode = "async (each gradient applied on arrival)"
     elif config.staleness:
-        mode = f"stale-synchronous (workers up to {config.staleness} steps ahead)"
+        mode = f"stale-synchronous (workers up to {config.staleness} step(s) ahead)"
     else:
         mode = "sync (one update per step from every worker)"
     return (f"parameter server: workers 0-{roles.n_workers - 1}, servers {roles.n_workers}-{last} "
@@ -223,10 +226,11 @@ class Server:
         """sync / stale-synchronous: update c = sum of every worker's c-th gradient; worker w's answer
         waits until w, about to compute its gradient pushes[w], is at most `bound` updates ahead."""
         workers, steps = self.roles.n_workers, self.steps
-        # A worker may be up to `bound` steps ahead, so up to bound + 1 sums are open at once.
-        sums = [self.grads] + [np.empty_like(self.grads) for _ in range(min(bound + 1, max(steps, 1)) - 1)]
-        arrived = [0] * len(sums)
-        incoming = np.empty_like(self.grads) if workers > 1 else None
+        # Sums of steps whose gradients are still coming in: at most bound + 1 of them, and only as
+        # many as the workers' spread needs; a finished sum's buffer is reused.
+        open_sums: dict[int, list] = {}  # step -> [sum of the gradients in so far, how many]
+        spare = [self.grads]
+        incoming = np.empty_like(self.grads)
         pushes = [0] * workers
         for worker in range(workers):
             self.reply(worker, stop=steps == 0)
@@ -234,22 +238,25 @@ class Server:
         while self.version < steps:
             message, worker = self.probe()
             step = pushes[worker]
-            slot = step % len(sums)
-            target = sums[slot] if arrived[slot] == 0 else incoming
+            entry = open_sums.get(step)
+            if entry is None:
+                entry = open_sums[step] = [spare.pop() if spare else np.empty_like(self.grads), 0]
+            target = entry[0] if entry[1] == 0 else incoming
             message.Recv(target)
             staleness = step - self.pulled[worker]
             if self.config.staleness_lr and staleness:
                 target *= 1.0 / (1 + staleness)
             if target is incoming:
-                sums[slot] += incoming
+                entry[0] += incoming
+            entry[1] += 1
             self.stats.record(worker, staleness)
             pushes[worker] += 1
-            arrived[slot] += 1
-            if arrived[slot] == workers:  # every worker's gradient of step `version` is in
-                arrived[slot] = 0
-                self.optimizer.grads = sums[slot]
+            if entry[1] == workers:  # the last gradient of step `version` is in
+                del open_sums[step]
+                self.optimizer.grads = entry[0]
                 self.optimizer.step(self.learning_rate(self.version))
                 self.version += 1
+                spare.append(entry[0])
             waiting.append(worker)
             waiting = [w for w in waiting if not self._release(w, pushes[w], bound)]
 
@@ -278,9 +285,10 @@ class Server:
             lr = self.learning_rate(applied // workers)
             self.optimizer.step(lr / (1 + staleness) if self.config.staleness_lr else lr)
             self.version += 1
-            out_of_grants = granted == budget
-            granted += not out_of_grants
-            self.reply(worker, stop=grants_server and out_of_grants)
+            stop = granted == budget
+            if not stop:
+                granted += 1
+            self.reply(worker, stop=stop and grants_server)
 
 
 # ---------------------------------------------------------------------------- the worker
@@ -359,9 +367,9 @@ def epoch_records(per_worker: list[list[dict]], final_val: dict, world: int) -> 
         record = {"epoch": e + 1, "step": pushed // n_workers,
                   "loss": sum(entry["loss_sum"] for entry in entries) / max(samples, 1),
                   "samples_per_s": samples / seconds if seconds > 0 else 0.0, "world_size": world}
-        rows = sum(entry["val_rows"] for entry in entries if entry["val"])
-        for key in entries[0]["val"]:
-            record[key] = sum(entry["val"].get(key, 0.0) * entry["val_rows"] for entry in entries) / rows
+        rows = sum(entry["val_rows"] for entry in entries)
+        for key in entries[0]["val"]:  # val_loss, val_accuracy: means over rows, so weight by rows
+            record[key] = sum(entry["val"][key] * entry["val_rows"] for entry in entries) / rows
         records.append(record)
     if records:
         records[-1].update(final_val)
@@ -388,14 +396,14 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     returns the same result, whose last history record holds the servers' counts. Collective on comm."""
     check_config(config, comm.size)
     widths = parse_widths(config.model)
+    n_params = sum(Linear.n_params(n_in, n_out) for n_in, n_out in zip(widths[:-1], widths[1:]))
+    roles = Roles(comm.rank, comm.size - config.servers, tuple(chunk_bounds(n_params, config.servers)))
     ps = comm.Dup()
-    n_workers = comm.size - config.servers
-    is_server = comm.rank >= n_workers
-    workers = comm.Split(MPI.UNDEFINED if is_server else 0, comm.rank)
+    workers = comm.Split(MPI.UNDEFINED if roles.is_server else 0, comm.rank)
     threads = limit_blas_threads(comm, config.threads)
 
     worker, error = None, None
-    if not is_server:
+    if not roles.is_server:
         try:
             worker = prepare_worker(config, widths, workers)
         except MpitrainError as exc:
@@ -406,7 +414,6 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
 
     # Servers build the model on the host from the same seed, so their θ starts as the workers' does.
     model = worker.model if worker else Sequential(widths, config.activation, np, np.dtype(config.dtype), config.seed)
-    roles = Roles(comm.rank, n_workers, tuple(chunk_bounds(model.params.size, config.servers)))
     report = Reporter(config, comm.size, steps, comm.rank == 0)
     error = None
     try:
@@ -417,7 +424,7 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
         error = exc
     agree(comm, error)
 
-    if is_server:
+    if roles.is_server:
         a, b = roles.bounds[roles.server_index]
         outcome = Server(ps, roles, config, model.params[a:b], steps).serve()
         theta = model.params
@@ -428,7 +435,7 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     share_parameters(ps, roles, theta)
 
     final_val = {}
-    if not is_server:
+    if not roles.is_server:
         if not link.on_host:
             model.params.set(theta)
         final_val = evaluate(model, worker.loss, worker.val_x, worker.val_y, config, workers)
@@ -437,9 +444,9 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     outcomes = ps.gather(outcome, root=0)
     records = None
     if comm.rank == 0:
-        records = epoch_records(outcomes[:n_workers], final_val, comm.size)
+        records = epoch_records(outcomes[:roles.n_workers], final_val, comm.size)
         if records:
-            records[-1].update(server_summary(config, outcomes[n_workers:]))
+            records[-1].update(server_summary(config, outcomes[roles.n_workers:]))
     for record in ps.bcast(records, root=0):
         report.epoch(record)
     check_drained(ps)
