@@ -88,7 +88,8 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="with --ps-mode sync, a worker may run up to K steps ahead of the slowest "
                        "(stale-synchronous; default 0: lock-step)")
     group.add_argument("--staleness-lr", action="store_const", const=True,
-                       help="divide the learning rate of each gradient by 1 + its staleness")
+                       help="weigh each gradient by 1 / (1 + its staleness): its learning rate in async "
+                       "mode, its share of the step's sum in sync mode")
     group = parser.add_argument_group("output")
     group.add_argument("--metrics", metavar="FILE.jsonl", help="one JSON object per epoch, and a final one")
     group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")

@@ -193,8 +193,9 @@ def test_async_lets_fast_workers_do_more(comm, small_classification, monkeypatch
 
 
 def test_metrics_report_the_servers_counts(comm, small_classification, shared_dir):
-    path = os.path.join(shared_dir, "metrics.jsonl")
+    """The last JSONL record carries the servers' per-worker counts and staleness."""
     need_ranks(comm, 1)
+    path = os.path.join(shared_dir, "metrics.jsonl")
     train(config(data=small_classification, epochs=2, metrics=path, ps_mode="async"), comm)
     comm.Barrier()
     records = [json.loads(line) for line in open(path)]
