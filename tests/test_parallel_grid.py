@@ -64,3 +64,24 @@ def test_cli_reports_a_bad_layout_once_and_exits_2(comm):
     lines = result["stderr"].strip().splitlines()
     assert lines == ["mpitrain: error: world size 2 is not divisible by --tp 3 x --pp 1 = 3: "
                      "data-parallel groups would be unequal"], result["stderr"]
+
+
+def test_flags_and_toml_keys_fill_the_model_parallel_config(tmp_path):
+    from mpitrain.cli import make_parser, train_config
+
+    path = tmp_path / "run.toml"
+    path.write_text('tp = 2\nmicro-batches = 4\npipeline-schedule = "gpipe"\n')
+    settings = train_config(make_parser().parse_args(
+        ["train", "--config", str(path), "--pp", "2", "--stages", "3,1", "--init-from", "start.h5"]))
+    assert (settings.tp, settings.pp, settings.stages, settings.micro_batches) == (2, 2, "3,1", 4)
+    assert (settings.pipeline_schedule, settings.init_from) == ("gpipe", "start.h5")
+
+
+@pytest.mark.parametrize("flags,message", [(["--tp", "0"], "--tp 0: must be at least 1"),
+                                           (["--micro-batches", "0"], "--micro-batches 0: must be at least 1"),
+                                           (["--pipeline-schedule", "zb"], "invalid choice: 'zb'")])
+def test_bad_model_parallel_flags_are_refused(flags, message):
+    from mpitrain.cli import make_parser, train_config
+
+    with pytest.raises(MpitrainError, match=message):
+        train_config(make_parser().parse_args(["train", *flags]))
