@@ -246,7 +246,7 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     """Train under `config` on the ranks of `comm`; every rank returns the same result. Collective."""
     if config.tp > 1 or config.pp > 1 or config.micro_batches > 1:
-        from mpitrain.parallel.train import grid_train
+        from mpitrain.parallel.train import grid_train  # here: the grid loop imports this module
 
         return grid_train(config, comm)
     widths = parse_widths(config.model)
