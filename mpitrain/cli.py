@@ -75,6 +75,17 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="cpu (NumPy), gpu (CuPy, GPU local_rank %% count), auto: gpu if one is visible (default auto)")
     group.add_argument("--threads", type=int, metavar="N",
                        help="BLAS threads per rank (default: cores / ranks on the node; env MPITRAIN_THREADS)")
+    group = parser.add_argument_group("model parallelism", "world = data-parallel x --pp x --tp ranks")
+    group.add_argument("--tp", type=int, metavar="T", help="tensor-parallel group size: dense layers pair up as "
+                       "column/row-sliced layers over T adjacent ranks (default 1)")
+    group.add_argument("--pp", type=int, metavar="P", help="pipeline stages: the dense layers split into P "
+                       "stages balanced by parameter count (default 1)")
+    group.add_argument("--stages", metavar="N1,N2,..", help="dense layers per pipeline stage instead of balancing")
+    group.add_argument("--micro-batches", type=int, metavar="M",
+                       help="micro-batches per data-parallel group's share of each step (default 1)")
+    group.add_argument("--pipeline-schedule", choices=CHOICES["pipeline_schedule"],
+                       help="gpipe: all forwards then all backwards; 1f1b: fewer activations in flight (default 1f1b)")
+    group.add_argument("--init-from", metavar="FILE.h5", help="start from a --save file (any layout)")
     group = parser.add_argument_group("parameter server")
     group.add_argument("--sync", choices=CHOICES["sync"],
                        help="allreduce: every rank trains and gradients are summed by --allreduce (default); "

@@ -26,6 +26,7 @@ CHOICES = {
     "allreduce": ("ring", "mpi"),
     "dtype": ("float32", "float64"),
     "device": ("cpu", "gpu", "auto"),
+    "pipeline_schedule": ("1f1b", "gpipe"),
     "sync": ("allreduce", "ps"),
     "ps_mode": ("sync", "async"),
 }
@@ -60,6 +61,13 @@ class TrainConfig:
     metrics: str | None = None
     save: str | None = None
     progress: bool = True
+    # model parallelism (mpitrain.parallel)
+    tp: int = 1
+    pp: int = 1
+    stages: str | None = None
+    micro_batches: int = 1
+    pipeline_schedule: str = "1f1b"
+    init_from: str | None = None
     # parameter server (mpitrain/parallel/ps.py), used with sync = "ps"
     sync: str = "allreduce"
     servers: int = 1
@@ -109,7 +117,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         value = getattr(config, name)
         if value not in allowed:
             raise MpitrainError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(allowed)}")
-    positive = {"batch_size": config.batch_size, "synth_samples": config.synth_samples}
+    positive = {"batch_size": config.batch_size, "synth_samples": config.synth_samples,
+                "tp": config.tp, "pp": config.pp, "micro_batches": config.micro_batches}
     for name, value in positive.items():
         if value < 1:
             raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be at least 1")

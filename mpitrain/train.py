@@ -29,6 +29,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.losses import MeanSquaredError, SoftmaxCrossEntropy
 from mpitrain.nn.model import Sequential, parse_widths
 from mpitrain.optim import SGD, Adam, schedule
+from mpitrain.parallel.state import load_whole_model
 
 
 @dataclass
@@ -253,9 +254,13 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     """Train under `config` on the ranks of `comm`; every rank returns the same result. Collective."""
     if config.sync == "ps":
-        from mpitrain.parallel.ps import train_ps  # it builds on this module's setup
+        from mpitrain.parallel.ps import train_ps  # here: ps.py imports this module
 
         return train_ps(config, comm)
+    if config.tp > 1 or config.pp > 1 or config.micro_batches > 1:
+        from mpitrain.parallel.train import grid_train  # here: the grid loop imports this module
+
+        return grid_train(config, comm)
     widths = parse_widths(config.model)
     backend = select_backend(config.device, comm)
     threads = limit_blas_threads(comm, config.threads)
@@ -266,6 +271,8 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     batches = Batches(data, dataset, backend, config)
 
     model, loss = make_model(config, widths, backend), make_loss(config, backend)
+    if config.init_from:
+        load_whole_model(config.init_from, model, comm)
     optimizer = make_optimizer(config, model)
     steps = total_steps(config, data.steps_per_epoch)
     scale = 1.0 / config.batch_size

@@ -116,6 +116,25 @@ def test_sync_equals_data_parallel_run_on_the_workers(comm, small_classification
     np.testing.assert_allclose(flat(ps), flat(data_parallel), rtol=1e-10, atol=1e-12)
 
 
+def test_init_from_starts_the_servers(comm, small_classification, shared_dir):
+    """--init-from loads the starting θ into the servers: sync PS from a saved model equals the
+    one-process run from the same file."""
+    need_ranks(comm, 1)
+    start = os.path.join(shared_dir, "start.h5")
+    train(config(data=small_classification, sync="allreduce", steps=5, save=start), comm)
+    settings = config(data=small_classification, optimizer="sgd", lr=0.1, steps=10, init_from=start)
+    ps = train(settings, comm).parameters
+    oracle = train(dataclasses.replace(settings, sync="allreduce"), MPI.COMM_SELF).parameters
+    fresh = train(dataclasses.replace(settings, sync="allreduce", init_from=None), MPI.COMM_SELF).parameters
+    np.testing.assert_allclose(flat(ps), flat(oracle), rtol=1e-10, atol=1e-12)
+    assert not np.allclose(flat(oracle), flat(fresh)), "the file changed nothing"
+
+
+def test_model_parallel_flags_are_refused(comm, small_classification):
+    with pytest.raises(MpitrainError, match="does not combine with --tp, --pp or --micro-batches"):
+        train(config(data=small_classification, tp=2), comm)
+
+
 def test_two_servers_equal_one_server(comm, small_classification):
     """Splitting θ over 2 servers changes nothing: same workers, same sums, element-wise optimizer."""
     need_ranks(comm, 2)

@@ -48,6 +48,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.layers import Linear
 from mpitrain.nn.model import Sequential, parse_widths
 from mpitrain.optim import schedule
+from mpitrain.parallel.state import load_whole_model
 from mpitrain.train import (Batches, RankData, Reporter, TrainResult, ensure_synthetic, evaluate, load_rank_data,
                             make_loss, make_model, make_optimizer, open_dataset, save_model, total_steps)
 
@@ -62,6 +63,9 @@ TAG_STOP = 63
 def check_config(config: TrainConfig, world: int) -> None:
     """Refuse settings that cannot work, then a layout without a worker or a server; run on every
     rank before any message."""
+    if config.tp > 1 or config.pp > 1 or config.micro_batches > 1:
+        raise MpitrainError("--sync ps keeps the whole model on every worker: it does not combine with "
+                            "--tp, --pp or --micro-batches")
     if config.servers < 1:
         raise MpitrainError(f"--servers {config.servers}: must be at least 1")
     if config.staleness < 0:
@@ -414,6 +418,8 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
 
     # Servers build the model on the host from the same seed, so their θ starts as the workers' does.
     model = worker.model if worker else Sequential(widths, config.activation, np, np.dtype(config.dtype), config.seed)
+    if config.init_from:
+        load_whole_model(config.init_from, model, comm)
     report = Reporter(config, comm.size, steps, comm.rank == 0)
     error = None
     try:
