@@ -16,6 +16,7 @@ from mpitrain import __version__
 from mpitrain.config import CHOICES, TrainConfig, build, load_toml
 from mpitrain.errors import MpitrainError
 from mpitrain.preempt import EXIT_PREEMPTED, Preempted
+from mpitrain.presets import PRESETS
 
 EXIT_USAGE = 2
 
@@ -25,6 +26,12 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise MpitrainError(message)
+
+    def _print_message(self, message, file=None):
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            super()._print_message(message, file)
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +77,32 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="cpu (NumPy), gpu (CuPy, GPU local_rank %% count), auto: gpu if one is visible (default auto)")
     group.add_argument("--threads", type=int, metavar="N",
                        help="BLAS threads per rank (default: cores / ranks on the node; env MPITRAIN_THREADS)")
+    group = parser.add_argument_group("model parallelism", "world = data-parallel x --pp x --tp ranks")
+    group.add_argument("--tp", type=int, metavar="T", help="tensor-parallel group size: dense layers pair up as "
+                       "column/row-sliced layers over T adjacent ranks (default 1)")
+    group.add_argument("--pp", type=int, metavar="P", help="pipeline stages: the dense layers split into P "
+                       "stages balanced by parameter count (default 1)")
+    group.add_argument("--stages", metavar="N1,N2,..", help="dense layers per pipeline stage instead of balancing")
+    group.add_argument("--micro-batches", type=int, metavar="M",
+                       help="micro-batches per data-parallel group's share of each step (default 1)")
+    group.add_argument("--pipeline-schedule", choices=CHOICES["pipeline_schedule"],
+                       help="gpipe: all forwards then all backwards; 1f1b: fewer activations in flight (default 1f1b)")
+    group.add_argument("--init-from", metavar="FILE.h5", help="start from a --save file (any layout)")
+    group = parser.add_argument_group("parameter server")
+    group.add_argument("--sync", choices=CHOICES["sync"],
+                       help="allreduce: every rank trains and gradients are summed by --allreduce (default); "
+                       "ps: the last --servers ranks hold the parameters, the others push gradients and pull them")
+    group.add_argument("--servers", type=int, metavar="S",
+                       help="server ranks with --sync ps; each holds one contiguous range of the parameters (default 1)")
+    group.add_argument("--ps-mode", choices=CHOICES["ps_mode"],
+                       help="sync: one update per step from every worker's gradient; async: each gradient is "
+                       "applied as it arrives (default sync)")
+    group.add_argument("--staleness", type=int, metavar="K",
+                       help="with --ps-mode sync, a worker may run up to K steps ahead of the slowest "
+                       "(stale-synchronous; default 0: lock-step)")
+    group.add_argument("--staleness-lr", action="store_const", const=True,
+                       help="weigh each gradient by 1 / (1 + its staleness): its learning rate in async "
+                       "mode, its share of the step's sum in sync mode")
     group = parser.add_argument_group("output")
     group.add_argument("--metrics", metavar="FILE.jsonl", help="one JSON object per epoch, and a final one")
     group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")
@@ -92,6 +125,8 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--on-nan", choices=CHOICES["on_nan"],
                        help="NaN or Inf in the loss or gradients: stop with an error, or skip the update on "
                        "every rank and count it (default abort)")
+    add("--preset", choices=PRESETS, help="start from a named recipe, which the config file and flags override: "
+        "linreg-ps fits y = 2 x0 + 3 x1 + noise with asynchronous parameter-server SGD and prints theta")
     add("--config", metavar="FILE.toml", help="TOML file of the same settings (keys as the flags, e.g. "
         "batch-size = 256, optionally under [train]); flags given on the command line win")
 
@@ -125,8 +160,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     file_values = load_toml(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    return build(file_values, flags)
+    preset_values = PRESETS[args.preset].values if args.preset else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "preset")}
+    return build({**preset_values, **file_values}, flags)
 
 
 def run_synth(args: argparse.Namespace) -> None:
@@ -158,7 +194,12 @@ def run(argv: list[str] | None) -> None:
     from mpitrain.train import train
 
     check_not_singleton(MPI.COMM_WORLD.size)
-    train(train_config(args), world())
+    config, comm, preset = train_config(args), world(), PRESETS.get(args.preset)
+    if preset:
+        preset.prepare(config, comm)
+    result = train(config, comm)
+    if preset:
+        preset.report(result, comm)
 
 
 def _report_error(error: MpitrainError) -> None:

@@ -26,6 +26,9 @@ CHOICES = {
     "allreduce": ("ring", "mpi"),
     "dtype": ("float32", "float64"),
     "device": ("cpu", "gpu", "auto"),
+    "pipeline_schedule": ("1f1b", "gpipe"),
+    "sync": ("allreduce", "ps"),
+    "ps_mode": ("sync", "async"),
     "on_nan": ("abort", "skip"),
 }
 
@@ -59,6 +62,19 @@ class TrainConfig:
     metrics: str | None = None
     save: str | None = None
     progress: bool = True
+    # model parallelism (mpitrain.parallel)
+    tp: int = 1
+    pp: int = 1
+    stages: str | None = None
+    micro_batches: int = 1
+    pipeline_schedule: str = "1f1b"
+    init_from: str | None = None
+    # parameter server (mpitrain/parallel/ps.py), used with sync = "ps"
+    sync: str = "allreduce"
+    servers: int = 1
+    ps_mode: str = "sync"
+    staleness: int = 0
+    staleness_lr: bool = False
     # checkpoints, preemption and failure handling (mpitrain/resilience.py)
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
@@ -109,7 +125,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         value = getattr(config, name)
         if value not in allowed:
             raise MpitrainError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(allowed)}")
-    positive = {"batch_size": config.batch_size, "synth_samples": config.synth_samples}
+    positive = {"batch_size": config.batch_size, "synth_samples": config.synth_samples,
+                "tp": config.tp, "pp": config.pp, "micro_batches": config.micro_batches}
     for name, value in positive.items():
         if value < 1:
             raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be at least 1")
@@ -140,6 +157,10 @@ def _validate_resilience(config: TrainConfig) -> None:
         raise MpitrainError("--resume auto needs --checkpoint-dir (the folder searched for the newest checkpoint)")
     if config.comm_timeout is not None and not (math.isfinite(config.comm_timeout) and config.comm_timeout > 0):
         raise MpitrainError(f"--comm-timeout {config.comm_timeout}: must be a positive number of seconds")
+    model_parallel = config.sync == "ps" or config.tp > 1 or config.pp > 1 or config.micro_batches > 1
+    if model_parallel and (config.checkpoint_dir or config.resume or config.on_nan == "skip"):
+        raise MpitrainError("--checkpoint-dir, --resume and --on-nan skip work with the data-parallel loop only, "
+                            "not with --tp, --pp, --micro-batches or --sync ps")
 
 
 def build(file_values: dict, flag_values: dict) -> TrainConfig:

@@ -20,7 +20,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain import checkpoint
-from mpitrain.backend import Backend, limit_blas_threads, select_backend, to_host
+from mpitrain.backend import Backend, limit_blas_threads, select_backend
 from mpitrain.comm import agree, allreduce, node_comm
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.data import partition, synth
@@ -30,6 +30,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.losses import MeanSquaredError, SoftmaxCrossEntropy
 from mpitrain.nn.model import Sequential, parse_widths
 from mpitrain.optim import SGD, Adam, schedule
+from mpitrain.parallel.state import load_whole_model
 from mpitrain.resilience import Resilience
 
 
@@ -93,6 +94,13 @@ def check_labels(y: np.ndarray, config: TrainConfig, classes: int) -> None:
         raise MpitrainError(f"{config.data}: 'y' holds NaN or Inf")
 
 
+def check_finite(x: np.ndarray, config: TrainConfig) -> None:
+    """Inputs hold no NaN or Inf: one bad value would turn every parameter into NaN after the all-reduce."""
+    if x.size and not np.all(np.isfinite(x)):
+        row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise MpitrainError(f"{config.data}: dataset 'x' holds NaN or Inf (row {row} of this rank's share)")
+
+
 def check_sizes(n_train: int, n_val: int, config: TrainConfig, world: int) -> None:
     """Enough rows for one global batch, and a global batch that gives every rank a sample."""
     if config.batch_size < world:
@@ -142,7 +150,7 @@ def load_rank_data(dataset: H5Dataset, config: TrainConfig, classes: int, comm: 
 
     own_val_rows = partition.uniform_rows(val_rows, comm.rank, comm.size)
     val_x, val_y = dataset.read(own_val_rows)
-    error = _error_of(check_labels, val_y, config, classes)
+    error = _error_of(check_labels, val_y, config, classes) or _error_of(check_finite, val_x, config)
     if config.sampler == "global":
         sampler = GlobalSampler(train_rows, config.batch_size, comm.rank, comm.size, config.seed)
         own_rows = partition.uniform_rows(train_rows, comm.rank, comm.size)
@@ -152,7 +160,7 @@ def load_rank_data(dataset: H5Dataset, config: TrainConfig, classes: int, comm: 
     else:
         own_rows = own_training_rows(dataset, train_rows, config, comm)
         own_x, own_y = dataset.read(own_rows)
-        error = error or _error_of(check_labels, own_y, config, classes)
+        error = error or _error_of(check_labels, own_y, config, classes) or _error_of(check_finite, own_x, config)
         steps = comm.allreduce(local_steps(len(own_rows), config.batch_size, comm.rank, comm.size), op=MPI.MIN)
         sampler = ShardSampler(own_rows, config.batch_size, comm.rank, comm.size, config.seed, steps)
     agree(comm, error)
@@ -218,7 +226,7 @@ class Batches:
     """Device-resident batches for this rank: from memory (shard sampler) or one read per step (global)."""
 
     def __init__(self, data: RankData, dataset: H5Dataset, backend: Backend, config: TrainConfig):
-        self.data, self.dataset, self.backend = data, dataset, backend
+        self.data, self.dataset, self.backend, self.config = data, dataset, backend, config
         self.dtype = np.dtype(config.dtype)
         self.label_dtype = np.int64 if config.loss == "ce" else self.dtype
         if data.own_x is not None:
@@ -234,6 +242,7 @@ class Batches:
                 yield self.own_x[index], self.own_y[index]
             else:
                 x, y = self.dataset.read(rows)
+                check_finite(x, self.config)
                 yield xp.asarray(x, dtype=self.dtype), xp.asarray(y, dtype=self.label_dtype)
 
 
@@ -251,6 +260,14 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     """
     guard = Resilience(config, comm)
     try:
+        if config.sync == "ps":
+            from mpitrain.parallel.ps import train_ps  # here: ps.py imports this module
+
+            return train_ps(config, guard.comm)
+        if config.tp > 1 or config.pp > 1 or config.micro_batches > 1:
+            from mpitrain.parallel.train import grid_train  # here: the grid loop imports this module
+
+            return grid_train(config, guard.comm)
         return _train(config, guard.comm, guard)
     finally:
         guard.close()
@@ -267,6 +284,8 @@ def _train(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience) -> Train
     batches = Batches(data, dataset, backend, config)
 
     model, loss = make_model(config, widths, backend), make_loss(config, backend)
+    if config.init_from:
+        load_whole_model(config.init_from, model, comm)
     optimizer = make_optimizer(config, model)
     steps = total_steps(config, data.steps_per_epoch)
     scale = 1.0 / config.batch_size

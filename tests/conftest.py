@@ -10,6 +10,7 @@
 import sys
 
 import mpi4py.run
+import numpy as np
 import pytest
 from mpi4py import MPI
 
@@ -22,6 +23,24 @@ def comm():
     clone = MPI.COMM_WORLD.Dup()
     yield clone
     clone.Free()
+
+
+def cupy_or_skip():
+    """The cupy module, or a skip saying why the GPU backend cannot run here."""
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed")
+    try:
+        gpus = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        gpus = 0
+    if gpus == 0:
+        pytest.skip("cupy is installed but no CUDA device is visible")
+    return cupy
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def xp(request):
+    """Every test body runs on each array backend that is usable here."""
+    return np if request.param == "numpy" else cupy_or_skip()
 
 
 @pytest.hookimpl(trylast=True)

@@ -169,3 +169,10 @@ def test_a_rank_that_raises_ends_the_job(comm):
     assert "rank one fails on purpose" in done["stderr"]
     assert "[rank 1]" in done["stderr"]
     assert elapsed < 20
+
+
+def test_nan_in_inputs(comm, shared_dir):
+    x, y = good_arrays()
+    x = x.copy()
+    x[5, 2] = np.nan
+    expect_error(["--data", make_file(comm, shared_dir, "nan.h5", x=x, y=y)], "nan.h5.*'x' holds NaN or Inf")

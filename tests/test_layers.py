@@ -4,42 +4,7 @@ import numpy as np
 import pytest
 
 from mpitrain.nn.layers import Linear, ReLU, Tanh, weight_init
-
-
-def _cupy_or_skip():
-    cupy = pytest.importorskip("cupy", reason="cupy is not installed")
-    try:
-        gpus = cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError:
-        gpus = 0
-    if gpus == 0:
-        pytest.skip("cupy is installed but no CUDA device is visible")
-    return cupy
-
-
-@pytest.fixture(params=["numpy", "cupy"])
-def xp(request):
-    """Every test body runs on each array backend that is usable here."""
-    return np if request.param == "numpy" else _cupy_or_skip()
-
-
-def numeric_grad(loss, a, h=1e-6):
-    """Central differences of the scalar loss() with respect to every entry of `a`, perturbed in place."""
-    grad = np.zeros(a.shape)
-    for index in np.ndindex(a.shape):
-        saved = float(a[index])
-        a[index] = saved + h
-        plus = loss()
-        a[index] = saved - h
-        minus = loss()
-        a[index] = saved
-        grad[index] = (plus - minus) / (2 * h)
-    return grad
-
-
-def rel_error(analytic, numeric):
-    analytic = analytic.get() if hasattr(analytic, "get") else np.asarray(analytic)
-    return np.linalg.norm(analytic - numeric) / max(np.linalg.norm(analytic) + np.linalg.norm(numeric), 1e-300)
+from gradcheck import numeric_grad, rel_error
 
 
 def test_linear_gradients(xp):

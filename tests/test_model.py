@@ -7,28 +7,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.layers import weight_init
 from mpitrain.nn.losses import SoftmaxCrossEntropy
 from mpitrain.nn.model import Sequential, parse_widths
-
-
-def _cupy_or_skip():
-    cupy = pytest.importorskip("cupy", reason="cupy is not installed")
-    try:
-        gpus = cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError:
-        gpus = 0
-    if gpus == 0:
-        pytest.skip("cupy is installed but no CUDA device is visible")
-    return cupy
-
-
-@pytest.fixture(params=["numpy", "cupy"])
-def xp(request):
-    """Every test body runs on each array backend that is usable here."""
-    return np if request.param == "numpy" else _cupy_or_skip()
-
-
-def host(a):
-    """A host copy, so later writes to the device or numpy buffer cannot change it."""
-    return a.get() if hasattr(a, "get") else np.array(a)
+from gradcheck import host
 
 
 WIDTHS = [5, 7, 6, 3]

@@ -16,8 +16,7 @@ import mpitrain.train
 from harness import mpitrain_argv, run_on_root
 from mpitrain.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, load_parameters
 from mpitrain.config import TrainConfig, validate
-from mpitrain.data import partition, synth
-from mpitrain.data.sampler import GlobalSampler
+from mpitrain.data import synth
 from mpitrain.errors import MpitrainError
 from mpitrain.preempt import EXIT_PREEMPTED, Preempted
 from mpitrain.train import train
@@ -174,41 +173,47 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_checkpoint(comm, datase
 
 # ---------------------------------------------------------------------------- NaN and Inf
 
-
-@pytest.fixture
-def nan_dataset(comm, shared_dir):
-    """The small set with NaN in one training row's inputs, and the (1-based) steps whose global
-    batch holds that row under --sampler global, for two epochs."""
-    x, y = synth.make_classification(ROWS, FEATURES, CLASSES, seed=3)
-    settings = config(sampler="global")
-    train_rows, _ = partition.split_validation(ROWS, settings.val_fraction, settings.seed)
-    bad = int(train_rows[7])
-    x[bad, 2] = np.nan
-    sampler = GlobalSampler(train_rows, settings.batch_size, 0, 1, settings.seed)
-    spe = sampler.steps_per_epoch
-    hits = [epoch * spe + index + 1 for epoch in range(2) for index, rows in enumerate(sampler.batches(epoch))
-            if bad in rows]
-    return write_on_root(comm, os.path.join(shared_dir, "nan.h5"), x, y), hits, 2 * spe
+NAN_STEPS = (4, 9)
 
 
-def test_nan_input_aborts_every_rank_naming_the_step(comm, nan_dataset):
-    path, hits, steps = nan_dataset
-    with pytest.raises(MpitrainError, match=rf"step {hits[0]}: NaN or Inf in the loss on rank\(s\) \d"):
-        train(config(data=path, sampler="global", steps=steps), comm)
+def nan_in_gradient(monkeypatch) -> None:
+    """The last rank of whichever communicator trains puts a NaN into its gradient, before the
+    all-reduce, in steps NAN_STEPS (a test-only patch of the trainer's all-reduce)."""
+    allreduce, calls = mpitrain.train.allreduce, [0]
+
+    def poisoned(buf, comm, algorithm="ring"):
+        calls[0] += 1
+        if calls[0] in NAN_STEPS and comm.rank == comm.size - 1:
+            buf[5] = np.nan
+        allreduce(buf, comm, algorithm)
+
+    monkeypatch.setattr(mpitrain.train, "allreduce", poisoned)
 
 
-def test_nan_input_with_skip_drops_those_steps_on_every_rank(comm, nan_dataset):
-    """--on-nan skip: the steps whose batch holds the NaN row are skipped and counted, everywhere,
-    and the result equals the one-process run that skipped the same steps."""
-    path, hits, steps = nan_dataset
-    settings = config(data=path, sampler="global", steps=steps, on_nan="skip", dtype="float64")
+def test_nan_gradient_aborts_every_rank_naming_the_step(comm, dataset, monkeypatch):
+    nan_in_gradient(monkeypatch)
+    expected = rf"step {NAN_STEPS[0]}: NaN or Inf in the all-reduced gradient; --on-nan skip"
+    with pytest.raises(MpitrainError, match=expected):
+        train(config(data=dataset, sampler="global", steps=12), comm)
+
+
+def test_nan_gradient_with_skip_drops_those_steps_on_every_rank(comm, dataset, monkeypatch):
+    """--on-nan skip: both poisoned steps are skipped and counted, everywhere, and the result
+    equals the one-process run that skipped the same steps."""
+    settings = config(data=dataset, sampler="global", steps=12, on_nan="skip", dtype="float64")
+    nan_in_gradient(monkeypatch)
     result = train(settings, comm)
+    monkeypatch.undo()
+    nan_in_gradient(monkeypatch)
     serial = train(dataclasses.replace(settings), MPI.COMM_SELF)
-    assert len(hits) == 2
-    assert result.history[-1]["skipped_steps"] == len(hits)
+    monkeypatch.undo()
+    clean = train(dataclasses.replace(settings), MPI.COMM_SELF)
+    assert result.history[-1]["skipped_steps"] == serial.history[-1]["skipped_steps"] == len(NAN_STEPS)
+    assert clean.history[-1]["skipped_steps"] == 0
     for name, value in serial.parameters.items():
         assert np.all(np.isfinite(result.parameters[name])), name
         np.testing.assert_allclose(result.parameters[name], value, rtol=1e-10, atol=1e-12, err_msg=name)
+    assert any(not np.allclose(clean.parameters[name], value) for name, value in serial.parameters.items())
 
 
 # ---------------------------------------------------------------------------- real jobs: kill -9, exit 75
@@ -259,3 +264,9 @@ def test_sigusr1_job_exits_with_the_requeue_status_and_resumes(comm, dataset, sh
     assert names == [checkpoint_name(10)]
     assert runs[2]["returncode"] == 0 and "resumed from" in runs[2]["stdout"], runs[2]
     assert_identical(load_parameters(resumed), load_parameters(reference))
+
+
+def test_checkpoint_flags_are_refused_outside_the_data_parallel_loop():
+    for parallel in ({"tp": 2}, {"pp": 2}, {"sync": "ps"}):
+        with pytest.raises(MpitrainError, match="data-parallel loop only"):
+            config(checkpoint_dir="ckpt", **parallel)

@@ -6,11 +6,14 @@ agreed on without risking a hang in the next collective, so that rank aborts the
 """
 
 import sys
+import time
 import traceback
 
 from mpi4py import MPI
 
 from mpitrain.errors import MpitrainError
+
+ABORT_GRACE_S = 0.2
 
 
 def agree(comm: MPI.Intracomm, error: MpitrainError | None) -> None:
@@ -32,6 +35,9 @@ def abort(message: str, status: int = 1) -> None:
     """Print `message` from this rank and end every rank of the job with `status`."""
     print(message, file=sys.stderr, flush=True)
     if MPI.COMM_WORLD.size > 1:
+        # Hydra tears the job down as soon as Abort reaches it and sometimes drops output its proxy
+        # has not yet forwarded (about 1 run in 30 lost the message): give the proxy a moment.
+        time.sleep(ABORT_GRACE_S)
         MPI.COMM_WORLD.Abort(status)
     sys.exit(status)
 

@@ -56,8 +56,8 @@ class Watchdog:
 
     def _expire(self, current: tuple) -> None:
         operation, args, kwargs, size, started = current
-        where = f"step {self.step}" if self.step is not None else "start-up"
-        print(f"mpitrain: comm timeout: [rank {self.rank}] {where}: waited {time.monotonic() - started:.1f} s in "
+        where = f" step {self.step}:" if self.step is not None else ""
+        print(f"mpitrain: comm timeout: [rank {self.rank}]{where} waited {time.monotonic() - started:.1f} s in "
               f"{describe(operation, args, kwargs, size)}; aborting all ranks (--comm-timeout {self.timeout:g})",
               file=sys.stderr, flush=True)
         # The first rank to abort ends everyone; waiting a little lets the other stuck ranks say

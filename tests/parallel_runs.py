@@ -1,0 +1,66 @@
+"""Tiny training runs under a (DP, TP, PP) layout, and the one-process oracle they must equal."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from groups import groups_of
+from mpitrain.config import TrainConfig, validate
+from mpitrain.data import synth
+from mpitrain.parallel.train import grid_train
+from mpitrain.train import TrainResult, train
+
+# Four dense layers (so four stages fit); hidden widths 10, 9, 7 are not all divisible by 2 or 4.
+MODEL = "12-10-9-7-3"
+RTOL = 1e-10
+SERIAL_ONLY = dict(tp=1, pp=1, micro_batches=1, stages=None)
+
+
+@pytest.fixture
+def shared_dir(comm, tmp_path):
+    """A folder every rank can see: rank 0's tmp_path, broadcast."""
+    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
+
+
+@pytest.fixture
+def small_classification(comm, shared_dir):
+    path = os.path.join(shared_dir, "small.h5")
+    if comm.rank == 0:
+        x, y = synth.make_classification(480, 12, 3, seed=3)
+        synth.write_h5(path, x, y)
+    comm.Barrier()
+    return path
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(model=MODEL, batch_size=12, dtype="float64", device="cpu", progress=False, sampler="global",
+                val_fraction=0.1, seed=5, optimizer="adam", lr=0.01, steps=10)
+    return validate(dataclasses.replace(TrainConfig(), **{**base, **overrides}))
+
+
+def serial_run(**overrides) -> TrainResult:
+    """The same run on one process with no tensor or pipeline parallelism (the data-parallel loop)."""
+    return train(config(**{**overrides, **SERIAL_ONLY}), MPI.COMM_SELF)
+
+
+def layout_run(comm, layout: tuple[int, int, int], **overrides) -> TrainResult | None:
+    """Train with the grid loop on the first DP*TP*PP ranks of comm (skipped when comm is smaller,
+    so (4, 1, 1) also runs the grid loop, not the data-parallel one); None on the other ranks."""
+    dp, tp, pp = layout
+    with groups_of(comm, dp * tp * pp) as group:
+        return None if group is None else grid_train(config(tp=tp, pp=pp, **overrides), group)
+
+
+def assert_same_run(result: TrainResult | None, expected: TrainResult) -> None:
+    """Same final parameters and same reported losses, to 1e-10 relative."""
+    if result is None:
+        return
+    assert result.parameters.keys() == expected.parameters.keys()
+    for name, value in expected.parameters.items():
+        np.testing.assert_allclose(result.parameters[name], value, rtol=RTOL, atol=RTOL * np.abs(value).max(),
+                                   err_msg=name)
+    for key in ("loss", "val_loss", "val_accuracy"):
+        assert result.history[-1][key] == pytest.approx(expected.history[-1][key], rel=RTOL), key
