@@ -23,7 +23,7 @@ CHOICES = {
     "schedule": ("constant", "cosine"),
     "partition": ("uniform", "stratified"),
     "sampler": ("shard", "global"),
-    "allreduce": ("ring", "mpi"),
+    "allreduce": ("auto", "ring", "rd", "hier", "mpi"),
     "dtype": ("float32", "float64"),
     "device": ("cpu", "gpu", "auto"),
 }
@@ -50,7 +50,7 @@ class TrainConfig:
     steps: int | None = None
     partition: str = "uniform"
     sampler: str = "shard"
-    allreduce: str = "ring"
+    allreduce: str = "auto"
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
@@ -58,6 +58,8 @@ class TrainConfig:
     metrics: str | None = None
     save: str | None = None
     progress: bool = True
+    bucket_mb: float = 1.0
+    overlap: bool = True
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
@@ -117,6 +119,8 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
     if config.warmup_steps < 0:
         raise MpitrainError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
+    if not (math.isfinite(config.bucket_mb) and config.bucket_mb > 0):
+        raise MpitrainError(f"--bucket-mb {config.bucket_mb}: must be a positive number of MiB")
     return config
 
 

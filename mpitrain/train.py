@@ -20,7 +20,8 @@ from mpi4py import MPI
 
 from mpitrain import checkpoint
 from mpitrain.backend import Backend, limit_blas_threads, select_backend, to_host
-from mpitrain.comm import agree, allreduce, node_comm
+from mpitrain.comm import agree, node_comm
+from mpitrain.comm.buckets import GradientSync
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.data import partition, synth
 from mpitrain.data.hdf5 import H5Dataset
@@ -255,6 +256,7 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
 
     model, loss = make_model(config, widths, backend), make_loss(config, backend)
     optimizer = make_optimizer(config, model)
+    sync = GradientSync(model.grads, model.layer_grad_slices(), comm, config.allreduce, config.bucket_mb, config.overlap)
     steps = total_steps(config, data.steps_per_epoch)
     scale = 1.0 / config.batch_size
     is_root = comm.rank == 0
@@ -269,8 +271,8 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
         for x, y in batches.epoch(epoch, min(data.steps_per_epoch, steps - step)):
             out = model.forward(x)
             loss_sum += float(loss.forward(out, y))
-            model.backward(loss.backward(scale))
-            allreduce(model.grads, comm, config.allreduce)
+            model.backward(loss.backward(scale), on_layer_done=sync.layer_done)
+            sync.wait()
             optimizer.step(schedule(config.schedule, config.lr, step, steps, config.warmup_steps))
             step += 1
             epoch_steps += 1
