@@ -73,3 +73,19 @@ def test_tune_measures_and_saves_this_layout(comm, tmp_path):
     if comm.rank == 0:
         assert saved["layouts"][key]["thresholds"] == table
         assert saved["layouts"][key]["measured"]["bytes"] == [8 << e for e in range(8)]  # 8 B .. 1 KiB
+
+
+def test_the_tune_command_writes_the_file_or_asks_for_ranks(comm, tmp_path, capsys):
+    from mpitrain import cli
+
+    path = comm.bcast(os.path.join(tmp_path, "cli.json"), root=0)
+    argv = ["tune", "--max-mb", "0.001", "--trials", "1", "--out", path]
+    if comm.size == 1:
+        with pytest.raises(MpitrainError, match="mpirun -n N"):
+            cli.run(argv)
+        return
+    cli.run(argv)
+    written = tune.read_file(path) if comm.rank == 0 else None
+    if comm.rank == 0:
+        assert tune.layout_key(comm.size, 1) in written["layouts"]
+        assert f"wrote {path}" in capsys.readouterr().out
