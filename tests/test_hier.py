@@ -46,3 +46,16 @@ def test_window_is_freed_with_the_communicator(comm):
     shared = group.window is not None or group.node.size == 1
     fresh.Free()
     assert shared and group.window is None
+
+
+def test_dtypes_and_growing_sizes_share_one_window(comm):
+    """The window grows with the buffers and is viewed per dtype; blocks alternate slot sets."""
+    results = []
+    for length, dtype in [(3, np.float64), (1000, np.float32), (5, np.int32), (70001, np.float64), (2, np.float32)]:
+        buf = (np.arange(length) % 97 + comm.rank).astype(dtype)
+        expected = buf.copy()
+        comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+        allreduce(buf, comm, "hier")
+        results.append((buf, expected))
+    for buf, expected in results:
+        np.testing.assert_array_equal(buf, expected)
