@@ -33,11 +33,12 @@ FORMAT = 1
 KiB, MiB = 1 << 10, 1 << 20
 # Measured on 2 shared cores with MPICH 5.0.2 (benchmarks/allreduce.py, `mpitrain tune`): MPI's
 # own Allreduce is hard to beat below 16 KiB (one Python call costs what its whole exchange
-# does), the shared-memory node sum wins from 16 KiB to a few MiB, and the pipelined ring above
-# (2-3x MPI from 64 MiB).
+# does); the shared-memory node sum wins while its 2L + 1 slots fit the 32 MiB L3 cache (to
+# 4 MiB at 2 ranks, 2 MiB at 4); at 4 ranks MPI and the ring tie from 2 to 8 MiB; the pipelined
+# ring wins above (2-3x MPI from 64 MiB).
 DEFAULTS = {
-    "p2-n1": [[16 * KiB, "mpi"], [8 * MiB, "hier"], [None, "ring"]],
-    "p4-n1": [[16 * KiB, "mpi"], [8 * MiB, "hier"], [None, "ring"]],
+    "p2-n1": [[16 * KiB, "mpi"], [4 * MiB, "hier"], [None, "ring"]],
+    "p4-n1": [[16 * KiB, "mpi"], [2 * MiB, "hier"], [8 * MiB, "mpi"], [None, "ring"]],
 }
 
 
