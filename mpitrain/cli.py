@@ -1,7 +1,8 @@
-"""The `mpitrain` command: `train` and `data synth`, long flags, an optional TOML file.
+"""The `mpitrain` command: `train`, `tune` and `data synth`, long flags, an optional TOML file.
 
     mpitrain train --steps 100                         # one process
     mpirun -n 4 mpitrain train --config run.toml       # flags override the file
+    mpirun -n 4 mpitrain tune                          # thresholds for --allreduce auto
     mpitrain data synth --task linreg --samples 100 --out linreg.h5
 
 An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
@@ -72,7 +73,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seeds init, shuffling and the synthetic set (default 0)")
     group = parser.add_argument_group("parallel and hardware")
     group.add_argument("--allreduce", choices=CHOICES["allreduce"],
-                       help="gradient sum: mpitrain's ring (reduce-scatter + all-gather) or MPI Allreduce (default ring)")
+                       help="gradient sum: auto picks by bucket size from `mpitrain tune`'s thresholds; ring "
+                       "(pipelined), rd (recursive doubling), hier (shared memory per node + ring over "
+                       "nodes), mpi (MPI Allreduce) (default auto)")
     group.add_argument("--device", choices=CHOICES["device"],
                        help="cpu (NumPy), gpu (CuPy, GPU local_rank %% count), auto: gpu if one is visible (default auto)")
     group.add_argument("--threads", type=int, metavar="N",
@@ -103,6 +106,13 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--staleness-lr", action="store_const", const=True,
                        help="weigh each gradient by 1 / (1 + its staleness): its learning rate in async "
                        "mode, its share of the step's sum in sync mode")
+    group = parser.add_argument_group("gradient sync")
+    group.add_argument("--bucket-mb", type=float, metavar="MB",
+                       help=f"gradients are summed in buckets of whole layers of at most MB MiB, last layers "
+                       f"first (default {defaults.bucket_mb})")
+    group.add_argument("--overlap", action=argparse.BooleanOptionalAction,
+                       help="start each bucket's all-reduce during backward, as soon as its layers are done "
+                       "(default on)")
     group = parser.add_argument_group("output")
     group.add_argument("--metrics", metavar="FILE.jsonl", help="one JSON object per epoch, and a final one")
     group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")
@@ -143,6 +153,15 @@ def make_parser() -> argparse.ArgumentParser:
                                 "cross-entropy, global batch 128, 3 epochs, on a synthetic set.")
     _train_flags(train)
 
+    tune = commands.add_parser("tune", help="measure the all-reduce algorithms, save thresholds for auto",
+                               description="Time every all-reduce algorithm at powers of two from 8 B up, on "
+                               "this job's layout, and save the fastest per size for --allreduce auto. Run it "
+                               "under mpirun with the world size you train with.")
+    tune.add_argument("--max-mb", type=float, default=64, metavar="MB", help="largest buffer (default 64 MiB)")
+    tune.add_argument("--trials", type=int, default=5, metavar="N", help="timed trials per size (default 5)")
+    tune.add_argument("--out", metavar="FILE.json", help="tuning file (default: $MPITRAIN_TUNE_FILE, else "
+                      "~/.cache/mpitrain/allreduce-tune.json); train reads the same place")
+
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="TOOL", parser_class=_Parser)
     data_commands.required = True
@@ -179,8 +198,26 @@ def run_synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.samples} rows ({args.task}) to {args.out}")
 
 
+def run_tune(args: argparse.Namespace) -> None:
+    from mpitrain.comm import tune, world
+
+    comm = world()
+    if comm.size == 1:
+        raise MpitrainError("tune times collectives between ranks: run it under mpirun -n N (N > 1)")
+    if args.max_mb * (1 << 20) < 8 or args.trials < 1:
+        raise MpitrainError(f"--max-mb {args.max_mb} --trials {args.trials}: need at least 8 bytes and one trial")
+    path = args.out or tune.cache_path()
+    key, table = tune.tune(comm, int(args.max_mb * (1 << 20)), args.trials, path)
+    if comm.rank == 0:
+        bands = ", ".join(f"below {bound} B {name}" if bound else f"then {name}" for bound, name in table)
+        print(f"{key}: {bands}\nwrote {path}")
+
+
 def run(argv: list[str] | None) -> None:
     args = make_parser().parse_args(argv)
+    if args.command == "tune":
+        run_tune(args)
+        return
     if args.command == "data":
         from mpi4py import MPI
 

@@ -23,7 +23,7 @@ CHOICES = {
     "schedule": ("constant", "cosine"),
     "partition": ("uniform", "stratified"),
     "sampler": ("shard", "global"),
-    "allreduce": ("ring", "mpi"),
+    "allreduce": ("auto", "ring", "rd", "hier", "mpi"),
     "dtype": ("float32", "float64"),
     "device": ("cpu", "gpu", "auto"),
     "pipeline_schedule": ("1f1b", "gpipe"),
@@ -54,7 +54,7 @@ class TrainConfig:
     steps: int | None = None
     partition: str = "uniform"
     sampler: str = "shard"
-    allreduce: str = "ring"
+    allreduce: str = "auto"
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
@@ -82,6 +82,8 @@ class TrainConfig:
     resume: str | None = None
     comm_timeout: float | None = None
     on_nan: str = "abort"
+    bucket_mb: float = 1.0
+    overlap: bool = True
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
@@ -143,6 +145,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.warmup_steps < 0:
         raise MpitrainError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
     _validate_resilience(config)
+    if not (math.isfinite(config.bucket_mb) and config.bucket_mb > 0):
+        raise MpitrainError(f"--bucket-mb {config.bucket_mb}: must be a positive number of MiB")
     return config
 
 

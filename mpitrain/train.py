@@ -21,7 +21,8 @@ from mpi4py import MPI
 
 from mpitrain import checkpoint
 from mpitrain.backend import Backend, limit_blas_threads, select_backend
-from mpitrain.comm import agree, allreduce, node_comm
+from mpitrain.comm import agree, node_comm
+from mpitrain.comm.buckets import GradientSync
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.data import partition, synth
 from mpitrain.data.hdf5 import H5Dataset
@@ -288,6 +289,7 @@ def _train(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience) -> Train
     if config.init_from:
         load_whole_model(config.init_from, model, comm)
     optimizer = make_optimizer(config, model)
+    grad_sync = GradientSync(model.grads, model.layer_grad_slices(), comm, config.allreduce, config.bucket_mb, config.overlap)
     steps = total_steps(config, data.steps_per_epoch)
     scale = 1.0 / config.batch_size
     is_root = comm.rank == 0
@@ -303,8 +305,8 @@ def _train(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience) -> Train
         for x, y in batches.epoch(epoch, min(data.steps_per_epoch, position + steps - step), start=position):
             out = model.forward(x)
             step_loss = float(loss.forward(out, y))
-            model.backward(loss.backward(scale))
-            allreduce(model.grads, comm, config.allreduce)
+            model.backward(loss.backward(scale), on_layer_done=grad_sync.layer_done)
+            grad_sync.wait()
             if guard.keep_step(step_loss, model.grads):
                 optimizer.step(schedule(config.schedule, config.lr, step, steps, config.warmup_steps))
                 loss_sum += step_loss

@@ -15,6 +15,7 @@ import sys
 from mpi4py import MPI
 
 import mpitrain.train
+from mpitrain.comm.buckets import GradientSync
 from mpitrain.cli import main
 
 
@@ -23,14 +24,18 @@ def at_step(fault: str, step: int, rank: int) -> None:
     if MPI.COMM_WORLD.rank != rank:
         return
     if fault == "skip-allreduce":
-        allreduce, calls = mpitrain.train.allreduce, [0]
+        layer_done, wait, waits = GradientSync.layer_done, GradientSync.wait, [0]
 
-        def skipping(buf, comm, algorithm="ring"):
-            calls[0] += 1
-            if calls[0] != step:
-                allreduce(buf, comm, algorithm)
+        def skipping_layer_done(sync, dense_index):
+            if waits[0] + 1 != step:
+                layer_done(sync, dense_index)
 
-        mpitrain.train.allreduce = skipping
+        def skipping_wait(sync):
+            waits[0] += 1
+            if waits[0] != step:
+                wait(sync)
+
+        GradientSync.layer_done, GradientSync.wait = skipping_layer_done, skipping_wait
         return
     action = {"kill": signal.SIGKILL, "signal": signal.SIGUSR1}[fault]
     schedule = mpitrain.train.schedule

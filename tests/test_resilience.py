@@ -13,6 +13,7 @@ import pytest
 from mpi4py import MPI
 
 import mpitrain.train
+from mpitrain.comm.buckets import GradientSync
 from harness import mpitrain_argv, run_on_root
 from mpitrain.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, load_parameters
 from mpitrain.config import TrainConfig, validate
@@ -177,17 +178,17 @@ NAN_STEPS = (4, 9)
 
 
 def nan_in_gradient(monkeypatch) -> None:
-    """The last rank of whichever communicator trains puts a NaN into its gradient, before the
-    all-reduce, in steps NAN_STEPS (a test-only patch of the trainer's all-reduce)."""
-    allreduce, calls = mpitrain.train.allreduce, [0]
+    """The last rank of whichever communicator trains puts a NaN into its summed gradient in
+    steps NAN_STEPS (a test-only patch of the trainer's gradient sync)."""
+    wait, calls = GradientSync.wait, [0]
 
-    def poisoned(buf, comm, algorithm="ring"):
+    def poisoned(sync):
+        wait(sync)
         calls[0] += 1
-        if calls[0] in NAN_STEPS and comm.rank == comm.size - 1:
-            buf[5] = np.nan
-        allreduce(buf, comm, algorithm)
+        if calls[0] in NAN_STEPS and sync.comm.rank == sync.comm.size - 1:
+            sync.views[0][0] = np.nan
 
-    monkeypatch.setattr(mpitrain.train, "allreduce", poisoned)
+    monkeypatch.setattr(GradientSync, "wait", poisoned)
 
 
 def test_nan_gradient_aborts_every_rank_naming_the_step(comm, dataset, monkeypatch):

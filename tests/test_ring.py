@@ -1,44 +1,14 @@
-"""The hand-written ring all-reduce equals MPI Allreduce, in place, for any length and dtype."""
+"""The pipelined ring: segments cover the buffer, many small segments still sum correctly, and
+the scratch is reused, so a call allocates nothing after the first one of its size."""
+
+import tracemalloc
 
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpitrain.comm import allreduce
-from mpitrain.comm.ring import chunk_bounds
-
-
-def lengths(size: int) -> list[int]:
-    return sorted({0, 1, max(size - 1, 1), size, 1000003})
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
-def test_equals_mpi_allreduce(comm, dtype, algorithm):
-    for length in lengths(comm.size):
-        rng = np.random.default_rng(1000 * comm.rank + length)
-        buf = rng.standard_normal(length).astype(dtype)
-        expected = buf.copy()
-        comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
-        address = buf.__array_interface__["data"][0]
-        allreduce(buf, comm, algorithm)
-        assert buf.__array_interface__["data"][0] == address, "all-reduce must work in place"
-        tolerance = 1e-5 if dtype == np.float32 else 1e-12
-        np.testing.assert_allclose(buf, expected, rtol=tolerance, atol=tolerance, err_msg=f"length {length}")
-
-
-def test_every_rank_ends_with_identical_bits(comm):
-    buf = np.random.default_rng(comm.rank).standard_normal(4099)
-    allreduce(buf, comm, "ring")
-    gathered = comm.allgather(buf)
-    for other in gathered:
-        np.testing.assert_array_equal(other, gathered[0])
-
-
-def test_integer_sum_is_exact(comm):
-    buf = np.arange(17, dtype=np.int64) * (comm.rank + 1)
-    allreduce(buf, comm, "ring")
-    np.testing.assert_array_equal(buf, np.arange(17) * sum(range(1, comm.size + 1)))
+from mpitrain.comm import ring
+from mpitrain.comm.ring import chunk_bounds, ring_allreduce, segments
 
 
 @pytest.mark.parametrize("length,size", [(0, 3), (2, 4), (10, 3), (1000003, 4)])
@@ -50,8 +20,41 @@ def test_chunk_bounds_cover_the_buffer(length, size):
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_rejects_unknown_algorithm(comm):
-    from mpitrain.errors import MpitrainError
+@pytest.mark.parametrize("length,size,segment_bytes", [(0, 2, 64), (5, 4, 8), (1001, 3, 64), (1 << 20, 4, 1 << 20)])
+def test_segments_tile_each_chunk_in_equal_numbers(length, size, segment_bytes):
+    tiles = segments(length, size, 4, segment_bytes)
+    assert len({len(chunk) for chunk in tiles}) == 1
+    for (start, stop), chunk in zip(chunk_bounds(length, size), tiles):
+        assert chunk[0][0] == start and chunk[-1][1] == stop
+        assert all(a[1] == b[0] for a, b in zip(chunk, chunk[1:]))
+        assert all((b - a) * 4 <= segment_bytes or len(chunk) == 1 for a, b in chunk)
 
-    with pytest.raises(MpitrainError, match="allreduce algorithm 'tree'"):
-        allreduce(np.zeros(3), comm, "tree")
+
+@pytest.mark.parametrize("segment_bytes,window", [(64, 1), (64, 2), (200, 3)])
+def test_many_segments_in_flight_sum_correctly(comm, monkeypatch, segment_bytes, window):
+    """Tiny segments make every step a long pipeline, with steps interleaving in the window."""
+    monkeypatch.setattr(ring, "SEGMENT_BYTES", segment_bytes)
+    monkeypatch.setattr(ring, "WINDOW", window)
+    results = []
+    for length in (1, 7, 1001):
+        buf = np.random.default_rng(comm.rank + length).standard_normal(length).astype(np.float32)
+        expected = buf.copy()
+        comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+        ring_allreduce(buf, comm)
+        results.append((buf, expected))
+    for buf, expected in results:
+        np.testing.assert_allclose(buf, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scratch_is_reused_and_calls_allocate_nothing(comm):
+    buf = np.random.default_rng(comm.rank).standard_normal(300001).astype(np.float32)
+    ring_allreduce(buf, comm)
+    scratch = ring.scratch_buffer(np.dtype(np.float32), 1)
+    tracemalloc.start()
+    start, _ = tracemalloc.get_traced_memory()
+    for _ in range(3):
+        ring_allreduce(buf, comm)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert ring.scratch_buffer(np.dtype(np.float32), 1) is scratch
+    assert peak - start < 64 << 10, f"{peak - start} bytes allocated by 3 calls on a {buf.nbytes}-byte buffer"

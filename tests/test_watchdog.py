@@ -16,8 +16,8 @@ TIMEOUT_S = 2.0
 
 
 def test_mismatched_allreduce_is_reported_and_aborted(comm, tmp_path):
-    """Rank 1 skips step 3's gradient all-reduce: rank 0 waits in the ring's Sendrecv, rank 1 in
-    the step agreement; both say where, with step, peer, tag and size, and the job ends."""
+    """Rank 1 skips step 3's gradient all-reduce: rank 0 waits in the gradient bucket's requests,
+    rank 1 in the step agreement; both say where, with step, operation and size, and the job ends."""
     argv = mpitrain_argv(2, "train", "--model", "8-16-3", "--synth-samples", "400", "--batch-size", "20",
                          "--steps", "10", "--device", "cpu", "--no-progress", "--comm-timeout", str(TIMEOUT_S))
     at = argv.index("-m")
@@ -27,8 +27,8 @@ def test_mismatched_allreduce_is_reported_and_aborted(comm, tmp_path):
     elapsed = time.monotonic() - started
     reports = [line for line in done["stderr"].splitlines() if "comm timeout" in line]
     assert done["returncode"] == EXIT_COMM_TIMEOUT, done
-    assert any("[rank 0] step 3: waited" in line and "Sendrecv (to rank 1 tag 101, from rank 1 tag 101," in line
-               for line in reports), reports
+    assert any("[rank 0] step 3: waited" in line and "all-reduce of a" in line and "B gradient bucket over 2 ranks"
+               in line for line in reports), reports
     assert any("[rank 1] step 3: waited" in line and "Allreduce (all 2 ranks, 16 B)" in line
                for line in reports), reports
     assert elapsed < TIMEOUT_S + 10, f"took {elapsed:.1f} s"  # MPI start-up included

@@ -1,35 +1,111 @@
-"""`allreduce(buf, comm, algorithm)`: the one entry point for summing a buffer over ranks.
+"""The public collectives: `allreduce`, `reduce_scatter`, `allgather`, all in place on a 1-D buffer.
+
+    allreduce(buf, comm, algorithm="auto")   buf <- sum over the ranks of comm
+    reduce_scatter(buf, comm) -> (start, stop)   buf[start:stop] <- that chunk's sum over ranks
+    allgather(buf, comm)                     every rank's own chunk copied into every rank's buf
+
+Chunks are `chunk_bounds(len(buf), comm.size)`: rank r owns chunk r (equal blocks, remainder on
+the first ranks), so `reduce_scatter` then `allgather` is an all-reduce. Each is collective:
+call it on every rank of comm with buffers of the same length and dtype.
 
 Host (NumPy) buffers go straight to MPI. Device (CuPy) buffers are synchronized and staged
-through a host copy first: the MPICH wheel is not CUDA-aware.
+through a pinned host copy: the MPICH wheel is not CUDA-aware.
+
+Algorithms: `ring` (pipelined ring, bandwidth-optimal), `rd` (recursive doubling, fewest
+messages), `hier` (shared memory within a node, ring across node leaders), `mpi` (MPI
+Allreduce), and `auto`, which picks one of them by buffer size and layout from thresholds that
+`mpitrain tune` measured (see comm/tune.py).
 """
 
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm.ring import ring_allreduce
+from mpitrain.comm import tune
+from mpitrain.comm.hier import hier_schedule
+from mpitrain.comm.rd import rd_schedule
+from mpitrain.comm.ring import allgather_schedule, chunk_bounds, complete, reduce_scatter_schedule, ring_schedule
 from mpitrain.errors import MpitrainError
 
-ALGORITHMS = ("ring", "mpi")
+ALGORITHMS = ("auto", "ring", "rd", "hier", "mpi")
 
 
-def _host_allreduce(buf: np.ndarray, comm: MPI.Intracomm, algorithm: str) -> None:
-    if algorithm == "ring":
-        ring_allreduce(buf, comm)
-    else:
-        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+def mpi_schedule(buf: np.ndarray, comm: MPI.Intracomm):
+    """Schedule of MPI's own non-blocking all-reduce."""
+    yield [comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)]
 
 
-def allreduce(buf, comm: MPI.Intracomm, algorithm: str = "ring") -> None:
-    """buf <- sum over ranks, in place; 1-D contiguous NumPy or CuPy array. Collective on comm."""
-    if algorithm not in ALGORITHMS:
-        raise MpitrainError(f"allreduce algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
+SCHEDULES = {"ring": ring_schedule, "rd": rd_schedule, "hier": hier_schedule, "mpi": mpi_schedule}
+
+
+def check_buffer(buf, what: str) -> None:
+    """A 1-D contiguous buffer; raised before any message, since a mismatch would hang or truncate."""
     if buf.ndim != 1 or not buf.flags.c_contiguous:
-        raise MpitrainError(f"allreduce needs a 1-D contiguous buffer, got shape {buf.shape}")
+        raise MpitrainError(f"{what} needs a 1-D contiguous buffer, got shape {buf.shape}")
+
+
+def resolve(algorithm: str, nbytes: int, comm: MPI.Intracomm) -> str:
+    """The concrete algorithm for `algorithm` ("auto" looks up the measured thresholds; collective)."""
+    if algorithm == "auto":
+        return tune.choose(nbytes, comm)
+    if algorithm not in SCHEDULES:
+        raise MpitrainError(f"allreduce algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
+    return algorithm
+
+
+def allreduce_schedule(buf, comm: MPI.Intracomm, algorithm: str = "auto"):
+    """Schedule of allreduce(buf, comm, algorithm); device buffers are staged on the host around it."""
+    check_buffer(buf, "allreduce")
+    if comm.size == 1:
+        return
+    schedule = SCHEDULES[resolve(algorithm, buf.nbytes, comm)]
     if isinstance(buf, np.ndarray):
-        _host_allreduce(buf, comm, algorithm)
+        yield from schedule(buf, comm)
         return
     from mpitrain.backend import staged_on_host
 
     with staged_on_host(buf) as host:
-        _host_allreduce(host, comm, algorithm)
+        yield from schedule(host, comm)
+
+
+def allreduce(buf, comm: MPI.Intracomm, algorithm: str = "auto") -> None:
+    """buf <- sum of buf over the ranks of comm, in place; 1-D contiguous NumPy or CuPy. Collective."""
+    if algorithm not in ALGORITHMS:
+        raise MpitrainError(f"allreduce algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
+    check_buffer(buf, "allreduce")
+    if comm.size == 1:
+        return
+    name = tune.choose(buf.nbytes, comm) if algorithm == "auto" else algorithm
+    if isinstance(buf, np.ndarray):
+        if name == "mpi":
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        else:
+            complete(SCHEDULES[name](buf, comm))
+        return
+    complete(allreduce_schedule(buf, comm, name))
+
+
+def _staged(buf, schedule, comm: MPI.Intracomm) -> None:
+    if isinstance(buf, np.ndarray):
+        complete(schedule(buf, comm))
+        return
+    from mpitrain.backend import staged_on_host
+
+    with staged_on_host(buf) as host:
+        complete(schedule(host, comm))
+
+
+def reduce_scatter(buf, comm: MPI.Intracomm) -> tuple[int, int]:
+    """Sum chunk `rank` over ranks into buf[start:stop] and return (start, stop). Collective.
+
+    (start, stop) = chunk_bounds(len(buf), comm.size)[comm.rank]. The rest of buf is left holding
+    partial sums: overwrite it (allgather does) before reading it.
+    """
+    check_buffer(buf, "reduce_scatter")
+    _staged(buf, reduce_scatter_schedule, comm)
+    return chunk_bounds(buf.size, comm.size)[comm.rank]
+
+
+def allgather(buf, comm: MPI.Intracomm) -> None:
+    """Fill buf from every rank's own chunk: chunk q <- rank q's buf[chunk_bounds(n, p)[q]]. Collective."""
+    check_buffer(buf, "allgather")
+    _staged(buf, allgather_schedule, comm)

@@ -9,13 +9,15 @@ aborts the job. mpi4py releases the GIL inside MPI calls, so the thread runs whi
 thread is blocked; the normal path pays one tuple and one clock read per call.
 
 Watched: the blocking point-to-point calls and collectives of the communicator, and the
-communicators created from it (Dup, Split). A non-blocking request's Wait is not watched.
+communicators created from it (Dup, Split), and the Waitall of the library's non-blocking
+collectives (they report themselves through `waiting`).
 """
 
 import inspect
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from mpi4py import MPI
 
@@ -40,11 +42,14 @@ class Watchdog:
         self.step: int | None = None
         self.current: tuple | None = None  # (operation, args, kwargs, communicator size, started)
         self._stopped = threading.Event()
+        _running.append(self)
         self._thread = threading.Thread(target=self._run, name="mpitrain-watchdog", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
+        if self in _running:
+            _running.remove(self)
 
     def _run(self) -> None:
         poll = min(1.0, self.timeout / 4)
@@ -57,13 +62,31 @@ class Watchdog:
     def _expire(self, current: tuple) -> None:
         operation, args, kwargs, size, started = current
         where = f" step {self.step}:" if self.step is not None else ""
+        what = operation if args is None else describe(operation, args, kwargs, size)
         print(f"mpitrain: comm timeout: [rank {self.rank}]{where} waited {time.monotonic() - started:.1f} s in "
-              f"{describe(operation, args, kwargs, size)}; aborting all ranks (--comm-timeout {self.timeout:g})",
+              f"{what}; aborting all ranks (--comm-timeout {self.timeout:g})",
               file=sys.stderr, flush=True)
         # The first rank to abort ends everyone; waiting a little lets the other stuck ranks say
         # where they are, which is what tells a mismatched collective from a slow peer.
         time.sleep(self.grace)
         MPI.COMM_WORLD.Abort(EXIT_COMM_TIMEOUT)
+
+
+_running: list[Watchdog] = []
+
+
+@contextmanager
+def waiting(what: str):
+    """Record, for a running watchdog, that this rank blocks in `what` (e.g. a collective's Waitall)."""
+    if not _running:
+        yield
+        return
+    dog = _running[-1]
+    dog.current = (what, None, None, None, time.monotonic())
+    try:
+        yield
+    finally:
+        dog.current = None
 
 
 def describe(operation: str, args: tuple, kwargs: dict, size: int) -> str:

@@ -1,0 +1,110 @@
+"""Gradient buckets: sum the gradients over ranks while backward is still computing.
+
+Backward produces gradients last layer first. The flat gradient buffer is cut into buckets of
+whole dense layers taken in that order (a bucket is closed before a layer would push it past
+bucket_mb; a larger layer is a bucket of its own), and since layers are contiguous in the flat
+buffer each bucket is a view: nothing is packed or copied. As soon as backward has finished
+every layer of a bucket, its all-reduce starts; between later layers the running all-reduces
+are advanced by non-blocking tests, and `wait` finishes what is left before the optimizer step.
+
+Overlap mechanism: every collective here is a schedule (a generator of MPI requests, see
+comm/ring.py), so "progressing between layers" means testing the pending requests after each
+layer and running the schedule on when they are done; no thread is involved. A communication
+thread that owned all MPI calls was measured against it (2 ranks on 2 cores, auto, 1 MiB
+buckets, medians of 5-7 interleaved runs) and kept slower: 0.93-1.00x the non-blocking
+samples/s on 784-1024-10 and 0.63-0.89x on 784-1024-1024-1024-10. It competes with backward
+for the same core, spins in MPI while it waits, and pays a thread hand-off per bucket; the
+progression costs one Testall per layer.
+
+Buckets run one at a time, in launch order, so every rank posts the same collectives in the
+same order and the reused scratch and shared-memory slots are never used by two at once.
+"""
+
+from collections import deque
+
+from mpi4py import MPI
+
+from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule
+from mpitrain.comm.ring import complete
+from mpitrain.comm.watchdog import waiting
+from mpitrain.errors import MpitrainError
+
+MiB = 1 << 20
+
+
+def plan_buckets(layer_slices: list[tuple[int, int]], itemsize: int, bucket_mb: float) -> list[tuple[int, int, int]]:
+    """(start, stop, first_layer) of each bucket in launch order (the last layers first).
+
+    layer_slices are the contiguous [start, stop) ranges of each dense layer in forward order;
+    a bucket is launched once backward is done with its first_layer (the last one it reaches).
+    """
+    for (_, stop), (start, _) in zip(layer_slices, layer_slices[1:]):
+        if stop != start:
+            raise ValueError(f"layer slices {layer_slices} are not contiguous")
+    limit = bucket_mb * MiB
+    buckets = []
+    for layer in reversed(range(len(layer_slices))):
+        start, stop = layer_slices[layer]
+        if buckets and (buckets[-1][1] - start) * itemsize <= limit:
+            buckets[-1] = (start, buckets[-1][1], layer)
+        else:
+            buckets.append((start, stop, layer))
+    return buckets
+
+
+class GradientSync:
+    """grads <- sum over the ranks of comm, bucket by bucket, overlapped with backward. Collective.
+
+        sync = GradientSync(model.grads, model.layer_grad_slices(), comm, "auto", bucket_mb=1.0)
+        model.backward(dout, on_layer_done=sync.layer_done)
+        sync.wait()                     # grads hold the sum; the optimizer may step
+
+    With overlap=False layer_done does nothing and wait() sums the same buckets one after
+    another, so both modes give bit-identical gradients.
+    """
+
+    def __init__(self, grads, layer_slices, comm: MPI.Intracomm, algorithm: str = "auto",
+                 bucket_mb: float = 1.0, overlap: bool = True):
+        if algorithm not in ALGORITHMS:
+            raise MpitrainError(f"--allreduce {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
+        if not bucket_mb > 0:
+            raise MpitrainError(f"--bucket-mb {bucket_mb}: must be a positive number of MiB")
+        self.comm, self.algorithm, self.overlap = comm, algorithm, overlap
+        self.buckets = plan_buckets(list(layer_slices), grads.itemsize, bucket_mb)
+        self.views = [grads[start:stop] for start, stop, _ in self.buckets]
+        self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)}
+        self._waiting: deque = deque()
+        self._schedule, self._schedule_bytes = None, 0
+        self._pending = None
+
+    def layer_done(self, dense_index: int) -> None:
+        """Backward has finished dense layer `dense_index`: launch its bucket if complete, progress."""
+        if not self.overlap:
+            return
+        bucket = self._bucket_of_layer.get(dense_index)
+        if bucket is not None:
+            view = self.views[bucket]
+            self._waiting.append((allreduce_schedule(view, self.comm, self.algorithm), view.nbytes))
+        self._advance(block=False)
+
+    def wait(self) -> None:
+        """Finish every bucket's all-reduce (all of them, when overlap is off)."""
+        if not self.overlap:
+            for view in self.views:
+                complete(allreduce_schedule(view, self.comm, self.algorithm),
+                         f"gradient bucket all-reduce, {view.nbytes} B")
+            return
+        self._advance(block=True)
+
+    def _advance(self, block: bool) -> None:
+        """Run launched buckets in order; unless block, stop at the first request still in flight."""
+        while self._pending is not None or self._waiting:
+            if self._pending is None:
+                self._schedule, self._schedule_bytes = self._waiting.popleft()
+            elif block:
+                with waiting(f"Waitall ({self.algorithm} all-reduce of a {self._schedule_bytes} B gradient bucket "
+                             f"over {self.comm.size} ranks)"):
+                    MPI.Request.Waitall(self._pending)
+            elif not MPI.Request.Testall(self._pending):
+                return
+            self._pending = next(self._schedule, None)

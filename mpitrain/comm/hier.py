@@ -1,0 +1,138 @@
+"""Hierarchical all-reduce: sum within each node through shared memory, ring across one leader
+per node, and hand the total back within the node through the same memory.
+
+The ranks of a node (an MPI shared-memory split, or MPITRAIN_RANKS_PER_NODE consecutive ranks)
+share one MPI window. Each rank copies its buffer into its slot; after a barrier every rank sums
+all the slots, in local-rank order, straight into its own buffer, so every rank of the node
+holds the same bits of the node's sum. On one node that is the whole all-reduce: one copy, one
+barrier, one pass over the slots, no MPI message, which beats MPI Allreduce from about 32 KiB
+to a few MiB here. With several nodes the leaders then ring-all-reduce their buffers, publish
+the total in a shared slot, and after a second barrier the other ranks copy it out.
+
+Slots come in two sets used by alternate blocks: a rank may copy the next block in while a
+slower rank still reads the previous one, so no barrier is needed at the end. Buffers longer
+than SLOT_BYTES go through in slot-sized blocks, so the window stays small. The state (node and
+leader communicators, the window) is cached on the communicator as an MPI attribute and freed
+with it.
+"""
+
+import numpy as np
+from mpi4py import MPI
+
+from mpitrain.comm.ring import ring_schedule
+from mpitrain.comm.world import node_comm
+
+SLOT_BYTES = 4 << 20
+_TAG = 140
+
+
+def block_bytes(nbytes: int) -> int:
+    """Bytes per block (and per slot): the buffer rounded up to a power of two, at most SLOT_BYTES."""
+    return min(SLOT_BYTES, 1 << max(6, (nbytes - 1).bit_length()))
+
+
+class NodeGroup:
+    """This rank's node communicator, the leaders' communicator and the shared slots of a comm."""
+
+    def __init__(self, comm: MPI.Intracomm):
+        self.node = node_comm(comm)
+        self.leaders = comm.Split(0 if self.node.rank == 0 else MPI.UNDEFINED, comm.rank)
+        self.nodes = self.node.bcast(self.leaders.size if self.node.rank == 0 else None, root=0)
+        self.window = None
+        self.slot_bytes = 0
+        self.raw = None
+        self.views: dict[np.dtype, np.ndarray] = {}
+        self.blocks = 0  # blocks reduced so far: its parity picks the set of slots
+
+    def slots(self, dtype: np.dtype, block: int) -> np.ndarray:
+        """(2 L + 1, block) view of the shared window: two sets of L slots and the nodes' total.
+        Grown (collectively, on the node) to hold blocks of `block` bytes."""
+        if block > self.slot_bytes:
+            self._free_window()
+            total = (2 * self.node.size + 1) * block
+            self.window = MPI.Win.Allocate_shared(total if self.node.rank == 0 else 0, 1, comm=self.node)
+            memory, _ = self.window.Shared_query(0)
+            self.raw = np.frombuffer(memory, dtype=np.uint8, count=total)
+            self.window.Lock_all()
+            self.slot_bytes = block
+        view = self.views.get(dtype)
+        if view is None:
+            view = self.raw.view(dtype).reshape(2 * self.node.size + 1, -1)
+            self.views[dtype] = view
+        return view
+
+    def barrier(self):
+        """Schedule: a node barrier with the window's memory made consistent on both sides."""
+        self.window.Sync()
+        yield [self.node.Ibarrier()]
+        self.window.Sync()
+
+    def _free_window(self) -> None:
+        if self.window is not None:
+            self.views.clear()
+            self.window.Unlock_all()
+            self.window.Free()
+            self.window = self.raw = None
+
+    def free(self) -> None:
+        self._free_window()
+        if self.leaders != MPI.COMM_NULL:
+            self.leaders.Free()
+        self.node.Free()
+
+
+def _free_group(comm, keyval, group) -> None:
+    group.free()
+
+
+_KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_group)
+
+
+def node_group(comm: MPI.Intracomm) -> NodeGroup:
+    """The NodeGroup of comm, made on first use (collective) and freed with comm."""
+    group = comm.Get_attr(_KEYVAL)
+    if group is None:
+        group = NodeGroup(comm)
+        comm.Set_attr(_KEYVAL, group)
+    return group
+
+
+def _sum_in_node(group: NodeGroup, block: np.ndarray, slots: np.ndarray):
+    """Schedule: block <- sum of every local rank's block, added in local-rank order on every rank."""
+    local = group.node.size
+    first = (group.blocks % 2) * local
+    mine = slots[first:first + local, :block.size]
+    group.blocks += 1
+    mine[group.node.rank] = block
+    yield from group.barrier()
+    np.add(mine[0], mine[1], out=block)
+    for other in range(2, local):
+        np.add(block, mine[other], out=block)
+
+
+def hier_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
+    """Schedule: buf <- sum over ranks, in place: node sum in shared memory, leader ring, copy out."""
+    if comm.size == 1 or buf.size == 0:
+        return
+    group = node_group(comm)
+    local, leader = group.node.size, group.node.rank == 0
+    # Nodes may hold different numbers of ranks, so the block length depends on the buffer alone:
+    # every leader must cut the same blocks for the leaders' ring to match.
+    block_size = block_bytes(buf.nbytes)
+    per_block = block_size // buf.itemsize
+    slots = group.slots(buf.dtype, block_size) if local > 1 else None
+    for start in range(0, buf.size, per_block):
+        block = buf[start:start + per_block]
+        if local > 1:
+            yield from _sum_in_node(group, block, slots)
+        if group.nodes == 1:
+            continue
+        if leader:
+            yield from ring_schedule(block, group.leaders, tag)
+        if local > 1:
+            total = slots[2 * local, :block.size]
+            if leader:
+                total[...] = block
+            yield from group.barrier()
+            if not leader:
+                block[...] = total

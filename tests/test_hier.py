@@ -1,0 +1,61 @@
+"""The hierarchical all-reduce on emulated nodes (MPITRAIN_RANKS_PER_NODE), in blocks, and its
+shared window freed with the communicator."""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpitrain.comm import allreduce, hier
+
+
+@pytest.mark.parametrize("per_node", ["1", "2", "3"])
+def test_emulated_nodes_equal_mpi_allreduce(comm, monkeypatch, per_node):
+    """Nodes of `per_node` consecutive ranks, the last one possibly smaller (4 ranks, 3 per node)."""
+    monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", per_node)
+    fresh = comm.Dup()  # the node split is cached per communicator: make it under this setting
+    results = []
+    for length in (0, 1, 5, 1001, 100003):
+        buf = np.random.default_rng(comm.rank + length).standard_normal(length)
+        expected = buf.copy()
+        comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+        allreduce(buf, fresh, "hier")
+        results.append((buf, expected))
+    nodes = hier.node_group(fresh).nodes
+    fresh.Free()
+    assert nodes == -(-comm.size // int(per_node))
+    for buf, expected in results:
+        np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_long_buffers_go_through_in_blocks(comm, monkeypatch):
+    monkeypatch.setattr(hier, "SLOT_BYTES", 256)
+    monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", "2")
+    fresh = comm.Dup()
+    buf = np.random.default_rng(comm.rank).standard_normal(1001).astype(np.float32)
+    expected = buf.copy()
+    comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+    allreduce(buf, fresh, "hier")
+    fresh.Free()
+    np.testing.assert_allclose(buf, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_window_is_freed_with_the_communicator(comm):
+    fresh = comm.Dup()
+    allreduce(np.ones(100), fresh, "hier")
+    group = hier.node_group(fresh)
+    shared = group.window is not None or group.node.size == 1
+    fresh.Free()
+    assert shared and group.window is None
+
+
+def test_dtypes_and_growing_sizes_share_one_window(comm):
+    """The window grows with the buffers and is viewed per dtype; blocks alternate slot sets."""
+    results = []
+    for length, dtype in [(3, np.float64), (1000, np.float32), (5, np.int32), (70001, np.float64), (2, np.float32)]:
+        buf = (np.arange(length) % 97 + comm.rank).astype(dtype)
+        expected = buf.copy()
+        comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+        allreduce(buf, comm, "hier")
+        results.append((buf, expected))
+    for buf, expected in results:
+        np.testing.assert_array_equal(buf, expected)

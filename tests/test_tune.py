@@ -1,0 +1,91 @@
+"""`auto`: thresholds fitted from timings, read from the tuning file by rank 0 for every rank."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mpitrain.comm import allreduce, tune
+from mpitrain.errors import MpitrainError
+
+
+def test_fit_keeps_the_fastest_per_size_and_merges_runs():
+    sizes = [8, 64, 512, 4096, 32768]
+    seconds = {"mpi": [1, 1, 5, 9, 9], "ring": [9, 9, 1, 1, 9], "rd": [9, 9, 9, 9, 1]}
+    assert tune.fit(sizes, seconds) == [[512, "mpi"], [32768, "ring"], [None, "rd"]]
+
+
+def test_fit_ignores_a_lone_winner_by_a_small_margin():
+    sizes = [8, 64, 512]
+    assert tune.fit(sizes, {"mpi": [1, 1.05, 1], "rd": [2, 1.0, 2]}) == [[None, "mpi"]]
+    assert tune.fit(sizes, {"mpi": [1, 2.0, 1], "rd": [2, 1.0, 2]}) == [[64, "mpi"], [512, "rd"], [None, "mpi"]]
+
+
+def test_thresholds_pick_the_band_a_size_falls_in():
+    choose = tune.Thresholds([[100, "mpi"], [1000, "rd"], [None, "ring"]])
+    assert [choose(n) for n in (0, 99, 100, 999, 1000, 1 << 30)] == ["mpi", "mpi", "rd", "rd", "ring", "ring"]
+
+
+@pytest.mark.parametrize("world,nodes", [(2, 1), (3, 1), (4, 1), (64, 1), (8, 2)])
+def test_defaults_exist_for_every_layout(world, nodes):
+    table = tune.check_table(tune.default_table(world, nodes), "defaults")
+    assert table[-1][0] is None
+
+
+def _write(path, layouts):
+    with open(path, "w") as out:
+        json.dump({"format": tune.FORMAT, "layouts": layouts}, out)
+
+
+def test_auto_follows_rank_0s_tuning_file(comm, tmp_path, monkeypatch):
+    """Each rank writes its own file; rank 0's wins on every rank, so the ranks never disagree."""
+    path = os.path.join(tmp_path, "tune.json")
+    key = tune.layout_key(comm.size, 1)
+    _write(path, {key: {"thresholds": [[64, "rd" if comm.rank == 0 else "mpi"], [None, "ring"]]}})
+    monkeypatch.setenv(tune.ENV_FILE, path)
+    fresh = comm.Dup()
+    chosen = [tune.choose(n, fresh) for n in (8, 64, 1 << 20)] if comm.size > 1 else None
+    buf = np.ones(3)
+    allreduce(buf, fresh, "auto")
+    fresh.Free()
+    if comm.size > 1:
+        assert chosen == ["rd", "ring", "ring"]
+    np.testing.assert_array_equal(buf, np.full(3, comm.size))
+
+
+def test_a_malformed_file_fails_on_every_rank(comm, tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, "tune.json")
+    _write(path, {tune.layout_key(comm.size, 1): {"thresholds": [[64, "bogus"]]}})
+    monkeypatch.setenv(tune.ENV_FILE, path)
+    fresh = comm.Dup()
+    with pytest.raises(MpitrainError, match="thresholds must be"):
+        tune.choose(8, fresh)
+    fresh.Free()
+
+
+def test_tune_measures_and_saves_this_layout(comm, tmp_path):
+    path = comm.bcast(os.path.join(tmp_path, "tune.json"), root=0)
+    key, table = tune.tune(comm, max_bytes=1024, trials=1, path=path)
+    saved = tune.read_file(path) if comm.rank == 0 else None
+    assert key == tune.layout_key(comm.size, 1)
+    tune.check_table(table, "fitted")
+    if comm.rank == 0:
+        assert saved["layouts"][key]["thresholds"] == table
+        assert saved["layouts"][key]["measured"]["bytes"] == [8 << e for e in range(8)]  # 8 B .. 1 KiB
+
+
+def test_the_tune_command_writes_the_file_or_asks_for_ranks(comm, tmp_path, capsys):
+    from mpitrain import cli
+
+    path = comm.bcast(os.path.join(tmp_path, "cli.json"), root=0)
+    argv = ["tune", "--max-mb", "0.001", "--trials", "1", "--out", path]
+    if comm.size == 1:
+        with pytest.raises(MpitrainError, match="mpirun -n N"):
+            cli.run(argv)
+        return
+    cli.run(argv)
+    written = tune.read_file(path) if comm.rank == 0 else None
+    if comm.rank == 0:
+        assert tune.layout_key(comm.size, 1) in written["layouts"]
+        assert f"wrote {path}" in capsys.readouterr().out
