@@ -215,6 +215,11 @@ def evaluate(model, loss, x, y, config, comm) -> dict:
         totals[1] = float(loss.correct(out, y)) if config.loss == "ce" else 0.0
         totals[2] = len(x)
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    return validation_metrics(totals, config)
+
+
+def validation_metrics(totals: np.ndarray, config: TrainConfig) -> dict:
+    """{val_loss, val_accuracy} from all ranks' summed (loss, correct, rows); {} without rows."""
     if totals[2] == 0:
         return {}
     result = {"val_loss": totals[0] / totals[2]}

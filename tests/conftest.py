@@ -7,6 +7,7 @@
   (an import error, a collection error) cannot leave the others waiting in a collective.
 """
 
+import os
 import sys
 
 import mpi4py.run
@@ -15,6 +16,22 @@ import pytest
 from mpi4py import MPI
 
 _harness = MPI.COMM_WORLD.Dup()
+
+
+@pytest.fixture
+def shared_dir(comm, tmp_path):
+    """A folder every rank can see: rank 0's tmp_path, broadcast."""
+    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
+
+
+@pytest.fixture
+def small_classification(comm, shared_dir):
+    """A 480-row, 12-feature, 3-class synthetic set written once by rank 0 (path on every rank)."""
+    from harness import write_on_root
+    from mpitrain.data import synth
+
+    x, y = synth.make_classification(480, 12, 3, seed=3)
+    return write_on_root(comm, os.path.join(shared_dir, "small.h5"), x, y)
 
 
 @pytest.fixture

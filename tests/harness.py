@@ -44,3 +44,13 @@ def mpitrain_argv(world_size: int, *args: str) -> list[str]:
         return command
     mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
     return [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(world_size), *command]
+
+
+def write_on_root(comm, path: str, x, y, shards: int = 1) -> str:
+    """Rank 0 writes (x, y) to `path` as an HDF5 set; every rank returns once it exists."""
+    if comm.rank == 0:
+        from mpitrain.data import synth
+
+        synth.write_h5(path, x, y, shards=shards)
+    comm.Barrier()
+    return path

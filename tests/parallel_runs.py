@@ -1,7 +1,6 @@
 """Tiny training runs under a (DP, TP, PP) layout, and the one-process oracle they must equal."""
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ from mpi4py import MPI
 
 from groups import groups_of
 from mpitrain.config import TrainConfig, validate
-from mpitrain.data import synth
 from mpitrain.parallel.train import grid_train
 from mpitrain.train import TrainResult, train
 
@@ -17,22 +15,6 @@ from mpitrain.train import TrainResult, train
 MODEL = "12-10-9-7-3"
 RTOL = 1e-10
 SERIAL_ONLY = dict(tp=1, pp=1, micro_batches=1, stages=None)
-
-
-@pytest.fixture
-def shared_dir(comm, tmp_path):
-    """A folder every rank can see: rank 0's tmp_path, broadcast."""
-    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
-
-
-@pytest.fixture
-def small_classification(comm, shared_dir):
-    path = os.path.join(shared_dir, "small.h5")
-    if comm.rank == 0:
-        x, y = synth.make_classification(480, 12, 3, seed=3)
-        synth.write_h5(path, x, y)
-    comm.Barrier()
-    return path
 
 
 def config(**overrides) -> TrainConfig:

@@ -6,7 +6,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from mpitrain.comm import allreduce, ring
 from mpitrain.comm.buckets import GradientSync, plan_buckets

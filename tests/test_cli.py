@@ -13,11 +13,6 @@ from mpitrain.data import synth
 from mpitrain.errors import MpitrainError
 
 
-@pytest.fixture
-def shared_dir(comm, tmp_path):
-    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
-
-
 def make_file(comm, folder, name, **datasets):
     """An HDF5 file written by rank 0 with the given datasets, visible to every rank."""
     path = os.path.join(folder, name)

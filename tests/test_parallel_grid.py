@@ -9,7 +9,7 @@ from harness import mpitrain_argv, run_on_root
 from mpitrain.errors import MpitrainError
 from mpitrain.parallel.grid import coordinates, make_grid, plan_layout
 from mpitrain.train import train
-from parallel_runs import config, shared_dir, small_classification  # noqa: F401  (fixtures)
+from parallel_runs import config
 
 LAYOUTS = [(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
 

@@ -8,7 +8,6 @@ import pytest
 from mpitrain.errors import MpitrainError
 from mpitrain.parallel.pipeline import balance_stages, bubble_fraction, message_tag, parse_stages, schedule
 from parallel_runs import assert_same_run, layout_run, serial_run
-from parallel_runs import shared_dir, small_classification  # noqa: F401  (fixtures)
 
 SCHEDULES = ["gpipe", "1f1b"]
 

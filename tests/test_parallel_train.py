@@ -11,7 +11,6 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import Sequential
 from mpitrain.train import train
 from parallel_runs import MODEL, assert_same_run, config, layout_run, serial_run
-from parallel_runs import shared_dir, small_classification  # noqa: F401  (fixtures)
 
 # The layouts of four ranks, then those of two and of one.
 LAYOUTS = [(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4), (2, 1, 1), (1, 2, 1), (1, 1, 2),

@@ -11,32 +11,13 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from harness import mpitrain_argv, run_on_root
+from harness import mpitrain_argv, run_on_root, write_on_root
 from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import Sequential
 from mpitrain.presets import PRESETS
 from mpitrain.train import train
-
-
-@pytest.fixture
-def shared_dir(comm, tmp_path):
-    """A folder every rank can see: rank 0's tmp_path, broadcast."""
-    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
-
-
-def write_on_root(comm, path, x, y):
-    if comm.rank == 0:
-        synth.write_h5(path, x, y)
-    comm.Barrier()
-    return path
-
-
-@pytest.fixture
-def small_classification(comm, shared_dir):
-    x, y = synth.make_classification(480, 12, 3, seed=3)
-    return write_on_root(comm, os.path.join(shared_dir, "small.h5"), x, y)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 import mpitrain.train
 from mpitrain.comm.buckets import GradientSync
-from harness import mpitrain_argv, run_on_root
+from harness import mpitrain_argv, run_on_root, write_on_root
 from mpitrain.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint, load_parameters
 from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
@@ -24,18 +24,6 @@ from mpitrain.train import train
 
 ROWS, FEATURES, CLASSES = 480, 12, 3
 FAULTS = os.path.join(os.path.dirname(__file__), "faults.py")
-
-
-@pytest.fixture
-def shared_dir(comm, tmp_path):
-    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
-
-
-def write_on_root(comm, path, x, y):
-    if comm.rank == 0:
-        synth.write_h5(path, x, y)
-    comm.Barrier()
-    return path
 
 
 @pytest.fixture

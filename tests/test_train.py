@@ -11,25 +11,7 @@ from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
 from mpitrain.data.hdf5 import H5Dataset
 from mpitrain.train import load_rank_data, train
-
-
-@pytest.fixture
-def shared_dir(comm, tmp_path):
-    """A folder every rank can see: rank 0's tmp_path, broadcast."""
-    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
-
-
-def write_on_root(comm, path, x, y, shards=1):
-    if comm.rank == 0:
-        synth.write_h5(path, x, y, shards=shards)
-    comm.Barrier()
-    return path
-
-
-@pytest.fixture
-def small_classification(comm, shared_dir):
-    x, y = synth.make_classification(480, 12, 3, seed=3)
-    return write_on_root(comm, os.path.join(shared_dir, "small.h5"), x, y)
+from harness import write_on_root
 
 
 def config(**overrides) -> TrainConfig:

@@ -28,7 +28,7 @@ from mpitrain.parallel.pipeline import StageLink, bubble_fraction, micro_batch_b
 from mpitrain.parallel.pipeline import schedule as pipeline_schedule
 from mpitrain.parallel.state import gather_full_state, load_parameter_file
 from mpitrain.train import (Batches, Reporter, TrainResult, ensure_synthetic, load_rank_data, make_loss,
-                            make_optimizer, open_dataset, save_model, total_steps)
+                            make_optimizer, open_dataset, save_model, total_steps, validation_metrics)
 
 
 def ring_bytes(nbytes: int, size: int) -> int:
@@ -90,12 +90,7 @@ class Stage:
                 totals[2] = len(x)
             link.finish()
         grid.world.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
-        if totals[2] == 0:
-            return {}
-        result = {"val_loss": totals[0] / totals[2]}
-        if config.loss == "ce":
-            result["val_accuracy"] = totals[1] / totals[2]
-        return result
+        return validation_metrics(totals, config)
 
 
 def grid_train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
