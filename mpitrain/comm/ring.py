@@ -51,12 +51,17 @@ def chunk_bounds(length: int, size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def scratch_buffer(dtype: np.dtype, count: int) -> np.ndarray:
-    """A receive buffer of at least `count` elements, reused across calls (grown, never shrunk)."""
-    buf = _scratch.get(dtype)
+def scratch_buffer(dtype: np.dtype, count: int, cache: dict | None = None) -> np.ndarray:
+    """A receive buffer of at least `count` elements, reused across calls (grown, never shrunk).
+
+    `cache` keeps one buffer per dtype; callers that may be mid-exchange while these collectives
+    run (the tensor-parallel exchanges) pass their own, so the two never share a buffer.
+    """
+    cache = _scratch if cache is None else cache
+    buf = cache.get(dtype)
     if buf is None or buf.size < count:
         buf = np.empty(max(count, 1), dtype=dtype)
-        _scratch[dtype] = buf
+        cache[dtype] = buf
     return buf
 
 

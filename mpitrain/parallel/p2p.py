@@ -17,21 +17,12 @@ per phase, the bandwidth optimum. Every function returns the bytes this rank sen
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm.ring import chunk_bounds
+from mpitrain.comm.ring import chunk_bounds, scratch_buffer
 
 _TAG_REDUCE_SCATTER = 201
 _TAG_ALLGATHER = 202
 
 _scratch: dict[np.dtype, np.ndarray] = {}
-
-
-def _scratch_for(dtype: np.dtype, count: int) -> np.ndarray:
-    """A receive buffer of at least `count` elements, reused across calls (grown, never shrunk)."""
-    buf = _scratch.get(dtype)
-    if buf is None or buf.size < count:
-        buf = np.empty(max(count, 1), dtype=dtype)
-        _scratch[dtype] = buf
-    return buf
 
 
 def reduce_scatter(buf: np.ndarray, comm: MPI.Intracomm, bounds=None) -> int:
@@ -44,7 +35,7 @@ def reduce_scatter(buf: np.ndarray, comm: MPI.Intracomm, bounds=None) -> int:
     if size == 1:
         return 0
     bounds = bounds or chunk_bounds(buf.size, size)
-    scratch = _scratch_for(buf.dtype, max(stop - start for start, stop in bounds))
+    scratch = scratch_buffer(buf.dtype, max(stop - start for start, stop in bounds), _scratch)
     right, left = (rank + 1) % size, (rank - 1) % size
     sent = 0
     for step in range(size - 1):
