@@ -12,7 +12,7 @@ from mpitrain.nn.model import Sequential
 from mpitrain.train import train
 from parallel_runs import MODEL, assert_same_run, config, layout_run, serial_run
 
-# The layouts of four ranks, then those of two and of one.
+# Every layout of four ranks, then those of two and of one.
 LAYOUTS = [(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4), (2, 1, 1), (1, 2, 1), (1, 1, 2),
            (1, 1, 1)]
 WIDTHS = [int(w) for w in MODEL.split("-")]
