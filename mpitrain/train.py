@@ -280,17 +280,40 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
         guard.close()
 
 
-def _train(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience) -> TrainResult:
-    widths = parse_widths(config.model)
+@dataclass
+class RankSetup:
+    """What one data-parallel rank trains with: its backend, rows, batches, model and loss."""
+
+    backend: Backend
+    dataset: H5Dataset
+    data: RankData
+    batches: Batches
+    model: Sequential
+    loss: SoftmaxCrossEntropy | MeanSquaredError
+    val_x: object
+    val_y: object
+
+
+def prepare_rank(config: TrainConfig, widths: list[int], comm: MPI.Intracomm) -> RankSetup:
+    """Backend, dataset, this rank's rows, model and loss for data parallelism over comm. Collective."""
     backend = select_backend(config.device, comm)
-    threads = limit_blas_threads(comm, config.threads)
     if config.data is None:
         config.data = ensure_synthetic(config, widths, comm)
     dataset = open_dataset(config, widths, comm)
     data = load_rank_data(dataset, config, widths[-1], comm)
     batches = Batches(data, dataset, backend, config)
-
     model, loss = make_model(config, widths, backend), make_loss(config, backend)
+    val_x = backend.xp.asarray(data.val_x, dtype=np.dtype(config.dtype))
+    val_y = backend.xp.asarray(data.val_y, dtype=batches.label_dtype)
+    return RankSetup(backend, dataset, data, batches, model, loss, val_x, val_y)
+
+
+def _train(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience) -> TrainResult:
+    widths = parse_widths(config.model)
+    threads = limit_blas_threads(comm, config.threads)
+    rank = prepare_rank(config, widths, comm)
+    backend, dataset, data, batches = rank.backend, rank.dataset, rank.data, rank.batches
+    model, loss, val_x, val_y = rank.model, rank.loss, rank.val_x, rank.val_y
     if config.init_from:
         load_whole_model(config.init_from, model, comm)
     optimizer = make_optimizer(config, model)
@@ -298,8 +321,6 @@ def _train(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience) -> Train
     steps = total_steps(config, data.steps_per_epoch)
     scale = 1.0 / config.batch_size
     is_root = comm.rank == 0
-    val_x = backend.xp.asarray(data.val_x, dtype=np.dtype(config.dtype))
-    val_y = backend.xp.asarray(data.val_y, dtype=batches.label_dtype)
     report = Reporter(config, comm.size, steps, is_root)
     report.start(backend, threads)
     start = guard.start(model, optimizer, dataset, data.steps_per_epoch, steps, report.say)

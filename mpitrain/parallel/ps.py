@@ -39,18 +39,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import CPU, Backend, limit_blas_threads, select_backend
+from mpitrain.backend import CPU, limit_blas_threads
 from mpitrain.comm import agree
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
-from mpitrain.data.hdf5 import H5Dataset
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.layers import Linear
 from mpitrain.nn.model import Sequential, parse_widths
 from mpitrain.optim import schedule
 from mpitrain.parallel.state import load_whole_model
-from mpitrain.train import (Batches, RankData, Reporter, TrainResult, ensure_synthetic, evaluate, load_rank_data,
-                            make_loss, make_model, make_optimizer, open_dataset, save_model, total_steps)
+from mpitrain.train import (RankSetup, Reporter, TrainResult, evaluate, make_optimizer, prepare_rank, save_model,
+                            total_steps)
 
 TAG_GRAD = 61
 TAG_PARAMS = 62
@@ -298,35 +297,9 @@ class Server:
 # ---------------------------------------------------------------------------- the worker
 
 
-@dataclass
-class Worker:
-    """A worker's data, model and loss: train.py's data-parallel setup over the workers' communicator."""
-
-    backend: Backend
-    dataset: H5Dataset
-    data: RankData
-    batches: Batches
-    model: Sequential
-    loss: object
-    val_x: object
-    val_y: object
 
 
-def prepare_worker(config: TrainConfig, widths: list[int], workers: MPI.Intracomm) -> Worker:
-    """Backend, dataset, this worker's rows, model and loss. Collective on workers."""
-    backend = select_backend(config.device, workers)
-    if config.data is None:
-        config.data = ensure_synthetic(config, widths, workers)
-    dataset = open_dataset(config, widths, workers)
-    data = load_rank_data(dataset, config, widths[-1], workers)
-    batches = Batches(data, dataset, backend, config)
-    model, loss = make_model(config, widths, backend), make_loss(config, backend)
-    val_x = backend.xp.asarray(data.val_x, dtype=np.dtype(config.dtype))
-    val_y = backend.xp.asarray(data.val_y, dtype=batches.label_dtype)
-    return Worker(backend, dataset, data, batches, model, loss, val_x, val_y)
-
-
-def work(worker: Worker, link: WorkerLink, config: TrainConfig, report: Reporter) -> list[dict]:
+def work(worker: RankSetup, link: WorkerLink, config: TrainConfig, report: Reporter) -> list[dict]:
     """Compute and push gradients of this worker's batches, epoch after epoch, until told to stop.
 
     Returns one entry per epoch this worker began: gradients pushed, samples, loss sum, seconds, and
@@ -409,7 +382,7 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     worker, error = None, None
     if not roles.is_server:
         try:
-            worker = prepare_worker(config, widths, workers)
+            worker = prepare_rank(config, widths, workers)
         except MpitrainError as exc:
             error = exc
     agree(comm, error)
