@@ -27,7 +27,8 @@ from mpi4py import MPI
 from mpitrain.comm import world
 from mpitrain.config import TrainConfig, validate
 from mpitrain.nn.model import Sequential
-from mpitrain.train import ensure_synthetic, train
+from mpitrain.data.rank import ensure_synthetic
+from mpitrain.train import train
 
 VARIANTS = {
     "ring all-reduce": dict(sync="allreduce", allreduce="ring"),

@@ -3,3 +3,13 @@
 
 class MpitrainError(Exception):
     """Bad input or configuration; the CLI prints it as `mpitrain: error: <message>` and exits 2."""
+
+
+def error_of(check, *args) -> MpitrainError | None:
+    """Run a check and return its MpitrainError instead of raising, so ranks can agree on it first
+    (see mpitrain.comm.agree)."""
+    try:
+        check(*args)
+    except MpitrainError as exc:
+        return exc
+    return None

@@ -9,7 +9,8 @@ from mpi4py import MPI
 from groups import groups_of
 from mpitrain.config import TrainConfig, validate
 from mpitrain.parallel.train import grid_train
-from mpitrain.train import TrainResult, train
+from mpitrain.report import TrainResult
+from mpitrain.train import train
 
 # Four dense layers (so four stages fit); hidden widths 10, 9, 7 are not all divisible by 2 or 4.
 MODEL = "12-10-9-7-3"

@@ -10,7 +10,8 @@ from mpi4py import MPI
 from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
 from mpitrain.data.hdf5 import H5Dataset
-from mpitrain.train import load_rank_data, train
+from mpitrain.data.rank import load_rank_data
+from mpitrain.train import train
 from harness import write_on_root
 
 

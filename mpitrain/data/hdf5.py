@@ -196,6 +196,11 @@ class H5Dataset:
                  for index, key, names in self.selections if dataset in names]
         return np.sort(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
 
+    def locate(self, row: int) -> tuple[str, int]:
+        """(shard file, row within that file) of global row `row`: what an error message names."""
+        file_index = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self.paths[file_index], int(row - self.offsets[file_index])
+
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(x[rows], y[rows]) as numpy arrays, touching only those rows.
 

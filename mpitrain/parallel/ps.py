@@ -48,8 +48,8 @@ from mpitrain.nn.layers import Linear
 from mpitrain.nn.model import Sequential, parse_widths
 from mpitrain.optim import schedule
 from mpitrain.parallel.state import load_whole_model
-from mpitrain.train import (RankSetup, Reporter, TrainResult, evaluate, make_optimizer, prepare_rank, save_model,
-                            total_steps)
+from mpitrain.report import Reporter, TrainResult
+from mpitrain.train import RankSetup, evaluate, make_optimizer, prepare_rank, save_model, total_steps
 
 TAG_GRAD = 61
 TAG_PARAMS = 62

@@ -27,8 +27,9 @@ from mpitrain.parallel.model import StageModel, initial_parameters
 from mpitrain.parallel.pipeline import StageLink, bubble_fraction, micro_batch_bounds
 from mpitrain.parallel.pipeline import schedule as pipeline_schedule
 from mpitrain.parallel.state import gather_full_state, load_parameter_file
-from mpitrain.train import (Batches, Reporter, TrainResult, ensure_synthetic, load_rank_data, make_loss,
-                            make_optimizer, open_dataset, save_model, total_steps, validation_metrics)
+from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_dataset
+from mpitrain.report import Reporter, TrainResult, validation_metrics
+from mpitrain.train import make_loss, make_optimizer, save_model, total_steps
 
 
 def ring_bytes(nbytes: int, size: int) -> int:
