@@ -26,7 +26,7 @@ from mpi4py import MPI
 
 from mpitrain.comm import world
 from mpitrain.config import TrainConfig, validate
-from mpitrain.nn.model import Sequential
+from mpitrain.nn.model import Model
 from mpitrain.data.rank import ensure_synthetic
 from mpitrain.train import train
 
@@ -51,17 +51,17 @@ def straggling(comm, straggler: tuple[int, float] | None):
     if straggler is None or comm.rank != straggler[0]:
         yield
         return
-    backward = Sequential.backward
+    backward = Model.backward
 
     def slow_backward(self, *args, **kwargs):
         time.sleep(straggler[1] / 1000)
         return backward(self, *args, **kwargs)
 
-    Sequential.backward = slow_backward
+    Model.backward = slow_backward
     try:
         yield
     finally:
-        Sequential.backward = backward
+        Model.backward = backward
 
 
 def measure(config: TrainConfig, comm, straggler, repeat: int) -> float:

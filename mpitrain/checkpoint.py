@@ -1,8 +1,11 @@
 """Parameters and training checkpoints on disk, as HDF5, written atomically.
 
 A parameter file holds one dataset per parameter (`0/weight`, `0/bias`, ...). A checkpoint holds
-everything a run needs to continue bit for bit: parameters, optimizer state, RNG states, and a
-JSON record of step, epoch, sampler position and config, with a SHA-256 digest over all of it.
+everything a run needs to continue bit for bit: parameters (`model/0/weight`, ...), optimizer
+state (`optimizer/m/0/weight`, ...), all unsliced whatever the layout that wrote them, RNG states
+(`rng/...`, one row per rank), and a JSON record of step, epoch, sampler position, layout and
+config, with a SHA-256 digest over all of it. Because every array is unsliced, any layout can
+read the slices it needs (parallel/state.py) from a checkpoint that any other layout wrote.
 
 A write goes to a temporary name in the same folder, is flushed and fsynced, then renamed over
 the target (and the folder fsynced), so a crash mid-write never destroys what was saved before.
@@ -73,7 +76,7 @@ def load_parameters(path: str) -> dict[str, np.ndarray]:
             named[name] = item[()]
 
     try:
-        with h5py.File(path, "r") as handle:
+        with h5py.File(path, "r", locking=False) as handle:
             handle.visititems(visit)
     except FileNotFoundError:
         raise MpitrainError(f"{path}: parameter file not found") from None
@@ -85,7 +88,7 @@ def load_parameters(path: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------- training checkpoints
 
 FORMAT = "mpitrain-checkpoint"
-VERSION = 1
+VERSION = 2
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 
 
@@ -107,11 +110,12 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.h5"
 
 
-def _digest(meta_json: str, arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over the meta JSON and every array's name, dtype, shape and bytes, in name order."""
+def _digest(meta_json: str, arrays) -> str:
+    """SHA-256 over the meta JSON and every array's name, dtype, shape and bytes, in name order.
+    `arrays` maps names to arrays or to h5py datasets, read one at a time."""
     digest = hashlib.sha256(meta_json.encode())
     for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
+        array = np.ascontiguousarray(arrays[name][()])
         digest.update(f"\0{name}\0{array.dtype.str}\0{array.shape}\0".encode())
         digest.update(array.view(np.uint8).reshape(-1) if array.size else b"")
     return digest.hexdigest()
@@ -143,17 +147,36 @@ def _text_attr(handle, key: str, path: str) -> str:
 
 
 def load_checkpoint(path: str) -> Checkpoint:
-    """Read a checkpoint and verify its digest; CorruptCheckpoint names the file and what is wrong."""
-    arrays: dict[str, np.ndarray] = {}
+    """Read a whole checkpoint after verify_checkpoint; CorruptCheckpoint names the file and what is wrong."""
+    meta, layout = verify_checkpoint(path)
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            arrays = {name: handle[name][()] for name in layout}
+    except OSError as exc:
+        raise CorruptCheckpoint(f"{path}: unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})") from None
+    return Checkpoint(meta, arrays)
+
+
+def is_checkpoint(handle: h5py.File) -> bool:
+    """Whether an open HDF5 file says it is an mpitrain checkpoint (any version)."""
+    value = handle.attrs.get("format")
+    return (value.decode("utf-8", "replace") if isinstance(value, bytes) else value) == FORMAT
+
+
+def verify_checkpoint(path: str) -> tuple[dict, dict[str, tuple[tuple, str]]]:
+    """(meta, {dataset name: (shape, dtype str)}) of a checkpoint whose digest checks out, reading
+    one dataset at a time; CorruptCheckpoint names the file and what is wrong. Readers then take
+    only the slices they need (parallel/state.py)."""
+    datasets: dict[str, h5py.Dataset] = {}
 
     def visit(name, item):
         if isinstance(item, h5py.Dataset):
             if item.dtype.kind not in "fiub":
                 raise CorruptCheckpoint(f"{path}: dataset {name!r} has non-numeric dtype {item.dtype}")
-            arrays[name] = item[()]
+            datasets[name] = item
 
     try:
-        with h5py.File(path, "r") as handle:
+        with h5py.File(path, "r", locking=False) as handle:
             if _text_attr(handle, "format", path) != FORMAT:
                 raise CorruptCheckpoint(f"{path}: not an mpitrain checkpoint (format {handle.attrs['format']!r})")
             version = handle.attrs.get("version")
@@ -162,19 +185,20 @@ def load_checkpoint(path: str) -> Checkpoint:
             meta_json = _text_attr(handle, "meta", path)
             stored = _text_attr(handle, "sha256", path)
             handle.visititems(visit)
+            if _digest(meta_json, datasets) != stored:
+                raise CorruptCheckpoint(f"{path}: checksum mismatch: the file was damaged after it was written")
+            layout = {name: (tuple(d.shape), d.dtype.str) for name, d in datasets.items()}
     except FileNotFoundError:
         raise MpitrainError(f"{path}: checkpoint not found") from None
     except OSError as exc:
-        raise CorruptCheckpoint(f"{path}: unreadable or truncated HDF5 file ({exc})") from None
-    if _digest(meta_json, arrays) != stored:
-        raise CorruptCheckpoint(f"{path}: checksum mismatch: the file was damaged after it was written")
+        raise CorruptCheckpoint(f"{path}: unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})") from None
     try:
         meta = json.loads(meta_json)
     except ValueError as exc:
         raise CorruptCheckpoint(f"{path}: malformed metadata ({exc})") from None
     if not isinstance(meta, dict):
         raise CorruptCheckpoint(f"{path}: metadata is not a JSON object")
-    return Checkpoint(meta, arrays)
+    return meta, layout
 
 
 def list_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -190,12 +214,13 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def newest_valid_checkpoint(folder: str, warn) -> tuple[str, Checkpoint] | None:
-    """The newest checkpoint in `folder` that reads back intact, or None; warn(message) for each
-    newer one that does not, so a write cut short by a crash costs one interval, not the run."""
+def newest_valid_checkpoint(folder: str, warn) -> tuple[str, dict, dict] | None:
+    """(path, meta, datasets) of the newest checkpoint in `folder` that verifies (verify_checkpoint),
+    or None; warn(message) for each newer one that does not, so a write cut short by a crash costs
+    one interval, not the run."""
     for _, path in reversed(list_checkpoints(folder)):
         try:
-            return path, load_checkpoint(path)
+            return (path, *verify_checkpoint(path))
         except CorruptCheckpoint as exc:
             warn(f"{exc}; trying the previous checkpoint")
     return None

@@ -145,3 +145,10 @@ def schedule(kind: str, base_lr: float, step: int, total_steps: int, warmup_step
         return base_lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(config, params, grads):
+    """The optimizer of `config` (--optimizer, --lr, --momentum, --weight-decay) over flat buffers."""
+    if config.optimizer == "adam":
+        return Adam(params, grads, lr=config.lr, weight_decay=config.weight_decay)
+    return SGD(params, grads, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)

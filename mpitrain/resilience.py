@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
 from mpi4py import MPI
 
@@ -31,16 +32,18 @@ from mpitrain import __version__
 from mpitrain.checkpoint import (
     Checkpoint,
     checkpoint_name,
-    load_checkpoint,
     newest_valid_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    verify_checkpoint,
 )
 from mpitrain.comm.consistency import check_consistent
 from mpitrain.comm.failure import agree
 from mpitrain.comm.watchdog import Watchdog, watch
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.errors import MpitrainError
+from mpitrain.nn.model import full_shapes, parse_widths
+from mpitrain.parallel.state import gather_pieces, load_pieces
 from mpitrain.preempt import Preempted, PreemptionFlag
 
 # Fields that may differ between ranks (per-node core counts, rank 0's progress bar).
@@ -72,21 +75,23 @@ class Resilience:
         self.skipped = 0
         self.stop_reason: str | None = None
         self.say = self.warn = lambda line: None
-        self._flags = np.zeros(2, dtype=np.int64)
+        self._flags = np.zeros(3, dtype=np.int64)
         self._written: tuple[int, str] | None = None
         self._step = 0
 
     # ------------------------------------------------------------------------ start and resume
 
-    def start(self, model, optimizer, dataset, steps_per_epoch: int, total_steps: int, say) -> Position:
+    def start(self, strategy, dataset, steps_per_epoch: int, total_steps: int, say) -> Position:
         """Check that every rank built the same model and sees the same dataset, then resume if asked.
-        Collective. `say` prints a line (rank 0's reporter)."""
-        self.model, self.optimizer = model, optimizer
+        Collective. `strategy` is the layout's (parallel/strategy.py); `say` prints a line (rank 0's
+        reporter)."""
+        self.strategy = strategy
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         if self.comm.rank == 0:
             self.say = say
             self.warn = lambda line: print(f"mpitrain: warning: {line}", file=sys.stderr, flush=True)
-        check_consistent(self.comm, {"model shape": _model_shape(model), "dataset shape": _dataset_shape(dataset),
+        check_consistent(self.comm, {"model": self.config.model, "dtype": self.config.dtype,
+                                     "dataset shape": _dataset_shape(dataset),
                                      "steps per epoch": steps_per_epoch}, "start-up")
         position = self._resume() if self.config.resume else Position()
         self._set_step(position.step)
@@ -102,59 +107,53 @@ class Resilience:
             except MpitrainError as exc:
                 error = exc
         agree(comm, error)
-        header = None
-        if found is not None:
-            path, checkpoint = found
-            header = (path, checkpoint.meta, {name: (a.shape, a.dtype.str) for name, a in checkpoint.arrays.items()})
-        header = comm.bcast(header, root=0)
+        header = comm.bcast(found[:2] if found is not None else None, root=0)
         if header is None:
             self.say(f"mpitrain: no checkpoint in {self.config.checkpoint_dir}: starting at step 0")
             return Position()
-        path, meta, layout = header
-        if comm.rank == 0:
-            arrays = found[1].arrays
-        else:
-            arrays = {name: np.empty(shape, dtype) for name, (shape, dtype) in layout.items()}
-        for name in sorted(layout):
-            comm.Bcast(arrays[name], root=0)
-        position = self._restore(Checkpoint(meta, arrays))
+        path, meta = header
+        error = None
+        try:
+            position = self._restore(path, meta)
+        except MpitrainError as exc:
+            error, position = exc, None
+        except OSError as exc:
+            error, position = MpitrainError(f"{path}: reading the checkpoint failed ({exc})"), None
+        agree(comm, error)
         self.say(f"mpitrain: resumed from {path} (step {position.step}, epoch {position.epoch + 1})")
         return position
 
-    def _find_checkpoint(self) -> tuple[str, Checkpoint] | None:
+    def _find_checkpoint(self) -> tuple[str, dict, dict] | None:
         if self.config.resume == "auto":
             return newest_valid_checkpoint(self.config.checkpoint_dir, self.warn)
-        return self.config.resume, load_checkpoint(self.config.resume)
+        return (self.config.resume, *verify_checkpoint(self.config.resume))
 
-    def _check_compatible(self, path: str, checkpoint: Checkpoint) -> None:
+    def _check_compatible(self, path: str, meta: dict, datasets: dict) -> None:
         """Refuse a checkpoint this run cannot load; warn about settings that change the arithmetic."""
-        meta = checkpoint.meta
         for name in ("step", "epoch", "position", "world_size", "skipped_steps"):
             _field(meta, name, int, path)
-        _field(_field(meta, "optimizer", dict, path), "t", int, path)
+        optimizer = _field(meta, "optimizer", dict, path)
+        _field(optimizer, "t", int, path)
         model = _field(meta, "model", dict, path)
-        shapes_field = _field(model, "shapes", dict, path)
-        try:
-            saved_shapes = {str(name): tuple(int(n) for n in shape) for name, shape in shapes_field.items()}
-        except (TypeError, ValueError):
-            raise MpitrainError(f"{path}: checkpoint metadata 'shapes' is malformed") from None
-        shapes = _model_shape(self.model)["parameters"]
-        if saved_shapes != {name: tuple(shape) for name, shape in shapes.items()}:
-            differing = next((name for name in shapes if saved_shapes.get(name) != tuple(shapes[name])), None)
-            if differing is None:
-                detail = f"it has parameters {sorted(saved_shapes)}"
-            else:
-                detail = f"{differing} is {saved_shapes.get(differing)} there, {tuple(shapes[differing])} here"
-            raise MpitrainError(f"{path}: checkpoint is for model {model.get('widths')} but this run builds "
-                                f"--model {self.config.model} ({detail})")
-        kind = _field(_field(meta, "optimizer", dict, path), "kind", str, path)
+        saved_widths = _field(model, "widths", str, path)
+        if saved_widths != self.config.model:
+            raise MpitrainError(f"{path}: checkpoint is for --model {saved_widths} but this run builds "
+                                f"--model {self.config.model}")
+        kind = _field(optimizer, "kind", str, path)
         if kind != self.config.optimizer:
             raise MpitrainError(f"{path}: checkpoint holds {kind} state but this run uses "
                                 f"--optimizer {self.config.optimizer}")
-        expected = {f"model/{name}" for name in shapes} | {f"optimizer/{name}" for name in self.optimizer.buffers}
-        missing = sorted(expected - checkpoint.arrays.keys())
+        shapes = full_shapes(parse_widths(self.config.model))
+        expected = {f"model/{name}": shape for name, shape in shapes.items()}
+        for buffer in self.strategy.optimizer.buffers:
+            expected.update({f"optimizer/{buffer}/{name}": shape for name, shape in shapes.items()})
+        missing = sorted(name for name in expected if name not in datasets)
         if missing:
             raise MpitrainError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        wrong = [name for name, shape in expected.items() if datasets[name][0] != shape]
+        if wrong:
+            raise MpitrainError(f"{path}: '{wrong[0]}' has shape {datasets[wrong[0]][0]} there, "
+                                f"{expected[wrong[0]]} for --model {self.config.model}")
         saved = _field(meta, "config", dict, path)
         now = as_dict(self.config)
         changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in now.items()
@@ -164,13 +163,17 @@ class Resilience:
         if changed:
             self.warn(f"{path}: resuming with {', '.join(changed)}: the run will not repeat an uninterrupted one")
 
-    def _restore(self, checkpoint: Checkpoint) -> Position:
-        meta, arrays = checkpoint.meta, checkpoint.arrays
-        self.model.load_state({name[6:]: a for name, a in arrays.items() if name.startswith("model/")})
-        state = {name[10:]: a for name, a in arrays.items() if name.startswith("optimizer/")}
-        self.optimizer.load_state({**state, "step": meta["optimizer"]["t"]})
+    def _restore(self, path: str, meta: dict) -> Position:
+        """Every rank reads its own pieces (parameters and optimizer state) and, on the same world
+        size, its RNG row. Raises MpitrainError or OSError; the caller agrees."""
+        strategy = self.strategy
+        buffers = {"param": "model/", **{b: f"optimizer/{b}/" for b in strategy.optimizer.buffers}}
+        with h5py.File(path, "r", locking=False) as handle:
+            load_pieces(strategy.pieces(), handle, buffers)
+            rng = {name: handle[name][()] for name in _rng_arrays([_rng_state()]) if name in handle}
+        strategy.optimizer.t = meta["optimizer"]["t"]
         if meta["world_size"] == self.comm.size:
-            _set_rng_state(arrays, self.comm.rank)
+            _set_rng_state(rng, self.comm.rank)
         self.skipped = meta["skipped_steps"]
         position = Position(meta["step"], meta["epoch"], meta["position"])
         if meta.get("steps_per_epoch") != self.steps_per_epoch and position.position:
@@ -181,18 +184,23 @@ class Resilience:
 
     # ------------------------------------------------------------------------ every step
 
-    def keep_step(self, loss_value: float, grads) -> bool:
+    def keep_step(self, loss_value: float, grads, bad_input: str | None = None) -> bool:
         """Whether to apply this step's update, the same answer on every rank. Collective.
 
-        Call after the gradient all-reduce: the flags of every rank (a non-finite loss or
-        gradient here, a signal received) are combined in one small all-reduce, so a NaN on one
-        rank and a signal on another are acted on by all ranks at the same step.
+        Call after the gradient sum: the flags of every rank (a non-finite input row read this
+        step, a non-finite loss or gradient here, a signal received) are combined in one small
+        all-reduce, so a NaN on one rank and a signal on another are acted on by all ranks at the
+        same step. A bad input row stops the run on every rank with the message naming its file
+        and row (MpitrainError): it is a fault of the data, which no policy should train through.
         """
         nonfinite = not math.isfinite(loss_value) or not _finite(grads)
         signum = self.flag.signum if self.flag is not None else 0
-        self._flags[0], self._flags[1] = nonfinite, signum
+        self._flags[0], self._flags[1], self._flags[2] = nonfinite, signum, bad_input is not None
         if self.comm.size > 1:
             self.comm.Allreduce(MPI.IN_PLACE, self._flags, op=MPI.MAX)
+        if self._flags[2]:
+            messages = [m for m in (self.comm.allgather(bad_input) if self.comm.size > 1 else [bad_input]) if m]
+            raise MpitrainError(messages[0])
         if self._flags[1] and self.stop_reason is None:
             received = self.comm.allgather(signum)
             ranks = [rank for rank, got in enumerate(received) if got]
@@ -251,19 +259,24 @@ class Resilience:
     # ------------------------------------------------------------------------ writing
 
     def _write(self, position: Position) -> str:
-        """Rank 0 writes the checkpoint of `position` (RNG states gathered from every rank), then
-        keeps the newest --keep-checkpoints; every rank learns whether it worked. Collective."""
+        """Rank 0 writes the checkpoint of `position`: the pieces of one copy of the model and its
+        optimizer state laid into unsliced arrays, the RNG states of every rank; then keeps the newest
+        --keep-checkpoints. Every rank learns whether it worked. Collective."""
         if self._written is not None and self._written[0] == position.step:
             return self._written[1]
         folder = self.config.checkpoint_dir
         path = os.path.join(folder, checkpoint_name(position.step))
+        started = time.perf_counter()
+        strategy, widths = self.strategy, parse_widths(self.config.model)
+        buffers = ["param", *strategy.optimizer.buffers]
+        full = gather_pieces(strategy.pieces(), buffers, strategy.holds_copy, widths,
+                             np.dtype(self.config.dtype), self.comm)
         rng_states = self.comm.gather(_rng_state(), root=0)
         error = None
         if self.comm.rank == 0:
-            started = time.perf_counter()
             try:
                 os.makedirs(folder, exist_ok=True)
-                save_checkpoint(path, self._snapshot(position, rng_states))
+                save_checkpoint(path, self._snapshot(position, full, rng_states))
                 prune_checkpoints(folder, self.config.keep_checkpoints)
             except MpitrainError as exc:
                 error = exc
@@ -277,11 +290,11 @@ class Resilience:
         self._written = (position.step, path)
         return path
 
-    def _snapshot(self, position: Position, rng_states: list) -> Checkpoint:
-        arrays = {f"model/{name}": value for name, value in self.model.state().items()}
-        optimizer = self.optimizer.state()
-        t = optimizer.pop("step")
-        arrays.update({f"optimizer/{name}": value for name, value in optimizer.items()})
+    def _snapshot(self, position: Position, full: dict, rng_states: list) -> Checkpoint:
+        arrays = {f"model/{name}": value for name, value in full["param"].items()}
+        for buffer, named in full.items():
+            if buffer != "param":
+                arrays.update({f"optimizer/{buffer}/{name}": value for name, value in named.items()})
         arrays.update(_rng_arrays(rng_states))
         config = self.config
         meta = {
@@ -290,10 +303,10 @@ class Resilience:
             "position": position.position,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.comm.size,
+            "layout": self.strategy.layout_metrics(),
             "skipped_steps": self.skipped,
-            "model": {"widths": config.model, "activation": config.activation, "dtype": config.dtype,
-                      "shapes": _model_shape(self.model)["parameters"]},
-            "optimizer": {"kind": config.optimizer, "t": int(t)},
+            "model": {"widths": config.model, "activation": config.activation, "dtype": config.dtype},
+            "optimizer": {"kind": config.optimizer, "t": int(self.strategy.optimizer.t)},
             "sampler": {"kind": config.sampler, "partition": config.partition, "seed": config.seed,
                         "order": "permutation seeded by (seed, epoch[, rank]); `position` batches taken"},
             "config": as_dict(config),
@@ -309,11 +322,6 @@ def _finite(array) -> bool:
     """No NaN or Inf anywhere in `array` (NumPy or CuPy; one pass, one host sync)."""
     xp = np if isinstance(array, np.ndarray) else sys.modules["cupy"]
     return bool(xp.isfinite(array).all())
-
-
-def _model_shape(model) -> dict:
-    parameters = {name: list(view.shape) for name, view in model.named_parameters()}
-    return {"dtype": str(model.dtype), "parameters": parameters}
 
 
 def _dataset_shape(dataset) -> dict:

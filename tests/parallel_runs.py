@@ -8,7 +8,6 @@ from mpi4py import MPI
 
 from groups import groups_of
 from mpitrain.config import TrainConfig, validate
-from mpitrain.parallel.train import grid_train
 from mpitrain.report import TrainResult
 from mpitrain.train import train
 
@@ -25,16 +24,15 @@ def config(**overrides) -> TrainConfig:
 
 
 def serial_run(**overrides) -> TrainResult:
-    """The same run on one process with no tensor or pipeline parallelism (the data-parallel loop)."""
+    """The same run on one process with no tensor or pipeline parallelism."""
     return train(config(**{**overrides, **SERIAL_ONLY}), MPI.COMM_SELF)
 
 
 def layout_run(comm, layout: tuple[int, int, int], **overrides) -> TrainResult | None:
-    """Train with the grid loop on the first DP*TP*PP ranks of comm (skipped when comm is smaller,
-    so (4, 1, 1) also runs the grid loop, not the data-parallel one); None on the other ranks."""
+    """Train on the first DP*TP*PP ranks of comm (skipped when comm is smaller); None on the other ranks."""
     dp, tp, pp = layout
     with groups_of(comm, dp * tp * pp) as group:
-        return None if group is None else grid_train(config(tp=tp, pp=pp, **overrides), group)
+        return None if group is None else train(config(tp=tp, pp=pp, **overrides), group)
 
 
 def assert_same_run(result: TrainResult | None, expected: TrainResult) -> None:

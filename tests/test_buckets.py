@@ -11,7 +11,7 @@ from mpitrain.comm import allreduce, ring
 from mpitrain.comm.buckets import GradientSync, plan_buckets
 from mpitrain.config import TrainConfig, validate
 from mpitrain.errors import MpitrainError
-from mpitrain.nn.model import Sequential
+from mpitrain.nn.model import Model
 from mpitrain.train import train
 
 ALGORITHMS = ["auto", "ring", "rd", "hier", "mpi"]
@@ -26,13 +26,13 @@ def test_buckets_are_whole_layers_from_the_last_and_stay_under_the_limit():
 
 
 def backward_pass(sync: GradientSync, layers: int) -> None:
-    """What Sequential.backward does for the sync: report layers done, last first."""
+    """What Model.backward does for the sync: report layers done, last first."""
     for layer in reversed(range(layers)):
         sync.layer_done(layer)
 
 
 def model_grads(comm, seed: int = 0):
-    model = Sequential([13, 40, 30, 20, 3], dtype=np.float32)
+    model = Model([13, 40, 30, 20, 3], dtype=np.float32)
     model.grads[...] = np.random.default_rng(100 * comm.rank + seed).standard_normal(model.grads.size)
     return model
 
@@ -70,7 +70,7 @@ def test_overlap_gives_bit_identical_parameters_after_several_steps(comm, tmp_pa
 def test_steps_allocate_no_gradient_or_communication_buffers(comm, algorithm):
     """After a first step, further steps allocate no buffers: tracemalloc sees only small objects
     (requests, views), and the gradient buffer and the ring's scratch are the same objects."""
-    model = Sequential([200, 400, 300, 10], dtype=np.float32)
+    model = Model([200, 400, 300, 10], dtype=np.float32)
     grads_before = model.grads
     sync = GradientSync(model.grads, model.layer_grad_slices(), comm, algorithm, bucket_mb=0.25, overlap=True)
     backward_pass(sync, len(model.dense))

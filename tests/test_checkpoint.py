@@ -105,8 +105,8 @@ def test_newest_valid_skips_a_damaged_newest(tmp_path):
     with open(newest, "r+b") as raw:
         raw.truncate(os.path.getsize(newest) // 2)
     warnings = []
-    path, checkpoint = newest_valid_checkpoint(str(tmp_path), warnings.append)
-    assert path == os.path.join(tmp_path, checkpoint_name(10)) and checkpoint.meta["step"] == 10
+    path, meta, datasets = newest_valid_checkpoint(str(tmp_path), warnings.append)
+    assert path == os.path.join(tmp_path, checkpoint_name(10)) and meta["step"] == 10 and datasets
     assert len(warnings) == 1 and "ckpt-00000015.h5" in warnings[0] and "previous" in warnings[0]
 
 

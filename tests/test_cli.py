@@ -93,7 +93,7 @@ def test_batch_smaller_than_world(comm, shared_dir):
         pytest.skip("needs a world of 2 or more")
     x, y = good_arrays()
     path = make_file(comm, shared_dir, "world.h5", x=x, y=y)
-    with pytest.raises(MpitrainError, match="smaller than the world size"):
+    with pytest.raises(MpitrainError, match=f"smaller than the {comm.size} data-parallel groups"):
         run(["train", "--no-progress", "--device", "cpu", "--model", "8-4-3", "--batch-size", "1", "--data", path])
 
 

@@ -1,4 +1,4 @@
-"""Sequential: whole-model gradients, the flat buffer layout, state round trips and parse_widths."""
+"""Model: whole-model gradients, the flat buffer layout, state round trips and parse_widths."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.layers import weight_init
 from mpitrain.nn.losses import SoftmaxCrossEntropy
-from mpitrain.nn.model import Sequential, parse_widths
+from mpitrain.nn.model import Model, parse_widths
 from gradcheck import host
 
 
@@ -29,7 +29,7 @@ def forward_backward(model, x, labels):
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_whole_model_gradient(xp, activation):
-    model = Sequential(WIDTHS, activation, xp=xp, dtype=np.float64, seed=4)
+    model = Model(WIDTHS, activation, xp=xp, dtype=np.float64, seed=4)
     x, labels = batch(xp)
     loss = SoftmaxCrossEntropy(xp)
 
@@ -54,7 +54,7 @@ def test_whole_model_gradient(xp, activation):
 
 
 def test_grads_are_overwritten_not_accumulated(xp):
-    model = Sequential(WIDTHS, xp=xp, dtype=np.float64)
+    model = Model(WIDTHS, xp=xp, dtype=np.float64)
     x, labels = batch(xp)
     model.grads[...] = 0
     forward_backward(model, x, labels)
@@ -65,7 +65,7 @@ def test_grads_are_overwritten_not_accumulated(xp):
 
 
 def test_layer_callbacks_run_last_layer_first_with_final_grads(xp):
-    model = Sequential(WIDTHS, xp=xp, dtype=np.float64)
+    model = Model(WIDTHS, xp=xp, dtype=np.float64)
     x, labels = batch(xp)
     slices = model.layer_grad_slices()
     seen = {}
@@ -87,7 +87,7 @@ def test_layer_callbacks_run_last_layer_first_with_final_grads(xp):
 
 
 def test_named_parameters_are_views_of_the_flat_buffer(xp):
-    model = Sequential(WIDTHS, xp=xp)
+    model = Model(WIDTHS, xp=xp)
     named = model.named_parameters()
     expected_names = [f"{i}/{kind}" for i in range(len(WIDTHS) - 1) for kind in ("weight", "bias")]
     assert [name for name, _ in named] == expected_names
@@ -105,7 +105,7 @@ def test_named_parameters_are_views_of_the_flat_buffer(xp):
 
 
 def test_layer_grad_slices_tile_the_grads(xp):
-    model = Sequential(WIDTHS, xp=xp, dtype=np.float64)
+    model = Model(WIDTHS, xp=xp, dtype=np.float64)
     x, labels = batch(xp)
     forward_backward(model, x, labels)
     slices = model.layer_grad_slices()
@@ -120,10 +120,10 @@ def test_layer_grad_slices_tile_the_grads(xp):
 
 
 def test_init_is_seeded_and_identical_on_every_backend(xp):
-    here = Sequential(WIDTHS, xp=xp, seed=11)
-    on_cpu = Sequential(WIDTHS, xp=np, seed=11)
+    here = Model(WIDTHS, xp=xp, seed=11)
+    on_cpu = Model(WIDTHS, xp=np, seed=11)
     np.testing.assert_array_equal(host(here.params), on_cpu.params)
-    assert not np.array_equal(on_cpu.params, Sequential(WIDTHS, seed=12).params)
+    assert not np.array_equal(on_cpu.params, Model(WIDTHS, seed=12).params)
     assert here.params.dtype == np.float32
     for _, bias in (p for p in here.named_parameters() if p[0].endswith("bias")):
         assert not host(bias).any()
@@ -131,7 +131,7 @@ def test_init_is_seeded_and_identical_on_every_backend(xp):
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_init_draws_each_layer_for_the_activation_that_follows_it(activation):
-    model = Sequential(WIDTHS, activation, dtype=np.float64, seed=3)
+    model = Model(WIDTHS, activation, dtype=np.float64, seed=3)
     rng = np.random.default_rng(3)
     kinds = [activation] * (len(WIDTHS) - 2) + ["identity"]
     for (n_in, n_out), kind, layer in zip(zip(WIDTHS[:-1], WIDTHS[1:]), kinds, model.dense):
@@ -139,15 +139,15 @@ def test_init_draws_each_layer_for_the_activation_that_follows_it(activation):
 
 
 def test_forward_keeps_the_dtype(xp):
-    model = Sequential(WIDTHS, xp=xp)
+    model = Model(WIDTHS, xp=xp)
     x, _ = batch(xp)
     out = model.forward(x.astype(np.float32))
     assert out.shape == (8, WIDTHS[-1]) and out.dtype == np.float32
 
 
 def test_state_round_trip(xp):
-    source = Sequential(WIDTHS, xp=xp, seed=1)
-    target = Sequential(WIDTHS, xp=xp, seed=2)
+    source = Model(WIDTHS, xp=xp, seed=1)
+    target = Model(WIDTHS, xp=xp, seed=2)
     state = source.state()
     assert all(isinstance(a, np.ndarray) for a in state.values())
     target.load_state(state)
@@ -158,9 +158,9 @@ def test_state_round_trip(xp):
 
 
 def test_load_state_rejects_a_wrong_shape_before_writing(xp):
-    model = Sequential(WIDTHS, xp=xp)
+    model = Model(WIDTHS, xp=xp)
     before = host(model.params)
-    state = Sequential(WIDTHS, xp=xp, seed=5).state()
+    state = Model(WIDTHS, xp=xp, seed=5).state()
     state["1/weight"] = np.zeros((3, 3), dtype=np.float32)
     with pytest.raises(MpitrainError, match=r"'1/weight'.*\(3, 3\).*\(7, 6\)"):
         model.load_state(state)
@@ -172,9 +172,9 @@ def test_load_state_rejects_a_wrong_shape_before_writing(xp):
 
 def test_bad_construction_arguments():
     with pytest.raises(MpitrainError, match="activation 'sigmoid'"):
-        Sequential(WIDTHS, activation="sigmoid")
+        Model(WIDTHS, activation="sigmoid")
     with pytest.raises(MpitrainError, match="dtype 'int32'"):
-        Sequential(WIDTHS, dtype=np.int32)
+        Model(WIDTHS, dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------- parse_widths

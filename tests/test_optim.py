@@ -8,7 +8,7 @@ import pytest
 
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.losses import SoftmaxCrossEntropy
-from mpitrain.nn.model import Sequential
+from mpitrain.nn.model import Model
 from mpitrain.optim import SGD, Adam, schedule
 from gradcheck import host
 
@@ -129,7 +129,7 @@ def test_load_state_checks_names_and_shapes(xp):
 
 @pytest.mark.parametrize("make", MAKERS, ids=["sgd", "adam"])
 def test_training_steps_keep_every_buffer(xp, make):
-    model = Sequential([5, 7, 3], xp=xp, seed=0)
+    model = Model([5, 7, 3], xp=xp, seed=0)
     optimizer = make(model.params, model.grads)
     rng = np.random.default_rng(0)
     x, labels = xp.asarray(rng.standard_normal((8, 5)), dtype=np.float32), xp.asarray(rng.integers(0, 3, 8))

@@ -9,9 +9,10 @@ import pytest
 
 from groups import groups_of
 from mpitrain.comm.ring import chunk_bounds
-from mpitrain.parallel.layers import ColumnParallelLinear, Linear, RowParallelLinear
+from mpitrain.nn.layers import Linear
+from mpitrain.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpitrain.parallel.mappings import TensorGroup
-from mpitrain.parallel.model import StageModel
+from mpitrain.nn.model import Model
 
 TP_SIZES = [1, 2, 4]
 # (in, out): divisible by 1, 2 and 4; divisible by none of 2, 4; narrower than 4 (empty slices).
@@ -80,7 +81,7 @@ def test_row_parallel_equals_dense(comm, tp_size, n_in, n_out, input_is_parallel
 
 
 def ring_allreduce_bytes(elements: int, size: int) -> int:
-    """What p2p.allreduce sends from rank 0: every chunk but its own, then every chunk but the next."""
+    """What the ring all-reduce sends from rank 0: every chunk but its own, then every chunk but the next."""
     sizes = [stop - start for start, stop in chunk_bounds(elements, size)]
     return 0 if size == 1 else 8 * (2 * elements - sizes[0] - sizes[1 % size])
 
@@ -119,11 +120,10 @@ def test_column_relu_row_block_costs_one_sum_each_way(comm, tp_size):
 
 def test_accumulate_adds_to_the_gradients(comm):
     ref = dense_reference(4, 3)
-    layer = bound(Linear(np, 4, 3, TensorGroup(comm.Split(comm.rank, 0))), ref)
+    layer = bound(Linear(np, 4, 3), ref)
     _, saved = layer.forward(ref["x"])
     layer.backward(ref["r"], saved)
     layer.backward(ref["r"], saved, accumulate=True)
-    layer.group.comm.Free()
     close(layer.grad_weight, 2 * ref["da"])
     close(layer.grad_bias, 2 * ref["db"])
 
@@ -137,11 +137,12 @@ def test_each_rank_holds_its_share_of_a_sliced_layer(comm, tp_size, hidden):
     with groups_of(comm, tp_size) as tp_comm:
         if tp_comm is None:
             return
-        stage = StageModel(widths, "relu", (0, 3), TensorGroup(tp_comm), np, np.float64)
+        stage = Model(widths, "relu", np, np.float64, group=TensorGroup(tp_comm), layers=(0, 3))
         sizes = [layer.weight.size for layer in stage.dense]
         totals = tp_comm.allreduce(np.array(sizes[:2]))
         columns = [stage.dense[0].weight.shape[1], stage.dense[1].weight.shape[0]]
-    assert stage.roles == (["whole"] * 3 if tp_size == 1 else ["column", "row", "whole"])
+    kinds = [type(layer).__name__ for layer in stage.dense]
+    assert kinds == (["Linear"] * 3 if tp_size == 1 else ["ColumnParallelLinear", "RowParallelLinear", "Linear"])
     assert totals.tolist() == [6 * hidden, hidden * hidden]
     for own in columns:
         assert hidden // tp_size <= own <= -(-hidden // tp_size)

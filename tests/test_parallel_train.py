@@ -8,7 +8,7 @@ import pytest
 
 from mpitrain.checkpoint import load_parameters, save_parameters
 from mpitrain.errors import MpitrainError
-from mpitrain.nn.model import Sequential
+from mpitrain.nn.model import Model
 from mpitrain.train import train
 from parallel_runs import MODEL, assert_same_run, config, layout_run, serial_run
 
@@ -46,7 +46,7 @@ def test_save_writes_the_data_parallel_file(comm, small_classification, shared_d
     if comm.size < np.prod(layout):
         return
     expected, saved = load_parameters(serial_path), load_parameters(sliced_path)
-    assert saved.keys() == expected.keys() == set(Sequential(WIDTHS, dtype=np.float64).state())
+    assert saved.keys() == expected.keys() == set(Model(WIDTHS, dtype=np.float64).state())
     for name, value in expected.items():
         assert saved[name].shape == value.shape and saved[name].dtype == value.dtype
         np.testing.assert_allclose(saved[name], value, rtol=1e-10, atol=1e-12, err_msg=name)
@@ -59,7 +59,7 @@ def test_init_from_loads_a_file_into_any_layout(comm, small_classification, shar
     one-process run started from the same file; with 0 steps the file comes back unchanged."""
     path = os.path.join(shared_dir, "start.h5")
     rng = np.random.default_rng(11)
-    start = {name: rng.standard_normal(value.shape) for name, value in Sequential(WIDTHS, dtype=np.float64).state().items()}
+    start = {name: rng.standard_normal(value.shape) for name, value in Model(WIDTHS, dtype=np.float64).state().items()}
     write_on_root(comm, path, start)
     untouched = layout_run(comm, layout, data=small_classification, steps=0, init_from=path)
     expected = serial_run(data=small_classification, steps=4, init_from=path)
@@ -70,9 +70,9 @@ def test_init_from_loads_a_file_into_any_layout(comm, small_classification, shar
 
 
 def test_init_from_a_file_of_another_model_fails_on_every_rank(comm, small_classification, shared_dir):
-    path = write_on_root(comm, os.path.join(shared_dir, "other.h5"), Sequential([12, 5, 3], dtype=np.float64).state())
+    path = write_on_root(comm, os.path.join(shared_dir, "other.h5"), Model([12, 5, 3], dtype=np.float64).state())
     for tp in (1, comm.size):
-        with pytest.raises(MpitrainError, match=r"other\.h5: '0/weight' has shape \(12, 5\) but the model needs \(12, 10\)"):
+        with pytest.raises(MpitrainError, match=r"other\.h5: '0/weight' has shape \(12, 5\) but --model 12-10-9-7-3 needs \(12, 10\)"):
             train(config(data=small_classification, tp=tp, init_from=path), comm)
 
 

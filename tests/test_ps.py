@@ -15,7 +15,7 @@ from harness import mpitrain_argv, run_on_root, write_on_root
 from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
 from mpitrain.errors import MpitrainError
-from mpitrain.nn.model import Sequential
+from mpitrain.nn.model import Model
 from mpitrain.presets import PRESETS
 from mpitrain.train import train
 
@@ -56,13 +56,13 @@ def slow_down(monkeypatch, comm, ms: float) -> None:
     """Rank 0 (a worker at every world size) sleeps `ms` before each backward pass: a straggler."""
     if comm.rank != 0:
         return
-    backward = Sequential.backward
+    backward = Model.backward
 
     def slow_backward(self, *args, **kwargs):
         time.sleep(ms / 1000)
         return backward(self, *args, **kwargs)
 
-    monkeypatch.setattr(Sequential, "backward", slow_backward)
+    monkeypatch.setattr(Model, "backward", slow_backward)
 
 
 # ---------------------------------------------------------------------------- sync == data parallelism
@@ -77,7 +77,7 @@ def test_sync_equals_one_process_run(comm, small_classification, servers, optimi
                       momentum=0.9 if optimizer == "sgd" else 0.0, weight_decay=1e-3, schedule="cosine")
     ps = train(settings, comm).parameters
     oracle = train(dataclasses.replace(settings, sync="allreduce"), MPI.COMM_SELF).parameters
-    initial = Sequential([12, 16, 3], "relu", np, np.float64, seed=5).state()
+    initial = Model([12, 16, 3], "relu", np, np.float64, seed=5).state()
     np.testing.assert_allclose(flat(ps), flat(oracle), rtol=1e-10, atol=1e-12)
     assert not np.allclose(flat(oracle), flat(initial)), "nothing trained"
 
@@ -254,7 +254,7 @@ main(sys.argv[1:])
 
 
 @pytest.mark.parametrize("role,rank,module,cls,method", [
-    ("worker", 1, "mpitrain.nn.model", "Sequential", "backward"),
+    ("worker", 1, "mpitrain.nn.model", "Model", "backward"),
     ("server", 2, "mpitrain.optim", "SGD", "step"),
 ])
 def test_a_failing_rank_ends_the_job(comm, small_classification, role, rank, module, cls, method):

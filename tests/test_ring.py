@@ -22,7 +22,7 @@ def test_chunk_bounds_cover_the_buffer(length, size):
 
 @pytest.mark.parametrize("length,size,segment_bytes", [(0, 2, 64), (5, 4, 8), (1001, 3, 64), (1 << 20, 4, 1 << 20)])
 def test_segments_tile_each_chunk_in_equal_numbers(length, size, segment_bytes):
-    tiles = segments(length, size, 4, segment_bytes)
+    tiles = segments(tuple(chunk_bounds(length, size)), 4, segment_bytes)
     assert len({len(chunk) for chunk in tiles}) == 1
     for (start, stop), chunk in zip(chunk_bounds(length, size), tiles):
         assert chunk[0][0] == start and chunk[-1][1] == stop
@@ -58,3 +58,35 @@ def test_scratch_is_reused_and_calls_allocate_nothing(comm):
     tracemalloc.stop()
     assert ring.scratch_buffer(np.dtype(np.float32), 1) is scratch
     assert peak - start < 64 << 10, f"{peak - start} bytes allocated by 3 calls on a {buf.nbytes}-byte buffer"
+
+
+def test_allgather_with_uneven_chunks_equals_mpi_allgatherv(comm):
+    # Chunk r has r+1 elements for odd r and none for even r: unequal and empty chunks both occur
+    # (a tensor group's column slices of a width it does not divide).
+    counts = [(r + 1) * (r % 2) for r in range(comm.size)]
+    stops = np.cumsum(counts).tolist()
+    chunks = list(zip([0] + stops[:-1], stops))
+    buf = np.full(sum(counts), -1.0)
+    start, stop = chunks[comm.rank]
+    buf[start:stop] = comm.rank + np.arange(stop - start) / 10
+    expected = np.empty_like(buf)
+    comm.Allgatherv(buf[start:stop].copy(), [expected, counts])
+    ring.complete(ring.allgather_schedule(buf, comm, chunks=chunks))
+    np.testing.assert_array_equal(buf, expected)
+
+
+@pytest.mark.parametrize("length", [1, 7, 10007])
+def test_ring_counts_exactly_the_bytes_it_sends(comm, length):
+    """Each phase passes on every chunk but one: all but chunk `rank`, then all but chunk `rank+1`."""
+    from mpitrain.comm import traffic
+
+    buf = np.random.default_rng([comm.rank, length]).standard_normal(length)
+    expected = buf.copy()
+    comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+    before = traffic.sent()
+    ring_allreduce(buf, comm)
+    sent = traffic.sent() - before
+    np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
+    sizes = [stop - start for start, stop in chunk_bounds(length, comm.size)]
+    unsent = sizes[comm.rank] + sizes[(comm.rank + 1) % comm.size]
+    assert sent == (0 if comm.size == 1 else (2 * length - unsent) * buf.itemsize)

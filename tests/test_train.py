@@ -80,12 +80,12 @@ def test_default_mlp_reaches_95_percent(comm):
 
 def test_steps_zero_saves_initial_parameters(comm, small_classification, shared_dir):
     from mpitrain.checkpoint import load_parameters
-    from mpitrain.nn.model import Sequential
+    from mpitrain.nn.model import Model
 
     path = os.path.join(shared_dir, "init.h5")
     train(config(data=small_classification, steps=0, save=path), comm)
     saved = load_parameters(path)
-    expected = Sequential([12, 16, 3], "relu", xp=np, dtype=np.float64, seed=5).state()
+    expected = Model([12, 16, 3], "relu", xp=np, dtype=np.float64, seed=5).state()
     assert saved.keys() == expected.keys() == {"0/weight", "0/bias", "1/weight", "1/bias"}
     for name in expected:
         np.testing.assert_array_equal(saved[name], expected[name])

@@ -14,13 +14,13 @@ through a pinned host copy: the MPICH wheel is not CUDA-aware.
 Algorithms: `ring` (pipelined ring, bandwidth-optimal), `rd` (recursive doubling, fewest
 messages), `hier` (shared memory within a node, ring across node leaders), `mpi` (MPI
 Allreduce), and `auto`, which picks one of them by buffer size and layout from thresholds that
-`mpitrain tune` measured (see comm/tune.py).
+`mpitrain tune` measured (see comm/thresholds.py).
 """
 
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm import tune
+from mpitrain.comm import thresholds, traffic
 from mpitrain.comm.hier import hier_schedule
 from mpitrain.comm.rd import rd_schedule
 from mpitrain.comm.ring import allgather_schedule, chunk_bounds, complete, reduce_scatter_schedule, ring_schedule
@@ -30,7 +30,8 @@ ALGORITHMS = ("auto", "ring", "rd", "hier", "mpi")
 
 
 def mpi_schedule(buf: np.ndarray, comm: MPI.Intracomm):
-    """Schedule of MPI's own non-blocking all-reduce."""
+    """Schedule of MPI's own non-blocking all-reduce (counted as 2(p-1)/p of the buffer, see traffic)."""
+    traffic.add(traffic.ring_equivalent(buf.nbytes, comm.size))
     yield [comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)]
 
 
@@ -46,7 +47,7 @@ def check_buffer(buf, what: str) -> None:
 def resolve(algorithm: str, nbytes: int, comm: MPI.Intracomm) -> str:
     """The concrete algorithm for `algorithm` ("auto" looks up the measured thresholds; collective)."""
     if algorithm == "auto":
-        return tune.choose(nbytes, comm)
+        return thresholds.choose(nbytes, comm)
     if algorithm not in SCHEDULES:
         raise MpitrainError(f"allreduce algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
     return algorithm
@@ -74,9 +75,10 @@ def allreduce(buf, comm: MPI.Intracomm, algorithm: str = "auto") -> None:
     check_buffer(buf, "allreduce")
     if comm.size == 1:
         return
-    name = tune.choose(buf.nbytes, comm) if algorithm == "auto" else algorithm
+    name = thresholds.choose(buf.nbytes, comm) if algorithm == "auto" else algorithm
     if isinstance(buf, np.ndarray):
         if name == "mpi":
+            traffic.add(traffic.ring_equivalent(buf.nbytes, comm.size))
             comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         else:
             complete(SCHEDULES[name](buf, comm))

@@ -24,6 +24,7 @@ from collections import deque
 
 from mpi4py import MPI
 
+from mpitrain.comm import traffic
 from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule
 from mpitrain.comm.ring import complete
 from mpitrain.comm.watchdog import waiting
@@ -76,6 +77,8 @@ class GradientSync:
         self._waiting: deque = deque()
         self._schedule, self._schedule_bytes = None, 0
         self._pending = None
+        # What the chosen algorithms really sent (see comm/traffic.py), cumulative.
+        self.bytes_sent = 0
 
     def layer_done(self, dense_index: int) -> None:
         """Backward has finished dense layer `dense_index`: launch its bucket if complete, progress."""
@@ -90,9 +93,11 @@ class GradientSync:
     def wait(self) -> None:
         """Finish every bucket's all-reduce (all of them, when overlap is off)."""
         if not self.overlap:
+            before = traffic.sent()
             for view in self.views:
                 complete(allreduce_schedule(view, self.comm, self.algorithm),
                          f"gradient bucket all-reduce, {view.nbytes} B")
+            self.bytes_sent += traffic.sent() - before
             return
         self._advance(block=True)
 
@@ -107,4 +112,6 @@ class GradientSync:
                     MPI.Request.Waitall(self._pending)
             elif not MPI.Request.Testall(self._pending):
                 return
+            before = traffic.sent()
             self._pending = next(self._schedule, None)
+            self.bytes_sent += traffic.sent() - before

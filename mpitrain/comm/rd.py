@@ -13,6 +13,7 @@ Both ranks of a pair add the same two operands, so every rank ends with identica
 import numpy as np
 from mpi4py import MPI
 
+from mpitrain.comm import traffic
 from mpitrain.comm.ring import scratch_buffer
 
 _TAG = 130
@@ -28,7 +29,7 @@ def rd_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
     incoming = scratch_buffer(buf.dtype, buf.size)[: buf.size]
 
     if rank < 2 * extra and rank % 2 == 0:
-        yield [comm.Isend(buf, rank + 1, tag)]
+        yield [traffic.isend(comm, buf, rank + 1, tag)]
         yield [comm.Irecv(buf, rank + 1, tag + 2)]
         return
     if rank < 2 * extra:
@@ -40,9 +41,9 @@ def rd_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
     while mask < pof2:
         partner_folded = folded ^ mask
         partner = 2 * partner_folded + 1 if partner_folded < extra else partner_folded + extra
-        yield [comm.Irecv(incoming, partner, tag + 1), comm.Isend(buf, partner, tag + 1)]
+        yield [comm.Irecv(incoming, partner, tag + 1), traffic.isend(comm, buf, partner, tag + 1)]
         np.add(buf, incoming, out=buf)
         mask <<= 1
 
     if rank < 2 * extra:
-        yield [comm.Isend(buf, rank - 1, tag + 2)]
+        yield [traffic.isend(comm, buf, rank - 1, tag + 2)]

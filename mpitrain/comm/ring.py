@@ -23,6 +23,7 @@ from functools import lru_cache
 import numpy as np
 from mpi4py import MPI
 
+from mpitrain.comm import traffic
 from mpitrain.comm.watchdog import waiting
 
 SEGMENT_BYTES = 1 << 20
@@ -66,17 +67,17 @@ def scratch_buffer(dtype: np.dtype, count: int, cache: dict | None = None) -> np
 
 
 @lru_cache(maxsize=64)
-def segments(length: int, size: int, itemsize: int, segment_bytes: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+def segments(chunks: tuple[tuple[int, int], ...], itemsize: int,
+             segment_bytes: int) -> tuple[tuple[tuple[int, int], ...], ...]:
     """segments[c][s] = [start, stop) of segment s of chunk c; every chunk has the same count."""
-    chunks = chunk_bounds(length, size)
-    largest = chunks[0][1] - chunks[0][0]
+    largest = max(stop - start for start, stop in chunks)
     count = max(1, -(-largest * itemsize // segment_bytes))
     return tuple(
         tuple((start + a, start + b) for a, b in chunk_bounds(stop - start, count)) for start, stop in chunks
     )
 
 
-def _ring_pass(buf: np.ndarray, comm: MPI.Intracomm, reduce: bool, tag: int):
+def _ring_pass(buf: np.ndarray, comm: MPI.Intracomm, reduce: bool, tag: int, chunks=None, cache=None):
     """One pipelined trip around the ring (schedule).
 
     reduce=True (reduce-scatter): step k sends chunk r-k-1 and adds chunk r-k-2 into place.
@@ -86,14 +87,15 @@ def _ring_pass(buf: np.ndarray, comm: MPI.Intracomm, reduce: bool, tag: int):
     parity: only neighbouring steps interleave, and within a tag messages arrive in order.
     """
     size, rank = comm.size, comm.rank
-    bounds = segments(buf.size, size, buf.itemsize, SEGMENT_BYTES)
+    chunks = tuple(chunks) if chunks is not None else tuple(chunk_bounds(buf.size, size))
+    bounds = segments(chunks, buf.itemsize, SEGMENT_BYTES)
     per_chunk = len(bounds[0])
     units = (size - 1) * per_chunk
     window = min(WINDOW, units)
     right, left = (rank + 1) % size, (rank - 1) % size
     first = 1 if reduce else 0
-    slot = bounds[0][0][1] - bounds[0][0][0]  # the largest segment
-    scratch = scratch_buffer(buf.dtype, window * slot) if reduce else None
+    slot = max(b - a for chunk in bounds for a, b in chunk)  # the largest segment
+    scratch = scratch_buffer(buf.dtype, window * slot, cache) if reduce else None
 
     def region(unit: int, behind: int) -> tuple[int, int]:
         step, seg = divmod(unit, per_chunk)
@@ -110,7 +112,7 @@ def _ring_pass(buf: np.ndarray, comm: MPI.Intracomm, reduce: bool, tag: int):
 
     def post_send(unit: int) -> MPI.Request:
         start, stop = region(unit, 0)
-        return comm.Isend(buf[start:stop], right, tag + (unit // per_chunk) % 2)
+        return traffic.isend(comm, buf[start:stop], right, tag + (unit // per_chunk) % 2)
 
     receives = [post_recv(u) for u in range(window)]
     sends = [post_send(u) for u in range(min(window, per_chunk))]
@@ -131,21 +133,23 @@ def _ring_pass(buf: np.ndarray, comm: MPI.Intracomm, reduce: bool, tag: int):
     yield sends
 
 
-def reduce_scatter_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_REDUCE_SCATTER):
-    """Schedule: afterwards buf[chunk_bounds(n, p)[rank]] holds the sum over ranks of that chunk."""
+def reduce_scatter_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_REDUCE_SCATTER, cache=None):
+    """Schedule: afterwards buf[chunk_bounds(n, p)[rank]] holds the sum over ranks of that chunk.
+    `cache`: the scratch_buffer cache to receive into (see scratch_buffer)."""
     if comm.size > 1 and buf.size:
-        yield from _ring_pass(buf, comm, True, tag)
+        yield from _ring_pass(buf, comm, True, tag, cache=cache)
 
 
-def allgather_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_ALLGATHER):
-    """Schedule: rank q's chunk chunk_bounds(n, p)[q] is copied into every rank's buf."""
+def allgather_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_ALLGATHER, chunks=None):
+    """Schedule: rank q's chunk chunk_bounds(n, p)[q] (or `chunks`[q], [start, stop) per rank, for
+    unequal slices such as a tensor group's columns) is copied into every rank's buf."""
     if comm.size > 1 and buf.size:
-        yield from _ring_pass(buf, comm, False, tag)
+        yield from _ring_pass(buf, comm, False, tag, chunks)
 
 
-def ring_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_REDUCE_SCATTER):
+def ring_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_REDUCE_SCATTER, cache=None):
     """Schedule of the ring all-reduce: buf <- sum over ranks, in place."""
-    yield from reduce_scatter_schedule(buf, comm, tag)
+    yield from reduce_scatter_schedule(buf, comm, tag, cache)
     yield from allgather_schedule(buf, comm, tag + 2)
 
 

@@ -181,6 +181,9 @@ class Batches:
 
     def __init__(self, data: RankData, dataset: H5Dataset, backend: Backend, config: TrainConfig):
         self.data, self.dataset, self.backend = data, dataset, backend
+        # Set when the last batch read held a NaN or Inf: the loop's per-step agreement stops every
+        # rank with it, since raising here alone would strand the ranks waiting for this one.
+        self.bad_input: str | None = None
         self.dtype = np.dtype(config.dtype)
         self.label_dtype = np.int64 if config.loss == "ce" else self.dtype
         if data.own_x is not None:
@@ -195,7 +198,6 @@ class Batches:
                 index = xp.asarray(rows)
                 yield self.own_x[index], self.own_y[index]
             else:
-                # A NaN read here makes this rank's loss non-finite, which the per-step agreement
-                # (--on-nan) acts on at every rank alike; raising here alone would strand the others.
                 x, y = self.dataset.read(rows)
+                self.bad_input = nonfinite_row(x, rows, self.dataset)
                 yield xp.asarray(x, dtype=self.dtype), xp.asarray(y, dtype=self.label_dtype)

@@ -1,7 +1,9 @@
-"""Dense layer and activations, each forward next to its backward.
+"""The dense layer and the activations, each forward next to its backward.
 
-Shapes: a batch is (B, features). Every layer caches what its backward needs during forward, so call
-forward then backward once per step. `xp` is the numpy or cupy module; only API common to both is used.
+Shapes: a batch is (B, features). forward returns (y, saved) and backward takes `saved` back, so
+the caller decides how long what backward needs is kept: a pipeline stage keeps several
+micro-batches in flight, evaluation keeps nothing. `xp` is the numpy or cupy module; only API
+common to both is used.
 """
 
 import numpy as np
@@ -23,68 +25,86 @@ def weight_init(rng: np.random.Generator, fan_in: int, fan_out: int, kind: str) 
 
 
 class Linear:
-    """Y = X W + b with X (B, in), W (in, out), b (out,).
+    """Y = X A + b with X (B, in), A (in, out), b (out,), all of A and b on this rank.
 
-    W, b and their gradients are views into the model's flat buffers (see `bind`), so the optimizer
-    and the gradient all-reduce see every layer as one contiguous array.
+    The tensor-parallel layers (parallel/layers.py) are this layer holding a slice of A and b:
+    `weight_index` and `bias_index` say which part of the unsliced (in, out) and (out,) arrays
+    this rank holds (all of them here). A, b and their gradients are views into the model's flat
+    buffers (see `bind`), so the optimizer and the gradient all-reduce see one contiguous array.
     """
 
-    def __init__(self, xp, n_in: int, n_out: int):
-        self.xp = xp
-        self.n_in, self.n_out = n_in, n_out
-        self.weight = self.bias = self.grad_weight = self.grad_bias = None
+    def __init__(self, xp, n_in: int, n_out: int, weight_rows: slice = slice(None),
+                 weight_cols: slice = slice(None), bias_cols: slice = slice(None)):
+        self.xp, self.n_in, self.n_out = xp, n_in, n_out
+        self.weight_index = (weight_rows, weight_cols)
+        self.bias_index = bias_cols
+        self.weight_shape = (len(range(n_in)[weight_rows]), len(range(n_out)[weight_cols]))
+        self.bias_size = len(range(n_out)[bias_cols])
+        self.weight = self.bias = self.grad_weight = self.grad_bias = self.scratch = None
 
-    @staticmethod
-    def n_params(n_in: int, n_out: int) -> int:
-        return n_in * n_out + n_out
+    @property
+    def n_params(self) -> int:
+        """Parameters held on this rank: weight then bias, in the flat buffer."""
+        return self.weight_shape[0] * self.weight_shape[1] + self.bias_size
 
-    def bind(self, params, grads):
-        """Carve W, b (and dW, db) out of 1-D slices of length n_params: weight first, then bias."""
-        n_w = self.n_in * self.n_out
-        self.weight = params[:n_w].reshape(self.n_in, self.n_out)
+    def bind(self, params, grads, scratch=None):
+        """Carve A then b out of 1-D slices of length n_params; `scratch` is a 1-D buffer of at
+        least A's size to accumulate weight gradients in, or None when they never accumulate."""
+        n_w = self.weight_shape[0] * self.weight_shape[1]
+        self.weight = params[:n_w].reshape(self.weight_shape)
         self.bias = params[n_w:]
-        self.grad_weight = grads[:n_w].reshape(self.n_in, self.n_out)
+        self.grad_weight = grads[:n_w].reshape(self.weight_shape)
         self.grad_bias = grads[n_w:]
+        self.scratch = None if scratch is None else scratch[:n_w].reshape(self.weight_shape)
+
+    def write_grads(self, x, dy, accumulate: bool):
+        """dA (+)= X^T dY, db (+)= sum_B dY; accumulating (micro-batches of one step) goes through
+        the scratch buffer, so no weight-sized array is allocated per call."""
+        if accumulate:
+            self.xp.matmul(x.T, dy, out=self.scratch)
+            self.grad_weight += self.scratch
+            self.grad_bias += dy.sum(axis=0)
+        else:
+            self.xp.matmul(x.T, dy, out=self.grad_weight)
+            self.xp.sum(dy, axis=0, out=self.grad_bias)
 
     def forward(self, x):
-        self.x = x
+        """(B, in) -> ((B, out), saved)."""
         y = self.xp.matmul(x, self.weight)
         y += self.bias
-        return y
+        return y, x
 
-    def backward(self, dy, need_dx: bool = True):
-        """dW = X^T dY and db = sum_B dY, written into the grad views; returns dX = dY W^T.
-
-        need_dx=False skips dX for the first layer, whose input is data: that is a third of its backward.
-        """
-        self.xp.matmul(self.x.T, dy, out=self.grad_weight)
-        self.xp.sum(dy, axis=0, out=self.grad_bias)
+    def backward(self, dy, x, need_dx: bool = True, accumulate: bool = False):
+        """Write dA, db; return dX = dY A^T, or None with need_dx=False (the first layer, whose
+        input is data: a third of its backward)."""
+        self.write_grads(x, dy, accumulate)
         return self.xp.matmul(dy, self.weight.T) if need_dx else None
 
 
 class ReLU:
-    """y = max(x, 0); dx = dy where x > 0, else 0."""
+    """y = max(x, 0); dx = dy where x > 0, else 0. Saves the mask (one byte per element)."""
 
-    def __init__(self, xp):
-        self.xp = xp
+    @staticmethod
+    def forward(xp, x):
+        y = xp.maximum(x, 0)
+        return y, y > 0
 
-    def forward(self, x):
-        self.mask = x > 0
-        return self.xp.maximum(x, 0)
-
-    def backward(self, dy):
-        return dy * self.mask
+    @staticmethod
+    def backward(dy, mask):
+        return dy * mask
 
 
 class Tanh:
-    """y = tanh(x); dx = dy (1 - y^2), from the cached output so backward needs no second tanh."""
+    """y = tanh(x); dx = dy (1 - y^2), from the saved output so backward needs no second tanh."""
 
-    def __init__(self, xp):
-        self.xp = xp
+    @staticmethod
+    def forward(xp, x):
+        y = xp.tanh(x)
+        return y, y
 
-    def forward(self, x):
-        self.y = self.xp.tanh(x)
-        return self.y
+    @staticmethod
+    def backward(dy, y):
+        return dy * (1 - y * y)
 
-    def backward(self, dy):
-        return dy * (1 - self.y * self.y)
+
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh}

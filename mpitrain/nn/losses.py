@@ -56,3 +56,8 @@ class MeanSquaredError:
     def backward(self, scale: float):
         """d(scale * L)/dp = scale * 2 (p - t) / K, shape (B, K)."""
         return self.diff * (2 * scale / self.diff.shape[1])
+
+
+def make_loss(kind: str, xp):
+    """'ce' -> SoftmaxCrossEntropy, 'mse' -> MeanSquaredError, on array module xp."""
+    return SoftmaxCrossEntropy(xp) if kind == "ce" else MeanSquaredError(xp)

@@ -10,7 +10,7 @@ column apart; a slice may be empty). With X (B, in) and A split into column bloc
     ScatterToTP   forward: keep own slice    backward: all-gather slices    (X_t = X[:, own])
 
 A column -> activation -> row block is CopyToTP ... ReduceFromTP: one sum in forward, one in
-backward. Sums and gathers are the ring collectives of parallel/p2p.py on the group's own
+backward. Sums and gathers are comm/ring.py's ring collectives on the group's own
 communicator; CuPy arrays pass through host memory because the MPI wheel is not CUDA-aware.
 """
 
@@ -18,17 +18,21 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.backend import to_host
-from mpitrain.comm.ring import chunk_bounds
-from mpitrain.parallel import p2p
+from mpitrain.comm import traffic
+from mpitrain.comm.ring import allgather_schedule, chunk_bounds, complete, ring_schedule
 
 
 class TensorGroup:
     """The T ranks that share every sliced layer of one pipeline stage, and the bytes they have sent."""
 
-    def __init__(self, comm: MPI.Intracomm, xp=np):
+    def __init__(self, comm: MPI.Intracomm | None, xp=np):
+        """comm None: a group of one (no tensor parallelism), which never communicates."""
         self.comm, self.xp = comm, xp
-        self.rank, self.size = comm.rank, comm.size
+        self.rank, self.size = (comm.rank, comm.size) if comm is not None else (0, 1)
         self.bytes_sent = 0
+        # The exchanges run inside backward while a gradient bucket's ring may have receives
+        # posted into the collectives' shared scratch: the group receives into its own.
+        self._scratch: dict = {}
 
     def bounds(self, width: int) -> list[tuple[int, int]]:
         """[start, stop) of every rank's column slice of a `width`-wide activation."""
@@ -43,7 +47,9 @@ class TensorGroup:
         if self.size == 1:
             return a
         host = to_host(a)
-        self.bytes_sent += p2p.allreduce(host.reshape(-1), self.comm)
+        before = traffic.sent()
+        complete(ring_schedule(host.reshape(-1), self.comm, cache=self._scratch), "tensor-parallel sum")
+        self.bytes_sent += traffic.sent() - before
         if host is not a:
             a.set(host)
         return a
@@ -62,7 +68,9 @@ class TensorGroup:
         flat = np.empty(rows * width, dtype=local.dtype)
         start, stop = flat_bounds[self.rank]
         flat[start:stop] = to_host(local).reshape(-1)
-        self.bytes_sent += p2p.allgather(flat, self.comm, flat_bounds)
+        before = traffic.sent()
+        complete(allgather_schedule(flat, self.comm, chunks=flat_bounds), "tensor-parallel all-gather")
+        self.bytes_sent += traffic.sent() - before
         blocks = [flat[rows * a:rows * b].reshape(rows, b - a) for a, b in column_bounds]
         return self.xp.asarray(np.concatenate(blocks, axis=1))
 

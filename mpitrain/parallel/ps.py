@@ -39,17 +39,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import CPU, limit_blas_threads
+from mpitrain.backend import CPU, limit_blas_threads, select_backend
 from mpitrain.comm import agree
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
-from mpitrain.errors import MpitrainError
-from mpitrain.nn.layers import Linear
-from mpitrain.nn.model import Sequential, parse_widths
-from mpitrain.optim import schedule
-from mpitrain.parallel.state import load_whole_model
-from mpitrain.report import Reporter, TrainResult
-from mpitrain.train import RankSetup, evaluate, make_optimizer, prepare_rank, save_model, total_steps
+from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_dataset
+from mpitrain.errors import MpitrainError, error_of
+from mpitrain.nn.losses import make_loss
+from mpitrain.nn.model import Model, full_shapes, parse_widths
+from mpitrain.optim import make_optimizer, schedule
+from mpitrain.parallel.pipeline import StageLink
+from mpitrain.parallel.stage import Stage
+from mpitrain.parallel.state import init_from
+from mpitrain.report import Reporter, TrainResult, validation_metrics
 
 TAG_GRAD = 61
 TAG_PARAMS = 62
@@ -122,7 +124,7 @@ class WorkerLink:
     staged through host copies (the MPICH wheel is not CUDA-aware).
     """
 
-    def __init__(self, comm: MPI.Intracomm, roles: Roles, model: Sequential):
+    def __init__(self, comm: MPI.Intracomm, roles: Roles, model: Model):
         self.comm, self.roles, self.model = comm, roles, model
         self.on_host = isinstance(model.params, np.ndarray)
         if self.on_host:
@@ -198,7 +200,7 @@ class Server:
         self.comm, self.roles, self.config, self.steps = comm, roles, config, steps
         self.params = params
         self.grads = np.zeros_like(params)
-        self.optimizer = make_optimizer(config, self)  # it reads .params and .grads, like a model's
+        self.optimizer = make_optimizer(config, self.params, self.grads)
         self.version = 0
         self.pulled = [0] * roles.n_workers
         self.stats = ServerStats([0] * roles.n_workers)
@@ -297,24 +299,48 @@ class Server:
 # ---------------------------------------------------------------------------- the worker
 
 
+class Worker:
+    """A worker's setup: its backend, rows, batches and whole model, and the Stage that runs its
+    forward and backward (the step code of every layout, with one stage and one micro-batch)."""
+
+    def __init__(self, config: TrainConfig, widths: list[int], comm: MPI.Intracomm):
+        self.config = config
+        self.backend = backend = select_backend(config.device, comm)
+        if config.data is None:
+            config.data = ensure_synthetic(config, widths, comm)
+        self.dataset = open_dataset(config, widths, comm)
+        self.data = load_rank_data(self.dataset, config, widths[-1], comm)
+        self.batches = Batches(self.data, self.dataset, backend, config)
+        xp = backend.xp
+        self.model = Model(widths, config.activation, xp, config.dtype, config.seed)
+        self.stage = Stage(self.model, StageLink(MPI.COMM_SELF, xp), make_loss(config.loss, xp), [("F", 0), ("B", 0)],
+                           1, first_stage=True, last_stage=True)
+        self.val_x = xp.asarray(self.data.val_x, dtype=np.dtype(config.dtype))
+        self.val_y = xp.asarray(self.data.val_y, dtype=self.batches.label_dtype)
+
+    def pieces(self):
+        return [(name, index, {"param": view}) for name, index, view, _ in self.model.shards()]
+
+    def evaluate(self, comm: MPI.Intracomm) -> dict:
+        """Validation over every worker's rows of comm under the θ each holds. Collective on comm."""
+        totals = self.stage.evaluate(self.val_x, self.val_y, True)
+        comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+        return validation_metrics(totals, self.config)
 
 
-def work(worker: RankSetup, link: WorkerLink, config: TrainConfig, report: Reporter) -> list[dict]:
+def work(worker: Worker, link: WorkerLink, config: TrainConfig, report: Reporter) -> list[dict]:
     """Compute and push gradients of this worker's batches, epoch after epoch, until told to stop.
 
     Returns one entry per epoch this worker began: gradients pushed, samples, loss sum, seconds, and
     validation of its own rows under the θ it holds at the epoch's end (no message to other workers).
     """
-    model, loss = worker.model, worker.loss
     scale = 1.0 / config.batch_size
     epochs, epoch = [], 0
     go = link.pull()
     while go:
         started, loss_sum, pushes, samples = time.perf_counter(), 0.0, 0, 0
         for x, y in worker.batches.epoch(epoch, worker.data.steps_per_epoch):
-            out = model.forward(x)
-            loss_sum += float(loss.forward(out, y))
-            model.backward(loss.backward(scale))
+            loss_sum += worker.stage.forward_backward(x, y, scale)
             go = link.push_pull()
             pushes += 1
             samples += len(x)
@@ -322,7 +348,7 @@ def work(worker: RankSetup, link: WorkerLink, config: TrainConfig, report: Repor
             if not go:
                 break
         seconds = time.perf_counter() - started
-        val = evaluate(model, loss, worker.val_x, worker.val_y, config, MPI.COMM_SELF)
+        val = worker.evaluate(MPI.COMM_SELF)
         epochs.append({"pushes": pushes, "samples": samples, "loss_sum": loss_sum, "seconds": seconds,
                        "val": val, "val_rows": len(worker.val_x)})
         epoch += 1
@@ -368,12 +394,12 @@ def server_summary(config: TrainConfig, stats: list[ServerStats]) -> dict:
 # ---------------------------------------------------------------------------- the run
 
 
-def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
-    """Train under `config` with workers and parameter servers on the ranks of `comm`; every rank
-    returns the same result, whose last history record holds the servers' counts. Collective on comm."""
+def run(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
+    """Train under `config` with workers and parameter servers on the ranks of comm; every rank
+    returns the same result, whose last history record holds the servers' counts. Collective."""
     check_config(config, comm.size)
     widths = parse_widths(config.model)
-    n_params = sum(Linear.n_params(n_in, n_out) for n_in, n_out in zip(widths[:-1], widths[1:]))
+    n_params = sum(int(np.prod(shape)) for shape in full_shapes(widths).values())
     roles = Roles(comm.rank, comm.size - config.servers, tuple(chunk_bounds(n_params, config.servers)))
     ps = comm.Dup()
     workers = comm.Split(MPI.UNDEFINED if roles.is_server else 0, comm.rank)
@@ -382,26 +408,22 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     worker, error = None, None
     if not roles.is_server:
         try:
-            worker = prepare_rank(config, widths, workers)
+            worker = Worker(config, widths, workers)
         except MpitrainError as exc:
             error = exc
     agree(comm, error)
-    steps = comm.bcast(total_steps(config, worker.data.steps_per_epoch) if comm.rank == 0 else None, root=0)
+    steps = comm.bcast(worker.data.steps_per_epoch if comm.rank == 0 else None, root=0)
+    steps = config.steps if config.steps is not None else config.epochs * steps
     schedule(config.schedule, config.lr, 0, steps, config.warmup_steps)  # a bad warm-up fails here, everywhere
 
     # Servers build the model on the host from the same seed, so their θ starts as the workers' does.
-    model = worker.model if worker else Sequential(widths, config.activation, np, np.dtype(config.dtype), config.seed)
+    model = worker.model if worker else Model(widths, config.activation, np, config.dtype, config.seed)
     if config.init_from:
-        load_whole_model(config.init_from, model, comm)
+        init_from(config.init_from, [(name, index, {"param": view}) for name, index, view, _ in model.shards()],
+                  widths, comm)
     report = Reporter(config, comm.size, steps, comm.rank == 0)
-    error = None
-    try:
-        report.start(worker.backend if worker else CPU, threads)
-        if report.is_root:
-            report.say(describe(config, roles))
-    except MpitrainError as exc:
-        error = exc
-    agree(comm, error)
+    agree(comm, error_of(report.start, worker.backend if worker else CPU, threads))
+    report.say(describe(config, roles))
 
     if roles.is_server:
         a, b = roles.bounds[roles.server_index]
@@ -417,7 +439,7 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     if not roles.is_server:
         if not link.on_host:
             model.params.set(theta)
-        final_val = evaluate(model, worker.loss, worker.val_x, worker.val_y, config, workers)
+        final_val = worker.evaluate(workers)
         worker.dataset.close()
         workers.Free()
     outcomes = ps.gather(outcome, root=0)
@@ -433,6 +455,4 @@ def train_ps(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
 
     result = TrainResult(model.state(), report.history)
     report.finish(result)
-    if config.save:
-        save_model(config, result, comm)
     return result

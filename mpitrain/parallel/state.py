@@ -1,8 +1,13 @@
-"""One model format for every layout: full, unsliced parameters named as a data-parallel run names them.
+"""One on-disk layout for every run layout: full, unsliced arrays named as the whole model names them.
 
-Saving gathers every shard to world rank 0 and lays it into the unsliced arrays (`0/weight` (in,
-out), `0/bias`, ...), so a file written under --tp 2 --pp 2 is the file a one-process run writes.
-Loading goes the other way: each rank reads only its shards' hyperslabs of the file.
+A rank's holdings are *pieces*: (parameter name, index into the unsliced parameter, {buffer:
+local view}) with buffers 'param' and the optimizer's ('m', 'v', 'velocity'). An index is a tuple
+of slices (a tensor-parallel shard, or everything), or ('flat', a, b) for a range of the raveled
+parameter (a parameter server's range of the flat buffer).
+
+Saving gathers the pieces of one copy of the model (ranks with holds_copy) to rank 0, which lays
+them into unsliced arrays: a file written under --tp 2 --pp 2 is the file a one-process run
+writes. Loading goes the other way: every rank reads only its pieces' hyperslabs.
 """
 
 import h5py
@@ -10,64 +15,139 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.backend import to_host
+from mpitrain.checkpoint import is_checkpoint, verify_checkpoint
 from mpitrain.comm import agree
 from mpitrain.errors import MpitrainError
-from mpitrain.parallel.model import full_shapes, parameter_names
+from mpitrain.nn.model import full_shapes
+
+_TAG_PIECE = 71
 
 
-def gather_full_state(shards, holds_copy: bool, widths: list[int], dtype, comm: MPI.Intracomm) -> dict:
-    """{name: unsliced host array} on every rank of comm, from each rank's (name, index, view) shards.
+def _flat_rows(key, shape) -> tuple[slice, int, int]:
+    """For a ('flat', a, b) key of a parameter of `shape`: the leading-axis rows covering [a, b)
+    and where [a, b) starts and stops within those rows, raveled."""
+    _, a, b = key
+    per_row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    first, last = a // per_row, -(-b // per_row)
+    return slice(first, last), a - first * per_row, b - first * per_row
 
-    Only ranks with holds_copy send (one data-parallel replica is enough); rank 0 assembles and
-    broadcasts. Replicated parameters arrive from several ranks with the same values. Collective.
+
+def read_piece(dataset, key) -> np.ndarray:
+    """dataset[key] for an unsliced-index key, reading only that hyperslab (h5py dataset or array)."""
+    if key and key[0] == "flat":
+        rows, start, stop = _flat_rows(key, dataset.shape)
+        return np.asarray(dataset[rows]).reshape(-1)[start:stop]
+    return np.asarray(dataset[key])
+
+
+def write_piece(full: np.ndarray, key, array) -> None:
+    if key and key[0] == "flat":
+        full.reshape(-1)[key[1]:key[2]] = np.asarray(array).reshape(-1)
+    else:
+        full[key] = array
+
+
+def gather_pieces(pieces, buffers: list[str], holds_copy: bool, widths: list[int], dtype,
+                  comm: MPI.Intracomm) -> dict[str, dict[str, np.ndarray]] | None:
+    """{buffer: {name: unsliced host array}} on rank 0 of comm (None elsewhere), from the pieces of
+    every rank with holds_copy. Collective on comm.
+
+    Piece descriptions travel as small Python objects; the arrays as raw buffers, rank by rank, so
+    rank 0 holds one message's worth beyond the result. A rank whose copy rank 0 already holds
+    (holds_copy False) sends nothing: under pure data parallelism that is every rank but 0.
     """
-    mine = [(name, index, to_host(view).copy()) for name, index, view in shards] if holds_copy else []
-    everyone = comm.gather(mine, root=0)
-    full = None
-    if comm.rank == 0:
-        full = {name: np.empty(shape, dtype=dtype) for name, shape in full_shapes(widths).items()}
-        for pieces in everyone:
-            for name, index, array in pieces:
-                full[name][index] = array
-    return comm.bcast(full, root=0)
+    mine = [(name, key, tuple(views["param"].shape)) for name, key, views in pieces] if holds_copy else []
+    described = comm.gather(mine, root=0)
+    if comm.rank != 0:
+        for name, key, views in (pieces if holds_copy else []):
+            for buffer in buffers:
+                comm.Send(np.ascontiguousarray(to_host(views[buffer])), dest=0, tag=_TAG_PIECE)
+        return None
+    shapes = full_shapes(widths)
+    full = {buffer: {name: np.zeros(shape, dtype=dtype) for name, shape in shapes.items()} for buffer in buffers}
+    for name, key, views in (pieces if holds_copy else []):
+        for buffer in buffers:
+            write_piece(full[buffer][name], key, to_host(views[buffer]))
+    for source in range(1, comm.size):
+        for name, key, shape in described[source]:
+            for buffer in buffers:
+                incoming = np.empty(shape, dtype=dtype)
+                comm.Recv(incoming, source=source, tag=_TAG_PIECE)
+                write_piece(full[buffer][name], key, incoming)
+    return full
 
 
-def check_parameter_file(handle: h5py.File, path: str, widths: list[int]) -> None:
-    """The file holds every parameter of the model with its unsliced shape (other datasets are ignored)."""
+def full_parameters(strategy, widths: list[int], dtype, comm: MPI.Intracomm) -> dict[str, np.ndarray]:
+    """{name: unsliced host array} on every rank of comm. Collective."""
+    full = gather_pieces(strategy.pieces(), ["param"], strategy.holds_copy, widths, dtype, comm)
+    params = full["param"] if full is not None else None
+    if comm.size == 1:
+        return params
+    names = list(full_shapes(widths))
+    if comm.rank != 0:
+        params = {name: np.empty(shape, dtype=dtype) for name, shape in full_shapes(widths).items()}
+    for name in names:
+        comm.Bcast(params[name], root=0)
+    return params
+
+
+def load_pieces(pieces, source, buffers: dict[str, str]) -> None:
+    """views[buffer] <- read_piece(source[prefix + name], key) for every piece and every
+    (buffer, prefix) in `buffers`; `source` is an open h5py.File (or a dict of arrays)."""
+    for name, key, views in pieces:
+        for buffer, prefix in buffers.items():
+            view = views[buffer]
+            xp_array = np.asarray(read_piece(source[prefix + name], key)).reshape(view.shape)
+            view[...] = _like(view, xp_array)
+
+
+def _like(view, host: np.ndarray):
+    """host converted to view's array module and dtype (CuPy views take a device copy)."""
+    if isinstance(view, np.ndarray):
+        return host.astype(view.dtype, copy=False)
+    import cupy
+
+    return cupy.asarray(host, dtype=view.dtype)
+
+
+def check_parameter_file(handle: h5py.File, path: str, widths: list[int], prefix: str = "") -> None:
+    """The file holds every parameter of the model with its unsliced shape, as floats."""
     for name, shape in full_shapes(widths).items():
-        if name not in handle or not isinstance(handle[name], h5py.Dataset):
-            raise MpitrainError(f"{path}: no dataset '{name}' for --model {'-'.join(map(str, widths))}")
-        dataset = handle[name]
-        if dataset.shape != shape:
-            raise MpitrainError(f"{path}: '{name}' has shape {dataset.shape} but the model needs {shape}")
-        if dataset.dtype.kind != "f":
-            raise MpitrainError(f"{path}: '{name}' has dtype {dataset.dtype}, not a float")
+        item = handle.get(prefix + name)
+        if not isinstance(item, h5py.Dataset):
+            raise MpitrainError(f"{path}: no dataset '{prefix + name}' for --model {'-'.join(map(str, widths))}")
+        if item.shape != shape:
+            raise MpitrainError(f"{path}: '{prefix + name}' has shape {item.shape} but --model "
+                                f"{'-'.join(map(str, widths))} needs {shape}")
+        if item.dtype.kind != "f":
+            raise MpitrainError(f"{path}: '{prefix + name}' has dtype {item.dtype}, not a float")
 
 
-def load_parameter_file(path: str, widths: list[int], load, comm: MPI.Intracomm) -> None:
-    """Check `path` against the model, then call load((name, h5py dataset) pairs) to copy shards out.
-
-    Every rank opens the file (reading only what `load` indexes) and every rank raises alike if
-    any rank could not. Collective on comm.
-    """
-    error = None
+def init_from(path: str, pieces, widths: list[int], comm: MPI.Intracomm) -> None:
+    """--init-from: copy this rank's pieces of the parameters from a --save file or a checkpoint
+    (its 'model/' group; the digest is verified first). Every rank reads only its hyperslabs and
+    every rank raises alike if any rank could not. Collective on comm."""
+    error, prefix = None, ""
     try:
-        with h5py.File(path, "r") as handle:
-            check_parameter_file(handle, path, widths)
-            load((name, handle[name]) for name in parameter_names(widths))
-    except MpitrainError as exc:
-        error = exc
+        with h5py.File(path, "r", locking=False) as handle:
+            if is_checkpoint(handle):
+                prefix = "model/"
     except FileNotFoundError:
         error = MpitrainError(f"--init-from {path}: file not found")
     except OSError as exc:
-        error = MpitrainError(f"--init-from {path}: not a readable HDF5 file ({exc})")
+        error = MpitrainError(f"--init-from {path}: not a readable HDF5 file ({str(exc).splitlines()[0]})")
+    if error is None and prefix and comm.rank == 0:
+        try:
+            verify_checkpoint(path)
+        except MpitrainError as exc:
+            error = MpitrainError(f"--init-from {exc}")
     agree(comm, error)
-
-
-def load_whole_model(path: str, model, comm: MPI.Intracomm) -> None:
-    """--init-from for a data-parallel nn.Sequential: every parameter read whole. Collective on comm."""
-
-    def load(named):
-        model.load_state({name: np.asarray(dataset[()]) for name, dataset in named})
-
-    load_parameter_file(path, model.widths, load, comm)
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            check_parameter_file(handle, path, widths, prefix)
+            load_pieces(pieces, handle, {"param": prefix})
+    except MpitrainError as exc:
+        error = exc
+    except OSError as exc:
+        error = MpitrainError(f"--init-from {path}: reading failed ({str(exc).splitlines()[0]})")
+    agree(comm, error)

@@ -1,0 +1,131 @@
+"""`auto`: which all-reduce to run for a buffer of n bytes, from thresholds measured on the machine.
+
+    MPITRAIN_TUNE_FILE=run.json mpirun -n 4 ...    # read thresholds from another file
+
+The thresholds are written by `mpitrain tune` (comm/tune.py, which measures with the collectives
+and so sits above them; this module sits below them).
+
+A layout is (world size, node count), keyed "p4-n1". Its thresholds are [below_bytes, algorithm]
+pairs in increasing order, the last one open-ended (null): a buffer of n bytes uses the first
+algorithm whose bound exceeds n. The cache file holds one entry per layout plus the timings it
+was fitted from. Layouts missing from the file fall back to DEFAULTS, measured on a 2-core
+machine with the MPICH 5 wheel; with several nodes and no measurements `auto` means MPI's own
+Allreduce, since a cluster's MPI is tuned for its network and ours was not.
+
+Rank 0 reads the file and broadcasts the table, so every rank of a job makes the same choice
+even if the ranks' file systems disagree.
+"""
+
+import bisect
+import json
+import os
+
+from mpi4py import MPI
+
+from mpitrain.comm.hier import node_group
+from mpitrain.errors import MpitrainError
+
+ENV_FILE = "MPITRAIN_TUNE_FILE"
+CANDIDATES = ("mpi", "rd", "hier", "ring")
+FORMAT = 1
+
+KiB, MiB = 1 << 10, 1 << 20
+# Measured on 2 shared cores with MPICH 5.0.2 (benchmarks/allreduce.py, `mpitrain tune`): MPI's
+# own Allreduce is hard to beat below 16 KiB (one Python call costs what its whole exchange
+# does); the shared-memory node sum wins while its 2L + 1 slots fit the 32 MiB L3 cache (to
+# 4 MiB at 2 ranks, 2 MiB at 4); at 4 ranks MPI and the ring tie from 2 to 8 MiB; the pipelined
+# ring wins above (2-3x MPI from 64 MiB).
+DEFAULTS = {
+    "p2-n1": [[16 * KiB, "mpi"], [4 * MiB, "hier"], [None, "ring"]],
+    "p4-n1": [[16 * KiB, "mpi"], [2 * MiB, "hier"], [8 * MiB, "mpi"], [None, "ring"]],
+}
+
+
+def cache_path() -> str:
+    """MPITRAIN_TUNE_FILE, else $XDG_CACHE_HOME/mpitrain/allreduce-tune.json (~/.cache by default)."""
+    if os.environ.get(ENV_FILE):
+        return os.environ[ENV_FILE]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "mpitrain", "allreduce-tune.json")
+
+
+def layout_key(world_size: int, nodes: int) -> str:
+    return f"p{world_size}-n{nodes}"
+
+
+def default_table(world_size: int, nodes: int) -> list:
+    """DEFAULTS for this layout, the nearest measured world size on one node, MPI on several."""
+    if nodes > 1:
+        return [[None, "mpi"]]
+    key = layout_key(world_size, 1)
+    if key in DEFAULTS:
+        return DEFAULTS[key]
+    return DEFAULTS["p2-n1"] if world_size <= 2 else DEFAULTS["p4-n1"]
+
+
+class Thresholds:
+    """nbytes -> algorithm by bisection over the upper bounds of a table."""
+
+    def __init__(self, table: list):
+        self.bounds = [bound for bound, _ in table[:-1]]
+        self.names = [name for _, name in table]
+
+    def __call__(self, nbytes: int) -> str:
+        return self.names[bisect.bisect_right(self.bounds, nbytes)]
+
+
+def check_table(table, where: str) -> list:
+    """A well-formed threshold list (increasing bounds, known algorithms, last bound null)."""
+    ok = isinstance(table, list) and len(table) > 0 and all(
+        isinstance(entry, list) and len(entry) == 2 and entry[1] in CANDIDATES for entry in table
+    )
+    bounds = [entry[0] for entry in table[:-1]] if ok else []
+    if not ok or table[-1][0] is not None or not all(isinstance(b, int) for b in bounds) or bounds != sorted(bounds):
+        raise MpitrainError(f"{where}: thresholds must be [[bytes, algorithm], ..., [null, algorithm]] "
+                            f"with increasing bytes and algorithms from {', '.join(CANDIDATES)}")
+    return table
+
+
+def read_file(path: str) -> dict:
+    """The cache file's contents ({} when it does not exist); MpitrainError when it is unreadable."""
+    try:
+        with open(path) as handle:
+            contents = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise MpitrainError(f"{path}: cannot read the all-reduce tuning file ({exc})") from None
+    if not isinstance(contents, dict) or contents.get("format") != FORMAT:
+        raise MpitrainError(f"{path}: not an mpitrain tuning file of format {FORMAT}")
+    return contents
+
+
+def load_table(world_size: int, nodes: int) -> list:
+    """This layout's thresholds from the cache file, or the defaults."""
+    path = cache_path()
+    entry = read_file(path).get("layouts", {}).get(layout_key(world_size, nodes))
+    if entry is None:
+        return default_table(world_size, nodes)
+    return check_table(entry.get("thresholds"), f"{path}: {layout_key(world_size, nodes)}")
+
+
+_KEYVAL = MPI.Comm.Create_keyval()
+
+
+def choose(nbytes: int, comm: MPI.Intracomm) -> str:
+    """The algorithm `auto` runs for nbytes on comm. Collective on the first call for a comm."""
+    thresholds = comm.Get_attr(_KEYVAL)
+    if thresholds is None:
+        nodes = node_group(comm).nodes
+        table, error = None, None
+        if comm.rank == 0:
+            try:
+                table = load_table(comm.size, nodes)
+            except MpitrainError as exc:
+                error = str(exc)
+        table, error = comm.bcast((table, error), root=0)
+        if error is not None:
+            raise MpitrainError(error)
+        thresholds = Thresholds(table)
+        comm.Set_attr(_KEYVAL, thresholds)
+    return thresholds(nbytes)

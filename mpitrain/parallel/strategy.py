@@ -1,0 +1,111 @@
+"""The layout's part of a training step, chosen once from the flags; the loop never asks which.
+
+    strategy = GridStrategy(config, comm, widths, backend)   # dp x tp x pp; data parallel is tp = pp = 1
+    loss_sum = strategy.forward_backward(x, y)              # schedule, and the bucketed gradient sum
+    strategy.update(lr)                                     # optimizer step on this rank's shards
+
+Data parallelism is the grid with one tensor rank and one stage: the same model class, the same
+Stage, the same GradientSync (buckets of whole layers, last first, overlapped with backward) over
+the data-parallel group. The parameter server's workers have a strategy of their own (ps.py) that
+reuses the Stage and sends gradients to the servers instead of summing them.
+"""
+
+import numpy as np
+from mpi4py import MPI
+
+from mpitrain.comm.buckets import GradientSync
+from mpitrain.config import TrainConfig
+from mpitrain.nn.losses import make_loss
+from mpitrain.nn.model import Model
+from mpitrain.optim import make_optimizer
+from mpitrain.parallel.grid import make_grid, plan_layout
+from mpitrain.parallel.mappings import TensorGroup
+from mpitrain.parallel.pipeline import StageLink, bubble_fraction
+from mpitrain.parallel.pipeline import schedule as pipeline_schedule
+from mpitrain.parallel.stage import Stage
+
+
+class GridStrategy:
+    """Data x pipeline x tensor parallelism over comm. Construction is collective on comm and
+    raises MpitrainError on every rank alike, before any message, when the layout does not fit."""
+
+    def __init__(self, config: TrainConfig, comm: MPI.Intracomm, widths: list[int], backend):
+        self.config, self.comm, self.widths = config, comm, widths
+        self.layout = layout = plan_layout(config, comm.size, widths)
+        self.grid = grid = make_grid(comm, layout)
+        xp = backend.xp
+        self.model = Model(widths, config.activation, xp, config.dtype, config.seed,
+                           group=TensorGroup(grid.tp_comm, xp), layers=layout.stages[grid.pp_rank],
+                           micro_batches=layout.micro_batches)
+        self.link = StageLink(grid.pp_comm, xp)
+        actions = pipeline_schedule(layout.schedule, layout.pp, grid.pp_rank, layout.micro_batches)
+        self.stage = Stage(self.model, self.link, make_loss(config.loss, xp), actions, layout.micro_batches,
+                           grid.first_stage, grid.last_stage)
+        self.optimizer = make_optimizer(config, self.model.params, self.model.grads)
+        self.grad_sync = GradientSync(self.model.grads, self.model.layer_grad_slices(), grid.dp_comm,
+                                      config.allreduce, config.bucket_mb, config.overlap)
+        self.scale = 1.0 / config.batch_size
+        # The communicator the rows are split over, and which ranks speak for the whole model.
+        self.data_comm = grid.dp_comm
+        self.reports_loss = grid.last_stage and grid.tp_rank == 0
+        self.holds_copy = grid.dp_rank == 0
+
+    def describe(self) -> str:
+        return f"layout: {self.layout.describe()}"
+
+    def forward_backward(self, x, y) -> float:
+        """One step's forward and backward, gradients summed over the data-parallel group; returns
+        this rank's loss sum (0 except on one rank per tensor group of the last stage)."""
+        loss_sum = self.stage.forward_backward(x, y, self.scale, self.grad_sync.layer_done)
+        self.grad_sync.wait()
+        return loss_sum if self.reports_loss else 0.0
+
+    @property
+    def grads(self):
+        return self.model.grads
+
+    def update(self, lr: float, keep: bool = True) -> None:
+        """Apply the summed gradient (keep=False: the agreed NaN policy drops this step)."""
+        if keep:
+            self.optimizer.step(lr)
+
+    def evaluate(self, x, y) -> np.ndarray:
+        """(loss sum, correct, rows) over every data-parallel group's validation rows. Collective."""
+        totals = self.stage.evaluate(x, y, self.reports_loss)
+        self.comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+        return totals
+
+    # ------------------------------------------------------------------------ state and metrics
+
+    def pieces(self) -> list[tuple[str, tuple, dict]]:
+        """(parameter name, index into the unsliced parameter, {'param': view, optimizer buffer
+        name: view}) for every shard this rank holds: what a checkpoint saves and restores."""
+        out = []
+        for name, index, view, (start, stop) in self.model.shards():
+            views = {"param": view}
+            for buffer, flat in self.optimizer.buffers.items():
+                views[buffer] = flat[start:stop].reshape(view.shape)
+            out.append((name, index, views))
+        return out
+
+    def counters(self) -> np.ndarray:
+        """Cumulative bytes this rank sent: tensor-parallel exchanges, pipeline links, gradient sum."""
+        return np.array([self.model.group.bytes_sent, self.link.bytes_sent, self.grad_sync.bytes_sent], dtype=np.float64)
+
+    def layout_metrics(self) -> dict:
+        layout = self.layout
+        return {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "micro_batches": layout.micro_batches,
+                "bubble_fraction": bubble_fraction(layout.pp, layout.micro_batches)}
+
+    def memory(self) -> np.ndarray:
+        """Bytes per rank: parameters, gradients, optimizer state, peak activations kept."""
+        optimizer = sum(b.nbytes for b in self.optimizer.buffers.values())
+        return np.array([self.model.params.nbytes, self.model.grads.nbytes, optimizer, self.model.peak_bytes],
+                        dtype=np.float64)
+
+    def wait_seconds(self) -> float:
+        return self.link.wait_s
+
+    def close(self) -> None:
+        self.grid.free()
+
