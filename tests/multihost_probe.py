@@ -4,7 +4,7 @@
 
 Per rank: the host (MPI_Get_processor_name), the rank and size on its node (comm.world.node_comm,
 an MPI shared-memory split), the node count the hierarchical all-reduce sees. Per algorithm and
-buffer: whether it equals MPI Allreduce on the same input. The buffers hold small integers, so
+buffer: whether it equals MPI Allreduce on the same input. What `auto` picks at a few sizes. The buffers hold small integers, so
 every summation order gives the same bits and equality is exact; the largest is bigger than
 hier's SLOT_BYTES, so it goes through in several blocks, and none divides evenly by 4.
 """
@@ -14,7 +14,7 @@ import json
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm import allreduce, hier
+from mpitrain.comm import allreduce, hier, tune
 from mpitrain.comm.world import local_rank_and_size, world
 
 ALGORITHMS = ("ring", "rd", "hier", "auto")
@@ -43,8 +43,10 @@ def main() -> None:
             same = comm.allreduce(int(np.array_equal(mine, expected)), op=MPI.MIN)
             equal[f"{algorithm} {name}"] = bool(same)
         ring_bytes += buf.nbytes
+    auto = {nbytes: tune.choose(nbytes, comm) for nbytes in (8, 64 << 10, 1 << 20, 64 << 20)}
     if comm.rank == 0:
-        print(json.dumps({"ranks": ranks, "equal": equal, "ring_bytes": ring_bytes, "world_size": comm.size}))
+        print(json.dumps({"ranks": ranks, "equal": equal, "ring_bytes": ring_bytes, "world_size": comm.size,
+                          "auto": auto}))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from mpi4py import MPI
 
 from harness import clean_env
 from mpitrain.checkpoint import list_checkpoints, load_parameters
+from mpitrain.comm import tune
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTS = ("hostA", "hostB")
@@ -50,10 +51,10 @@ def on_root(comm, function, *args):
 
 
 def job_env() -> dict:
-    """The environment of a nested job: no outer launcher's variables, no emulated nodes."""
-    env = clean_env()
+    """The environment of a nested job: no outer launcher's variables, no emulated nodes, and a
+    tuning file that does not exist, so `auto` uses its defaults whatever this machine measured."""
+    env = clean_env(MPITRAIN_TUNE_FILE=os.path.join(tempfile.gettempdir(), f"mpitrain-no-tune-{os.getpid()}", "none.json"))
     env.pop("MPITRAIN_RANKS_PER_NODE", None)
-    env.pop("MPITRAIN_TUNE_FILE", None)
     return env
 
 
@@ -160,6 +161,21 @@ def test_node_split_collectives_and_link(comm, hosts):
     p = report["world_size"]
     at_least = report["ring_bytes"] * 2 * (p - 1) // p
     assert received >= at_least and sent >= at_least, (received, sent, at_least)
+    # No tuning file (see job_env): auto follows the defaults measured across two nodes.
+    expected = tune.Thresholds(tune.default_table(p, 2))
+    assert report["auto"] == {str(nbytes): expected(int(nbytes)) for nbytes in report["auto"]}
+
+
+def test_tune_learns_the_two_node_layout(comm, hosts, shared_dir):
+    """`mpitrain tune` on 2 + 2 ranks saves thresholds under the layout p4-n2."""
+    path = os.path.join(shared_dir, "tune.json")
+    out = on_root(comm, lambda: run(hosts.mpiexec(*mpitrain_argv("tune", "--max-mb", "1", "--trials", "1", "--out", path))).stdout)
+    with open(path) as handle:  # shared_dir is on the one file system every rank sees
+        layouts = json.load(handle)["layouts"]
+    assert list(layouts) == [tune.layout_key(4, 2)], out
+    table = tune.check_table(layouts["p4-n2"]["thresholds"], path)
+    assert {name for _, name in table} <= set(tune.CANDIDATES)
+    assert len(layouts["p4-n2"]["measured"]["bytes"]) == (1 << 20).bit_length() - 3
 
 
 # ---------------------------------------------------------------------------- training
