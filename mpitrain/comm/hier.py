@@ -16,6 +16,9 @@ leader communicators, the window) is cached on the communicator as an MPI attrib
 with it.
 """
 
+import atexit
+import sys
+
 import numpy as np
 from mpi4py import MPI
 
@@ -55,6 +58,7 @@ class NodeGroup:
             self.raw = np.frombuffer(memory, dtype=np.uint8, count=total)
             self.window.Lock_all()
             self.slot_bytes = block
+            _open_windows.append(self)
         view = self.views.get(dtype)
         if view is None:
             view = self.raw.view(dtype).reshape(2 * self.node.size + 1, -1)
@@ -69,6 +73,7 @@ class NodeGroup:
 
     def _free_window(self) -> None:
         if self.window is not None:
+            _open_windows.remove(self)
             self.views.clear()
             self.window.Unlock_all()
             self.window.Free()
@@ -86,6 +91,22 @@ def _free_group(comm, keyval, group) -> None:
 
 
 _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_group)
+
+# Windows still open at exit (those of communicators never freed, such as the library's world
+# clone) are freed before mpi4py finalizes MPI, in the order they were made, which every rank of a
+# node shares: with the OFI netmod, which real nodes use, a window left open makes MPI_Finalize
+# fail ("fabricclose failed: Device or resource busy"). An atexit hook, because MPICH 5 does not
+# call the delete callbacks of COMM_SELF's attributes in MPI_Finalize. Not after an uncaught
+# exception (sys.last_value is set): the freeing is collective on the node, and a rank that failed
+# alone would wait there for the others instead of exiting non-zero, which ends the job.
+_open_windows: list[NodeGroup] = []
+
+
+@atexit.register
+def _free_open_windows() -> None:
+    if MPI.Is_initialized() and not MPI.Is_finalized() and not hasattr(sys, "last_value"):
+        for group in list(_open_windows):
+            group._free_window()
 
 
 def node_group(comm: MPI.Intracomm) -> NodeGroup:
