@@ -82,7 +82,15 @@ mpirun_job=$(MPITRAIN_RUN_DIR=$dir/runs/mpirun submit mpirun -n 2 jobs/train-mpi
 nodes_job=$(MPITRAIN_RUN_DIR=$dir/runs/nodes submit nodes --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 \
     --cpus-per-task=1 jobs/train-2nodes-gpu.sbatch "${train_args[@]}" --steps 40 --device cpu)
 test_job=$(submit test jobs/test.sbatch tests/test_ring.py tests/test_checkpoint.py tests/test_consistency.py)
-echo "  srun $srun_job, requeue $requeue_job, mpirun $mpirun_job, 2-node example $nodes_job, tests $test_job"
+# Model-parallel layouts go through the same loop: each one uninterrupted and once preempted.
+tp_args=("${train_args[@]}" --tp 2)
+pp_args=("${train_args[@]}" --pp 2 --micro-batches 4)
+tp_job=$(MPITRAIN_RUN_DIR=$dir/runs/tp submit tp -n 2 jobs/train-srun.sbatch "${tp_args[@]}")
+requeue_tp_job=$(MPITRAIN_RUN_DIR=$dir/runs/requeue-tp submit requeue-tp -n 2 jobs/train-srun.sbatch "${tp_args[@]}")
+pp_job=$(MPITRAIN_RUN_DIR=$dir/runs/pp submit pp -n 2 jobs/train-srun.sbatch "${pp_args[@]}")
+requeue_pp_job=$(MPITRAIN_RUN_DIR=$dir/runs/requeue-pp submit requeue-pp -n 2 jobs/train-mpirun.sbatch "${pp_args[@]}")
+echo "  srun $srun_job, requeue $requeue_job, mpirun $mpirun_job, 2-node example $nodes_job, tests $test_job," \
+    "tp $tp_job/$requeue_tp_job, pp $pp_job/$requeue_pp_job"
 
 preempt() {  # preempt JOBID RUN_DIR SIGNAL: signal the batch script once the job has a checkpoint
     local job=$1 first=$2/checkpoints/ckpt-00000020.h5 sig=$3 signalled deadline=$(( $(date +%s) + 240 ))
@@ -107,9 +115,12 @@ preempt() {  # preempt JOBID RUN_DIR SIGNAL: signal the batch script once the jo
 echo "== preemption: SIGUSR1 to job $requeue_job (srun), SIGTERM to job $mpirun_job (mpirun), each after a checkpoint"
 preempt "$requeue_job" "$dir/runs/requeue" USR1 &
 preempt "$mpirun_job" "$dir/runs/mpirun" TERM &
+preempt "$requeue_tp_job" "$dir/runs/requeue-tp" USR1 &
+preempt "$requeue_pp_job" "$dir/runs/requeue-pp" TERM &
 wait
 
-wait_gone 600 "$srun_job" "$requeue_job" "$mpirun_job" "$nodes_job" "$test_job"
+wait_gone 600 "$srun_job" "$requeue_job" "$mpirun_job" "$nodes_job" "$test_job" "$tp_job" "$requeue_tp_job" \
+    "$pp_job" "$requeue_pp_job"
 echo "== results (all jobs done $(since "$started") s after the start of this step)"
 finished_ok "train-srun.sbatch" "$srun_job" "$dir/srun.out" "2 rank(s)" "epoch 2 step" "checkpoint: step 400"
 finished_ok "train-2nodes-gpu.sbatch (1 node, cpu)" "$nodes_job" "$dir/nodes.out" "local rank 1" "checkpoint: step 40"
@@ -118,18 +129,26 @@ finished_ok "requeued train-srun.sbatch" "$requeue_job" "$dir/requeue.out" \
     "preempted by SIGUSR1 on rank(s)" "requeueing" "run 1:" "resumed from" "checkpoint: step 400"
 finished_ok "requeued train-mpirun.sbatch" "$mpirun_job" "$dir/mpirun.out" \
     "preempted by SIGUSR1 on rank(s)" "requeueing" "run 1:" "resumed from" "checkpoint: step 400"
-for job in "$requeue_job" "$mpirun_job"; do
+finished_ok "train-srun.sbatch --tp 2" "$tp_job" "$dir/tp.out" "dp 1 x tp 2 x pp 1" "checkpoint: step 400"
+finished_ok "train-srun.sbatch --pp 2 --micro-batches 4" "$pp_job" "$dir/pp.out" "dp 1 x tp 1 x pp 2" "checkpoint: step 400"
+finished_ok "requeued train-srun.sbatch --tp 2" "$requeue_tp_job" "$dir/requeue-tp.out" \
+    "preempted by SIGUSR1 on rank(s)" "requeueing" "run 1:" "resumed from" "checkpoint: step 400"
+finished_ok "requeued train-mpirun.sbatch --pp 2 --micro-batches 4" "$requeue_pp_job" "$dir/requeue-pp.out" \
+    "preempted by SIGUSR1 on rank(s)" "requeueing" "run 1:" "resumed from" "checkpoint: step 400"
+for job in "$requeue_job" "$mpirun_job" "$requeue_tp_job" "$requeue_pp_job"; do
     check "job $job restarted once" "$([ "$(field "$job" Restarts)" = 1 ]; echo $?)" "Restarts=$(field "$job" Restarts)"
 done
-for run in requeue mpirun; do
-    python - "$dir/runs/srun/model.h5" "$dir/runs/$run/model.h5" <<'EOF'
+for pair in srun:requeue srun:mpirun tp:requeue-tp pp:requeue-pp; do
+    reference=${pair%%:*} run=${pair#*:}
+    python - "$dir/runs/$reference/model.h5" "$dir/runs/$run/model.h5" <<'EOF'
 import sys
 import numpy as np
 from mpitrain.checkpoint import load_parameters
 a, b = (load_parameters(path) for path in sys.argv[1:])
 sys.exit(0 if a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) else 1)
 EOF
-    check "requeued $run run's final parameters equal the uninterrupted srun run's, bit for bit" $? "model.h5 differs"
+    check "requeued $run run's final parameters equal the uninterrupted $reference run's, bit for bit" $? \
+        "model.h5 differs"
 done
 
 echo "slurm-ci: $failures failure(s), $(since "$started") s in all; logs in $dir"
