@@ -108,6 +108,9 @@ preempt() {  # preempt JOBID RUN_DIR SIGNAL: signal the batch script once the jo
     while grep -qs "^slurmstepd: \[$job\." /proc/[0-9]*/cmdline && [ "$(date +%s)" -lt "$deadline" ]; do
         sleep 0.2
     done
+    # slurmd compares a launch credential's creation time with the requeue's revocation time in whole
+    # seconds: a job released within the same second is killed as "Job credential revoked" (seen here).
+    sleep 2
     scontrol update JobId="$job" StartTime=now 2>/dev/null
     echo "  job $job: SIG$sig to its batch script $(since "$started") s into this step; requeued and released" \
         "$(since "$signalled") s later"

@@ -58,6 +58,9 @@ class Reporter:
             self.bar = tqdm(total=self.steps, unit="step", dynamic_ncols=True, leave=False)
 
     def say(self, line: str) -> None:
+        """Print a line on rank 0 (above the progress bar); other ranks say nothing."""
+        if not self.is_root:
+            return
         if self.bar is not None:
             self.bar.write(line)
         else:
