@@ -41,6 +41,13 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="PATH", help="HDF5 file, directory or glob of shard files with datasets "
                        "'x' (samples x features) and 'y' (labels); absent: a synthetic set is generated")
+    group.add_argument("--x-key", metavar="NAME", help="dataset of inputs, (rows, d1, d2, ...) read flattened; "
+                       "a path inside a group works, like train/images (default x)")
+    group.add_argument("--y-key", metavar="NAME", help="dataset of labels or targets (default y)")
+    group.add_argument("--normalize", choices=CHOICES["normalize"],
+                       help="standard: (x - mean) / std, minmax: (x - min) / (max - min), per feature over the "
+                       "training rows of all ranks; saved with --save and applied again by eval and predict "
+                       "(default none)")
     group.add_argument("--val-fraction", type=float, metavar="F",
                        help=f"fraction of rows held out for validation (default {defaults.val_fraction})")
     group.add_argument("--synth-samples", type=int, metavar="N",

@@ -1,8 +1,10 @@
 """One HDF5 file, a directory of shards or a glob of shards, seen as one row-addressable dataset.
 
-Every file holds `x` (rows, features) and `y` (rows,) or (rows, outputs); shards are concatenated in
-name order. Reads touch only the requested rows, so a rank that owns 1/world of the rows reads
-1/world of the bytes.
+Every file holds inputs (default key `x`; any path, `train/images`) of shape (rows, d1, d2, ...),
+read flattened to (rows, d1*d2*...), and labels (default `y`) of shape (rows, ...); shards are
+concatenated in name order. Reads touch only the requested rows, so a rank that owns 1/world of the
+rows reads 1/world of the bytes. Once set, `labels` (a labels.LabelFormat), `x_out_dtype` and
+`normalizer` turn every read into what the model takes.
 """
 
 import glob
@@ -11,6 +13,8 @@ import os
 import h5py
 import numpy as np
 
+from mpitrain.data import chunks
+from mpitrain.data.labels import BadLabel, to_model
 from mpitrain.errors import MpitrainError
 
 SHARD_SUFFIXES = (".h5", ".hdf5")
@@ -52,40 +56,80 @@ def _open(path):
         raise MpitrainError(f"{path}: not a readable HDF5 file ({_first_line(err)})") from err
 
 
+def numeric_datasets(f: h5py.File) -> list[h5py.Dataset]:
+    """Every numeric dataset of an open file with at least one axis, in path order."""
+    found = []
+
+    def visit(_, node):
+        if isinstance(node, h5py.Dataset) and node.dtype.kind in "iufb" and node.ndim >= 1:
+            found.append(node)
+
+    f.visititems(visit)
+    return found
+
+
+# Names people give inputs and labels, in the order they are tried (inspect and the error for a
+# missing key suggest the first pair present with matching row counts).
+KEY_PAIRS = [("x", "y"), ("X", "y"), ("data", "target"), ("data", "targets"), ("images", "labels"),
+             ("features", "labels"), ("inputs", "targets"), ("x", "labels"), ("data", "labels")]
+
+
+def suggest_keys(f: h5py.File) -> tuple[str, str] | None:
+    """(x_key, y_key) of the first known pair of names, or of a dataset pair in one group, with equal rows."""
+    groups = [""] + sorted({os.path.dirname(d.name.lstrip("/")) for d in numeric_datasets(f)} - {""})
+    for group in groups:
+        for x_name, y_name in KEY_PAIRS:
+            x_key, y_key = (f"{group}/{x_name}", f"{group}/{y_name}") if group else (x_name, y_name)
+            x, y = f.get(x_key), f.get(y_key)
+            if isinstance(x, h5py.Dataset) and isinstance(y, h5py.Dataset) and x.ndim >= 2 and len(x) == len(y):
+                return x_key, y_key
+    return None
+
+
+def _missing(f, path, name):
+    listed = ", ".join(f"{d.name.lstrip('/')} {d.shape} {d.dtype}" for d in numeric_datasets(f)[:12])
+    hint = suggest_keys(f)
+    hint = f"; try --x-key {hint[0]} --y-key {hint[1]}" if hint else ""
+    return MpitrainError(f"{path}: missing dataset '{name}'; numeric datasets in the file: {listed or 'none'}{hint}")
+
+
 def _dataset(f, path, name):
     try:
         node = f.get(name)
-    except (OSError, RuntimeError, KeyError) as err:
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise MpitrainError(f"{path}: dataset '{name}' is unreadable ({_first_line(err)})") from err
     if not isinstance(node, h5py.Dataset):
-        raise MpitrainError(f"{path}: missing dataset '{name}'")
+        raise _missing(f, path, name)
     if node.dtype.kind not in "iuf":
         raise MpitrainError(f"{path}: dataset '{name}' has non-numeric dtype {node.dtype}")
     return node
 
 
-def _validate(f, path):
-    """(x, y) datasets of one open file after checking ranks, dtypes and row counts."""
-    x, y = _dataset(f, path, "x"), _dataset(f, path, "y")
-    if x.ndim != 2:
-        raise MpitrainError(f"{path}: dataset 'x' must be 2-D (rows, features), got shape {x.shape}")
-    if y.ndim not in (1, 2):
-        raise MpitrainError(f"{path}: dataset 'y' must be 1-D or 2-D (rows, outputs), got shape {y.shape}")
-    if len(x) != len(y):
-        raise MpitrainError(f"{path}: dataset 'x' has {len(x)} rows but 'y' has {len(y)}")
+def _validate(f, path, x_key, y_key):
+    """(x, y or None) datasets of one open file after checking ranks, dtypes and row counts."""
+    x = _dataset(f, path, x_key)
+    y = _dataset(f, path, y_key) if y_key is not None else None
+    if x.ndim < 2:
+        raise MpitrainError(f"{path}: dataset '{x_key}' must be 2-D or more (rows, features...), got shape {x.shape}")
+    if y is not None and y.ndim < 1:
+        raise MpitrainError(f"{path}: dataset '{y_key}' must have a row axis, got shape {y.shape}")
+    if y is not None and len(x) != len(y):
+        raise MpitrainError(f"{path}: dataset '{x_key}' has {len(x)} rows but '{y_key}' has {len(y)}")
     return x, y
 
 
-def _layout(x, y):
+def _layout(x, y, x_key, y_key):
     """What must agree across shards: (dataset, property, value) triples."""
-    return [("x", "features", x.shape[1]), ("x", "dtype", x.dtype),
-            ("y", "dtype", y.dtype), ("y", "row shape", y.shape[1:])]
+    found = [(x_key, "row shape", x.shape[1:]), (x_key, "dtype", x.dtype)]
+    if y is not None:
+        found += [(y_key, "dtype", y.dtype), (y_key, "row shape", y.shape[1:])]
+    return found
 
 
-def _check_same_layout(shards, paths):
-    first = _layout(*shards[0])
+def _check_same_layout(shards, paths, x_key, y_key):
+    first = _layout(*shards[0], x_key, y_key)
     for (x, y), path in zip(shards[1:], paths[1:]):
-        for (name, what, value), (_, _, expected) in zip(_layout(x, y), first):
+        for (name, what, value), (_, _, expected) in zip(_layout(x, y, x_key, y_key), first):
             if value != expected:
                 raise MpitrainError(
                     f"{path}: dataset '{name}' {what} {value} differs from {expected} in {paths[0]}")
@@ -98,37 +142,59 @@ def runs(rows):
 
 
 class H5Dataset:
-    """Rows 0..n_rows-1 over the shards of `path` in name order; x is (n_rows, n_features), y is
-    (n_rows,) or (n_rows, y_width). With `trace` set, every selection handed to h5py is appended to
-    `selections` as (file_index, slice or sorted local row array, datasets read), so tests can see what was read."""
+    """Rows 0..n_rows-1 over the shards of `path` in name order; x reads as (n_rows, n_features), y as
+    stored, (n_rows, *y_row_shape), until `labels` is set. With y_key None there are no labels (x only).
 
-    def __init__(self, path: str):
+    rereads: rows will be read again and again (--sampler global), so chunk caches hold whole
+    datasets within the budget (see chunks.py). With `trace` set, every selection handed to h5py is
+    appended to `selections` as (file_index, slice or sorted local row array, datasets read).
+    """
+
+    def __init__(self, path: str, x_key: str = "x", y_key: str | None = "y", rereads: bool = False):
         self.path = str(path)
+        self.x_key, self.y_key = x_key, y_key
         self.paths = shard_paths(self.path)
         self.trace = False
         self.selections = []
+        self.labels = None
+        self.x_out_dtype = None
+        self.normalizer = None
         self._files = []
         try:
             shards = []
             for shard_path in self.paths:
                 self._files.append(_open(shard_path))
-                shards.append(_validate(self._files[-1], shard_path))
-            _check_same_layout(shards, self.paths)
+                shards.append(_validate(self._files[-1], shard_path, x_key, y_key))
+            _check_same_layout(shards, self.paths, x_key, y_key)
+            self._x, self._y = self._with_caches(shards, rereads)
         except BaseException:
             self.close()
             raise
-        self._x = [x for x, _ in shards]
-        self._y = [y for _, y in shards]
         self.offsets = np.cumsum([0] + [len(x) for x in self._x])
         self.n_rows = int(self.offsets[-1])
         if self.n_rows == 0:
             self.close()
-            raise MpitrainError(f"{self.path}: dataset 'x' has 0 rows")
-        self.n_features = self._x[0].shape[1]
+            raise MpitrainError(f"{self.path}: dataset '{x_key}' has 0 rows")
+        self.x_row_shape = self._x[0].shape[1:]
+        self.n_features = int(np.prod(self.x_row_shape))
         self.x_dtype = self._x[0].dtype
-        self.y_dtype = self._y[0].dtype
-        self.y_width = 1 if self._y[0].ndim == 1 else self._y[0].shape[1]
-        self.is_classification = self.y_dtype.kind in "iu"
+        has_y = y_key is not None
+        self.y_row_shape = self._y[0].shape[1:] if has_y else ()
+        self.y_dtype = self._y[0].dtype if has_y else None
+        self.y_width = int(np.prod(self.y_row_shape)) if has_y else 0
+        self.is_classification = has_y and self.y_dtype.kind in "iu"
+
+    def _with_caches(self, shards, rereads):
+        """Every shard's (x, y) reopened with a chunk cache sized to how its rows will be read."""
+        flat = [d for pair in shards for d in pair if d is not None]
+        sizes, self.cache_wanted, self.cache_budget = chunks.cache_sizes(flat, rereads)
+        cached = iter(chunks.open_with_cache(d.file, d.name, n) for d, n in zip(flat, sizes))
+        pairs = [(next(cached), next(cached) if y is not None else None) for _, y in shards]
+        return [x for x, _ in pairs], [y for _, y in pairs]
+
+    def reread_warning(self, local_batch: int) -> str | None:
+        """The start-up warning when reading scattered rows again and again will decompress chunks repeatedly."""
+        return chunks.reread_warning(self._x[0], self.path, self.cache_wanted, self.cache_budget, local_batch)
 
     def __len__(self):
         return self.n_rows
@@ -157,8 +223,11 @@ class H5Dataset:
                 else:
                     out[dest] = dataset[key]
         except (OSError, RuntimeError) as err:
-            names = "/".join(f"'{name}'" for name, _ in outputs)
+            names = "/".join(f"'{self._key(name)}'" for name, _ in outputs)
             raise MpitrainError(f"{self.paths[file_index]}: reading {names} failed ({_first_line(err)})") from err
+
+    def _key(self, name):
+        return self.x_key if name == "x" else self.y_key
 
     def _read_shard(self, file_index, local, base, outputs):
         starts, stops = runs(local)
@@ -170,7 +239,7 @@ class H5Dataset:
                             np.s_[base + a:base + b], outputs)
 
     def _read_rows(self, rows, names):
-        """{name: dataset[rows]} for names in ("x", "y"), touching only those rows."""
+        """{name: dataset[rows]} as stored (x not yet flattened) for names in ("x", "y"), touching only those rows."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1:
             raise ValueError(f"rows must be 1-D, got shape {rows.shape}")
@@ -179,8 +248,8 @@ class H5Dataset:
             return {name: out[inverse] for name, out in self._read_rows(unique, names).items()}
         if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_rows):
             raise IndexError(f"{self.path}: rows must lie in [0, {self.n_rows}), got {rows[0]}..{rows[-1]}")
-        shapes = {"x": ((len(rows), self.n_features), self.x_dtype),
-                  "y": ((len(rows),) + self._y[0].shape[1:], self.y_dtype)}
+        shapes = {"x": ((len(rows),) + self.x_row_shape, self.x_dtype),
+                  "y": ((len(rows),) + self.y_row_shape, self.y_dtype)}
         outputs = [(name, np.empty(*shapes[name])) for name in names]
         cuts = np.searchsorted(rows, self.offsets)
         for file_index in range(len(self._x)):
@@ -189,6 +258,25 @@ class H5Dataset:
                 local = rows[lo:hi] - self.offsets[file_index]
                 self._read_shard(file_index, local, lo, outputs)
         return dict(outputs)
+
+    def _model_x(self, x):
+        """Stored rows -> (B, n_features), in x_out_dtype, normalized when a normalizer is set."""
+        x = x.reshape(len(x), self.n_features)
+        if self.x_out_dtype is not None:
+            x = x.astype(self.x_out_dtype, copy=False)
+        if self.normalizer is not None:
+            x = self.normalizer.apply(x)
+        return x
+
+    def _model_y(self, y, rows):
+        """Stored labels -> model labels (labels.to_model) once `labels` is set; errors name file and row."""
+        if self.labels is None:
+            return y
+        try:
+            return to_model(y, self.labels)
+        except BadLabel as bad:
+            path, row = self.locate(int(rows[bad.position]))
+            raise MpitrainError(f"{path}: row {row} of dataset '{self.y_key}': {bad}") from None
 
     def rows_read(self, dataset: str = "x") -> np.ndarray:
         """Sorted global row ids of every selection of `dataset` handed to h5py while `trace` was on."""
@@ -201,22 +289,31 @@ class H5Dataset:
         file_index = int(np.searchsorted(self.offsets, row, side="right")) - 1
         return self.paths[file_index], int(row - self.offsets[file_index])
 
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(x[rows], y[rows]) as numpy arrays, touching only those rows.
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(x[rows] (B, n_features), y[rows]) as numpy arrays, touching only those rows; y is None
+        without a y_key.
 
         Rows are coalesced into contiguous runs, one hyperslab read per run, or one fancy-index read per
         shard when runs are many and short. Unsorted or repeated rows are served from a sorted unique read.
         """
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.y_key is None:
+            return self.read_x(rows), None
         columns = self._read_rows(rows, ("x", "y"))
-        return columns["x"], columns["y"]
+        return self._model_x(columns["x"]), self._model_y(columns["y"], rows)
+
+    def read_x(self, rows: np.ndarray) -> np.ndarray:
+        """x[rows] alone, (B, n_features), read like `read`."""
+        return self._model_x(self._read_rows(rows, ("x",))["x"])
 
     def read_y(self, rows: np.ndarray) -> np.ndarray:
         """y[rows] alone, read like `read` (to check labels without touching x)."""
-        return self._read_rows(rows, ("y",))["y"]
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._model_y(self._read_rows(rows, ("y",))["y"], rows)
 
     def read_labels(self, chunk_rows: int = 1 << 20) -> np.ndarray:
         """The whole y column, read in chunks of `chunk_rows` rows (for stratified partitioning)."""
-        y_out = np.empty((self.n_rows,) + self._y[0].shape[1:], dtype=self.y_dtype)
+        y_out = np.empty((self.n_rows,) + self.y_row_shape, dtype=self.y_dtype)
         for file_index, y in enumerate(self._y):
             base = int(self.offsets[file_index])
             for a in range(0, len(y), chunk_rows):
@@ -227,5 +324,5 @@ class H5Dataset:
                     y.read_direct(y_out, key, np.s_[base + key.start:base + key.stop])
                 except (OSError, RuntimeError) as err:
                     raise MpitrainError(
-                        f"{self.paths[file_index]}: reading 'y' failed ({_first_line(err)})") from err
-        return y_out
+                        f"{self.paths[file_index]}: reading '{self.y_key}' failed ({_first_line(err)})") from err
+        return self._model_y(y_out, np.arange(self.n_rows))
