@@ -267,17 +267,50 @@ def test_nd_inputs_read_flattened(tmp_path, row_shape):
     np.testing.assert_array_equal(whole, images.reshape(30, -1).astype(np.float32))
 
 
+@pytest.mark.parametrize("budget_mb", ["512", "0.004"])
 @pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
-def test_chunk_cache_holds_every_chunk_for_rereads(tmp_path, data, compression):
+def test_chunked_reads_equal_the_arrays_and_read_each_chunk_once(tmp_path, data, compression, budget_mb,
+                                                                  monkeypatch):
+    """Scattered rows read again and again come from whole chunks read once while the budget holds
+    them (a 4 KiB budget holds one 10-row block, so blocks are read again, and reads stay right)."""
+    monkeypatch.setenv("MPITRAIN_CHUNK_CACHE_MB", budget_mb)
     x, y = data
     path = str(tmp_path / "chunked.h5")
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=x, chunks=(10, N_FEATURES), compression=compression)
         f.create_dataset("y", data=y, chunks=(10,), compression=compression)
-    rows = np.array([3, 44, 45, 99])
+    train_rows = np.arange(N_ROWS)
+    batches = [rows for epoch in range(3) for rows in GlobalSampler(train_rows, 8, 0, 1, seed=epoch).batches(0)]
     for rereads in (False, True):
         with H5Dataset(path, rereads=rereads) as ds:
-            np.testing.assert_array_equal(ds.read(rows)[0], x[rows])
-            wanted = 11 * 10 * N_FEATURES * x.dtype.itemsize + 11 * 10 * y.dtype.itemsize
-            assert ds.cache_wanted == (wanted if rereads else 0)
-            assert ds._x[0].id.get_access_plist().get_chunk_cache()[1] >= 1 << 20
+            ds.trace = True
+            for rows in batches:
+                got_x, got_y = ds.read(rows)
+                np.testing.assert_array_equal(got_x, x[rows])
+                np.testing.assert_array_equal(got_y, y[rows])
+            np.testing.assert_array_equal(ds.read(train_rows)[0], x)
+            chunk_reads = sum(1 for _, key, names in ds.selections if "x" in names)
+            if rereads and budget_mb == "512":
+                assert chunk_reads == -(-N_ROWS // 10)  # every 10-row chunk once, for all 3 epochs
+            assert ds.cache_wanted == (11 * 10 * (N_FEATURES * x.itemsize + y.itemsize)
+                                       if rereads else 0)
+
+
+def test_global_sampler_over_large_chunks_warns_once_with_advice(comm, shared_dir):
+    from harness import mpitrain_argv, run_on_root
+
+    x, y = make_classification(400, N_FEATURES, N_CLASSES, seed=0)
+    path = os.path.join(shared_dir, "big-chunks.h5")
+    if comm.rank == 0:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=x, chunks=(200, N_FEATURES), compression="gzip")
+            f["y"] = y
+    comm.Barrier()
+    argv = mpitrain_argv(2, "train", "--data", path, "--model", f"{N_FEATURES}-4-{N_CLASSES}", "--steps", "2",
+                         "--batch-size", "16", "--sampler", "global", "--no-progress", "--device", "cpu")
+    done = run_on_root(comm, argv, MPITRAIN_CHUNK_CACHE_MB="0.01")
+    assert done["returncode"] == 0, done["stderr"]
+    assert done["stderr"].count("mpitrain: warning: --sampler global") == 1
+    assert "use --sampler shard, raise MPITRAIN_CHUNK_CACHE_MB" in done["stderr"]
+    quiet = run_on_root(comm, argv)
+    assert "warning" not in quiet["stderr"]
