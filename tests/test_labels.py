@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from groups import groups_of
-from harness import write_on_root
+from harness import mpitrain_argv, run_on_root, write_on_root
 from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
 from mpitrain.data.labels import BadLabel, label_format, to_model
@@ -141,3 +141,18 @@ def test_bad_values_name_their_position():
     with pytest.raises(BadLabel) as raised:
         to_model(y, label_format((), y.dtype, "ce", CLASSES))
     assert raised.value.position == 2 and "2.5" in str(raised.value)
+
+
+def test_a_bad_label_file_is_one_line_and_exit_2_from_the_command_line(comm, dataset_files, shared_dir):
+    path, _ = dataset_files["fractional"]
+    toml = os.path.join(shared_dir, "keys.toml")
+    if comm.rank == 0:
+        with open(toml, "w") as handle:
+            handle.write('[train]\nx-key = "x"\ny-key = "y"\nnormalize = "standard"\n')
+    comm.Barrier()
+    done = run_on_root(comm, mpitrain_argv(2, "train", "--data", path, "--config", toml, "--model",
+                                           f"{FEATURES}-8-{CLASSES}", "--partition", "stratified", "--steps", "1",
+                                           "--batch-size", "8", "--no-progress", "--device", "cpu"))
+    assert done["returncode"] == 2, done["stderr"]
+    lines = done["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpitrain: error: ") and "is not a whole number" in lines[0]
