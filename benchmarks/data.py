@@ -65,7 +65,7 @@ def timed(read, sets, comm, budget_s: float) -> float:
     """Rows/s of the slowest rank reading `sets` in order (stopping after budget_s seconds)."""
     comm.Barrier()
     started, rows = time.perf_counter(), 0
-    for index, rows_now in enumerate(sets):
+    for rows_now in sets:
         read(rows_now)
         rows += len(rows_now)
         if time.perf_counter() - started > budget_s:

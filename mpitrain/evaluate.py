@@ -24,7 +24,6 @@ from mpitrain.data import normalize
 from mpitrain.data.hdf5 import H5Dataset
 from mpitrain.data.labels import label_format
 from mpitrain.data.partition import uniform
-
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.losses import MeanSquaredError, SoftmaxCrossEntropy
 from mpitrain.nn.model import Sequential, parse_widths

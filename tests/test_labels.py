@@ -1,7 +1,7 @@
 """Every label shape users store trains on the right loss, or stops with one line at start-up.
 
 The parameters of a run on labels stored as (N, 1), float, or one-hot equal those of the same run
-on the canonical (N,) int64 labels, in every layout (data parallel, --tp 2, --sync ps) and partition;
+on the canonical (N,) int64 labels, in every layout (data parallel, --tp 2, --pp 2, --sync ps) and partition;
 a shape or value the loss cannot take raises one MpitrainError on every rank of the run.
 """
 
@@ -60,7 +60,7 @@ def dataset_files(comm, shared_dir):
     return paths
 
 
-LAYOUTS = {"dp": dict(), "tp": dict(tp=2), "ps": dict(sync="ps", ps_mode="sync")}
+LAYOUTS = {"dp": dict(), "tp": dict(tp=2), "pp": dict(pp=2), "ps": dict(sync="ps", ps_mode="sync")}
 
 
 def run_layout(comm, layout, path, **overrides):

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from mpitrain.data import chunks
+from mpitrain.data.keys import numeric_datasets, suggest_keys
 from mpitrain.data.labels import BadLabel, to_model
 from mpitrain.errors import MpitrainError
 
@@ -53,43 +54,14 @@ def _first_line(err):
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _open(path):
+def open_file(path: str) -> h5py.File:
+    """`path` opened read-only, or an MpitrainError naming it."""
     # locking=False: shared parallel filesystems (NFS, some Lustre mounts) refuse HDF5's flock, and
     # read-only opens by many ranks need no lock.
     try:
         return h5py.File(path, "r", locking=False)
     except OSError as err:
         raise MpitrainError(f"{path}: not a readable HDF5 file ({_first_line(err)})") from err
-
-
-def numeric_datasets(f: h5py.File) -> list[h5py.Dataset]:
-    """Every numeric dataset of an open file with at least one axis, in path order."""
-    found = []
-
-    def visit(_, node):
-        if isinstance(node, h5py.Dataset) and node.dtype.kind in "iufb" and node.ndim >= 1:
-            found.append(node)
-
-    f.visititems(visit)
-    return found
-
-
-# Names people give inputs and labels, in the order they are tried (inspect and the error for a
-# missing key suggest the first pair present with matching row counts).
-KEY_PAIRS = [("x", "y"), ("X", "y"), ("data", "target"), ("data", "targets"), ("images", "labels"),
-             ("features", "labels"), ("inputs", "targets"), ("x", "labels"), ("data", "labels")]
-
-
-def suggest_keys(f: h5py.File) -> tuple[str, str] | None:
-    """(x_key, y_key) of the first known pair of names, or of a dataset pair in one group, with equal rows."""
-    groups = [""] + sorted({os.path.dirname(d.name.lstrip("/")) for d in numeric_datasets(f)} - {""})
-    for group in groups:
-        for x_name, y_name in KEY_PAIRS:
-            x_key, y_key = (f"{group}/{x_name}", f"{group}/{y_name}") if group else (x_name, y_name)
-            x, y = f.get(x_key), f.get(y_key)
-            if isinstance(x, h5py.Dataset) and isinstance(y, h5py.Dataset) and x.ndim >= 2 and len(x) == len(y):
-                return x_key, y_key
-    return None
 
 
 def _missing(f, path, name):
@@ -169,7 +141,7 @@ class H5Dataset:
         try:
             shards = []
             for shard_path in self.paths:
-                self._files.append(_open(shard_path))
+                self._files.append(open_file(shard_path))
                 shards.append(_validate(self._files[-1], shard_path, x_key, y_key))
             _check_same_layout(shards, self.paths, x_key, y_key)
             self._x, self._y = self._with_caches(shards, rereads)
@@ -202,7 +174,7 @@ class H5Dataset:
         per_file = 1 if self.y_key is None else 2
         self.close()
         for shard_path in self.paths:
-            self._files.append(_open(shard_path))
+            self._files.append(open_file(shard_path))
         opened = iter(chunks.open_with_cache(self._files[i // per_file], name, n, per_chunk)
                       for i, (name, n, per_chunk) in enumerate(plan))
         pairs = [(next(opened), next(opened) if self.y_key is not None else None) for _ in shards]
@@ -374,6 +346,10 @@ class H5Dataset:
             return self.read_x(rows), None
         columns = self._read_rows(rows, ("x", "y"))
         return self._model_x(columns["x"]), self._model_y(columns["y"], rows)
+
+    def read_stored(self, rows: np.ndarray, name: str) -> np.ndarray:
+        """x or y (`name`) at `rows` exactly as stored: x not flattened, labels not converted."""
+        return self._read_rows(rows, (name,))[name]
 
     def read_x(self, rows: np.ndarray) -> np.ndarray:
         """x[rows] alone, (B, n_features), read like `read`."""

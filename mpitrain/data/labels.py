@@ -104,7 +104,3 @@ def to_model(y: np.ndarray, fmt: LabelFormat) -> np.ndarray:
         raise BadLabel(_first(~finite), "'y' holds NaN or Inf")
     return y
 
-
-def class_counts(labels: np.ndarray, classes: int) -> np.ndarray:
-    """Rows per class of class indices (N,), shape (classes,)."""
-    return np.bincount(labels, minlength=classes)

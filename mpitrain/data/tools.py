@@ -18,7 +18,8 @@ import h5py
 import numpy as np
 
 from mpitrain.data import synth
-from mpitrain.data.hdf5 import H5Dataset, _open, numeric_datasets, shard_paths, suggest_keys
+from mpitrain.data.hdf5 import H5Dataset, open_file, shard_paths
+from mpitrain.data.keys import KEY_PAIRS, numeric_datasets, suggest_keys
 from mpitrain.data.labels import label_format, to_model
 from mpitrain.data.partition import uniform
 from mpitrain.errors import MpitrainError
@@ -115,7 +116,7 @@ def inspect(path: str, x_key: str | None = None, y_key: str | None = None) -> li
     """Lines describing every shard of `path` and whether (and how) mpitrain can train on it."""
     lines, guess = [], None
     for shard in shard_paths(path):
-        with _open(shard) as f:
+        with open_file(shard) as f:
             datasets = numeric_datasets(f)
             guess = guess or suggest_keys(f)
             key = x_key or (guess[0] if guess else None)
@@ -206,9 +207,7 @@ def _csv(path: str, label_column: int):
 
 def _npz(path: str, x_key, y_key):
     archive = np.load(path, allow_pickle=False)
-    pairs = [(x_key, y_key)] if x_key and y_key else [(a, b) for a, b in
-                                                      [("x", "y"), ("X", "y"), ("data", "target"), ("images", "labels"),
-                                                       ("features", "labels"), ("inputs", "targets")]]
+    pairs = [(x_key, y_key)] if x_key and y_key else KEY_PAIRS
     for a, b in pairs:
         if a in archive.files and b in archive.files:
             return archive[a], archive[b]
@@ -273,7 +272,7 @@ class _Rows:
         return len(self.rows)
 
     def __getitem__(self, block: slice):
-        return self.dataset._read_rows(self.rows[block], (self.name,))[self.name]
+        return self.dataset.read_stored(self.rows[block], self.name)
 
 
 def split_file(source, train_out, test_out, fraction, seed, stratify=False, x_key="x", y_key="y",
