@@ -4,12 +4,18 @@
     mpirun -n 4 mpitrain train --config run.toml       # flags override the file
     mpirun -n 4 mpitrain tune                          # thresholds for --allreduce auto
     mpitrain data synth --task linreg --samples 100 --out linreg.h5
+    mpirun -n 4 mpitrain eval --model-file model.h5 --data test.h5 --metrics test.json
+    mpirun -n 4 mpitrain predict --model-file model.h5 --data new.h5 --out predictions.h5
+    mpitrain data inspect 'shards/*.h5'                # datasets, chunks, labels, and the keys to use
+    mpitrain data import train.csv --out train.h5 --shards 4
+    mpitrain data split all.h5 --train train.h5 --test test.h5 --test-fraction 0.2 --stratify
 
 An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
 A run stopped by SIGUSR1/SIGTERM after writing its checkpoint exits 75 (see mpitrain/preempt.py).
 """
 
 import argparse
+import json
 import sys
 import time
 
@@ -41,6 +47,13 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="PATH", help="HDF5 file, directory or glob of shard files with datasets "
                        "'x' (samples x features) and 'y' (labels); absent: a synthetic set is generated")
+    group.add_argument("--x-key", metavar="NAME", help="dataset of inputs, (rows, d1, d2, ...) read flattened; "
+                       "a path inside a group works, like train/images (default x)")
+    group.add_argument("--y-key", metavar="NAME", help="dataset of labels or targets (default y)")
+    group.add_argument("--normalize", choices=CHOICES["normalize"],
+                       help="standard: (x - mean) / std, minmax: (x - min) / (max - min), per feature over the "
+                       "training rows of all ranks; saved with --save and applied again by eval and predict "
+                       "(default none)")
     group.add_argument("--val-fraction", type=float, metavar="F",
                        help=f"fraction of rows held out for validation (default {defaults.val_fraction})")
     group.add_argument("--synth-samples", type=int, metavar="N",
@@ -174,6 +187,25 @@ def make_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, metavar="FILE.h5", help="output file (a folder with --shards > 1)")
     synth.add_argument("--shards", type=int, default=1, metavar="K", help="split into K files (default 1)")
+    synth.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    from mpitrain.data import tools
+
+    tools.add_parsers(data_commands)
+    for name, text in (("eval", "score a saved model on a labelled file: loss, accuracy, per-class "
+                        "precision/recall/F1 and confusion matrix (ce); mse, mae, R^2 (mse)"),
+                       ("predict", "write a saved model's outputs for every row of a file to HDF5")):
+        command = commands.add_parser(name, help=text, description=text + ". Each rank reads only its own rows.")
+        command.add_argument("--model-file", required=True, metavar="FILE.h5", help="a train --save file")
+        command.add_argument("--data", required=True, metavar="PATH", help="HDF5 file, directory or glob")
+        command.add_argument("--x-key", default="x", metavar="NAME", help="dataset of inputs (default x)")
+        command.add_argument("--batch-rows", type=int, default=4096, metavar="N",
+                             help="rows a rank reads and computes at a time (default 4096)")
+        command.add_argument("--device", choices=CHOICES["device"], default="auto", help="(default auto)")
+    commands.choices["eval"].add_argument("--y-key", default="y", metavar="NAME", help="dataset of labels (default y)")
+    commands.choices["eval"].add_argument("--metrics", metavar="FILE.json", help="write the metrics as JSON")
+    commands.choices["predict"].add_argument("--out", required=True, metavar="FILE.h5",
+                                             help="predictions: class and probabilities (ce) or outputs (mse)")
+    commands.choices["predict"].add_argument("--force", action="store_true", help="overwrite an existing --out")
     return parser
 
 
@@ -190,6 +222,9 @@ def run_synth(args: argparse.Namespace) -> None:
     for name in ("samples", "features", "classes", "shards"):
         if getattr(args, name) < 1:
             raise MpitrainError(f"--{name} {getattr(args, name)}: must be at least 1")
+    from mpitrain.data.tools import refuse_overwrite
+
+    refuse_overwrite(args.out, args.force)
     if args.task == "classify":
         x, y = synth.make_classification(args.samples, args.features, args.classes, args.seed)
     else:
@@ -213,16 +248,71 @@ def run_tune(args: argparse.Namespace) -> None:
         print(f"{key}: {bands}\nwrote {path}")
 
 
+def run_model_file(args: argparse.Namespace) -> None:
+    """eval or predict, on every rank of the job."""
+    from mpitrain import evaluate
+    from mpitrain.backend import select_backend
+    from mpitrain.data import tools
+    from mpitrain.comm import agree, world
+    from mpitrain.errors import error_of
+
+    comm = world()
+    if args.batch_rows < 1:
+        raise MpitrainError(f"--batch-rows {args.batch_rows}: must be at least 1")
+    if args.command == "predict":
+        agree(comm, error_of(tools.refuse_overwrite, args.out, args.force) if comm.rank == 0 else None)
+    xp = select_backend(args.device, comm).xp
+    model = evaluate.open_model(args.model_file, xp, comm)
+    y_key = args.y_key if args.command == "eval" else None
+    dataset = evaluate.open_data(args.data, model, args.x_key, y_key, comm)
+    try:
+        if args.command == "predict":
+            evaluate.predict(model, dataset, args.out, xp, comm, args.batch_rows)
+            if comm.rank == 0:
+                print(f"wrote predictions for {dataset.n_rows} rows of {args.data} to {args.out}")
+            return
+        metrics = evaluate.evaluate(model, dataset, xp, comm, args.batch_rows)
+    finally:
+        dataset.close()
+    if comm.rank == 0:
+        print("\n".join(evaluate.describe_metrics(metrics)))
+    if args.metrics:
+        def write():
+            with open(args.metrics, "w") as handle:
+                json.dump({"model_file": args.model_file, "data": args.data, **metrics}, handle, indent=1)
+        agree(comm, error_of(_as_error, write, args.metrics) if comm.rank == 0 else None)
+
+
+def _as_error(write, path):
+    try:
+        write()
+    except OSError as exc:
+        raise MpitrainError(f"--metrics {path}: {exc.strerror}") from None
+
+
 def run(argv: list[str] | None) -> None:
     args = make_parser().parse_args(argv)
     if args.command == "tune":
         run_tune(args)
         return
+    if args.command in ("eval", "predict"):
+        run_model_file(args)
+        return
     if args.command == "data":
         from mpi4py import MPI
 
+        from mpitrain.data import tools
+
+        # The data tools are one-process jobs: rank 0 works, the others wait for its verdict.
+        error = None
         if MPI.COMM_WORLD.rank == 0:
-            run_synth(args)
+            try:
+                run_synth(args) if args.data_command == "synth" else tools.run(args)
+            except MpitrainError as exc:
+                error = exc
+        from mpitrain.comm import agree, world
+
+        agree(world(), error)
         return
     from mpi4py import MPI
 

@@ -30,6 +30,7 @@ CHOICES = {
     "sync": ("allreduce", "ps"),
     "ps_mode": ("sync", "async"),
     "on_nan": ("abort", "skip"),
+    "normalize": ("none", "standard", "minmax"),
 }
 
 
@@ -38,6 +39,9 @@ class TrainConfig:
     """Everything a training run depends on; the defaults train the reference MLP."""
 
     data: str | None = None
+    x_key: str = "x"
+    y_key: str = "y"
+    normalize: str = "none"
     val_fraction: float = 0.1
     synth_samples: int = 12000
     model: str = "784-1024-10"
@@ -136,6 +140,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise MpitrainError(f"--epochs {config.epochs}: must be at least 1")
     if config.steps is not None and config.steps < 0:
         raise MpitrainError(f"--steps {config.steps}: must be 0 or more")
+    if config.partition == "stratified" and config.loss != "ce":
+        raise MpitrainError("--partition stratified deals out classes: it needs --loss ce")
+    for name in ("x_key", "y_key"):
+        if not getattr(config, name).strip("/"):
+            raise MpitrainError(f"--{name.replace('_', '-')} {getattr(config, name)!r}: must name a dataset")
     if not 0.0 <= config.val_fraction < 1.0:
         raise MpitrainError(f"--val-fraction {config.val_fraction}: must be in [0, 1)")
     for name in ("lr", "momentum", "weight_decay"):

@@ -23,6 +23,7 @@ from mpitrain import checkpoint
 from mpitrain.backend import limit_blas_threads, select_backend
 from mpitrain.comm import agree
 from mpitrain.config import TrainConfig, as_dict
+from mpitrain.data import normalize
 from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_dataset
 from mpitrain.errors import error_of
 from mpitrain.nn.model import parse_widths
@@ -143,6 +144,8 @@ def save_model(config: TrainConfig, result: TrainResult, comm: MPI.Intracomm) ->
     error = None
     if comm.rank == 0:
         attrs = {"model": config.model, "activation": config.activation, "config": json.dumps(as_dict(config))}
-        error = error_of(checkpoint.save_parameters, config.save, result.parameters, attrs)
+        stats, stats_attrs = normalize.file_entries(normalize.attached(config))
+        named, attrs = {**result.parameters, **stats}, {**attrs, **stats_attrs}
+        error = error_of(checkpoint.save_parameters, config.save, named, attrs)
     agree(comm, error)
 

@@ -197,7 +197,7 @@ def case_shards_differ_in_features(tmp_path):
     directory.mkdir()
     write_raw(directory / "a.h5", x=np.zeros((4, 7)), y=np.zeros(4))
     write_raw(directory / "b.h5", x=np.zeros((4, 8)), y=np.zeros(4))
-    return str(directory), ["b.h5", "dataset 'x' features 8 differs from 7", "a.h5"]
+    return str(directory), ["b.h5", "dataset 'x' row shape (8,) differs from (7,)", "a.h5"]
 
 
 def case_corrupt_shard(tmp_path):
@@ -222,3 +222,95 @@ def test_bad_input_is_one_line_naming_file_and_dataset(tmp_path, make_case):
     assert "\n" not in message
     for fragment in expected:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+# ---------------------------------------------------------------- keys, groups, N-D inputs, chunk caches
+
+def test_keys_may_name_datasets_inside_groups(tmp_path, data):
+    x, y = data
+    path = str(tmp_path / "grouped.h5")
+    with h5py.File(path, "w") as f:
+        f["train/images"] = x
+        f["train/labels"] = y
+    rows = np.array([0, 5, 6, 7, 90])
+    with H5Dataset(path, x_key="train/images", y_key="train/labels") as ds:
+        got_x, got_y = ds.read(rows)
+    np.testing.assert_array_equal(got_x, x[rows])
+    np.testing.assert_array_equal(got_y, y[rows])
+
+
+def test_a_missing_key_lists_the_datasets_and_suggests_keys(tmp_path, data):
+    x, y = data
+    path = write_raw(tmp_path / "sk.h5", data=x, target=y)
+    with pytest.raises(MpitrainError) as raised:
+        H5Dataset(path)
+    message = str(raised.value)
+    assert "\n" not in message
+    for fragment in ["missing dataset 'x'", f"data {x.shape} {x.dtype}", f"target {y.shape} {y.dtype}",
+                     "--x-key data --y-key target"]:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("row_shape", [(8, 8), (4, 4, 1), (2, 3, 2)])
+def test_nd_inputs_read_flattened(tmp_path, row_shape):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(30,) + row_shape, dtype=np.uint8)
+    path = write_raw(tmp_path / "images.h5", x=images, y=np.arange(30) % 3)
+    rows = np.array([1, 2, 3, 17, 29])
+    with H5Dataset(path) as ds:
+        assert ds.n_features == int(np.prod(row_shape)) and ds.x_row_shape == row_shape
+        ds.x_out_dtype = np.dtype(np.float32)
+        got_x, _ = ds.read(rows)
+        whole = ds.read_x(np.arange(30))
+    assert got_x.dtype == np.float32
+    np.testing.assert_array_equal(got_x, images[rows].reshape(len(rows), -1).astype(np.float32))
+    np.testing.assert_array_equal(whole, images.reshape(30, -1).astype(np.float32))
+
+
+@pytest.mark.parametrize("budget_mb", ["512", "0.004"])
+@pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
+def test_chunked_reads_equal_the_arrays_and_read_each_chunk_once(tmp_path, data, compression, budget_mb,
+                                                                  monkeypatch):
+    """Scattered rows read again and again come from whole chunks read once while the budget holds
+    them (a 4 KiB budget holds one 10-row block, so blocks are read again, and reads stay right)."""
+    monkeypatch.setenv("MPITRAIN_CHUNK_CACHE_MB", budget_mb)
+    x, y = data
+    path = str(tmp_path / "chunked.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=x, chunks=(10, N_FEATURES), compression=compression)
+        f.create_dataset("y", data=y, chunks=(10,), compression=compression)
+    train_rows = np.arange(N_ROWS)
+    batches = [rows for epoch in range(3) for rows in GlobalSampler(train_rows, 8, 0, 1, seed=epoch).batches(0)]
+    for rereads in (False, True):
+        with H5Dataset(path, rereads=rereads) as ds:
+            ds.trace = True
+            for rows in batches:
+                got_x, got_y = ds.read(rows)
+                np.testing.assert_array_equal(got_x, x[rows])
+                np.testing.assert_array_equal(got_y, y[rows])
+            np.testing.assert_array_equal(ds.read(train_rows)[0], x)
+            chunk_reads = sum(1 for _, key, names in ds.selections if "x" in names)
+            if rereads and budget_mb == "512":
+                assert chunk_reads == -(-N_ROWS // 10)  # every 10-row chunk once, for all 3 epochs
+            assert ds.cache_wanted == (11 * 10 * (N_FEATURES * x.itemsize + y.itemsize)
+                                       if rereads else 0)
+
+
+def test_global_sampler_over_large_chunks_warns_once_with_advice(comm, shared_dir):
+    from harness import mpitrain_argv, run_on_root
+
+    x, y = make_classification(400, N_FEATURES, N_CLASSES, seed=0)
+    path = os.path.join(shared_dir, "big-chunks.h5")
+    if comm.rank == 0:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=x, chunks=(200, N_FEATURES), compression="gzip")
+            f["y"] = y
+    comm.Barrier()
+    argv = mpitrain_argv(2, "train", "--data", path, "--model", f"{N_FEATURES}-4-{N_CLASSES}", "--steps", "2",
+                         "--batch-size", "16", "--sampler", "global", "--no-progress", "--device", "cpu")
+    done = run_on_root(comm, argv, MPITRAIN_CHUNK_CACHE_MB="0.01")
+    assert done["returncode"] == 0, done["stderr"]
+    assert done["stderr"].count("mpitrain: warning: --sampler global") == 1
+    assert "use --sampler shard, raise MPITRAIN_CHUNK_CACHE_MB" in done["stderr"]
+    quiet = run_on_root(comm, argv)
+    assert "warning" not in quiet["stderr"]

@@ -3,12 +3,13 @@ rows, and the batches it walks through. The same for every layout: a data-parall
 call it on the group's communicator (the ranks of a tensor group or pipeline read the same rows).
 
     dataset = open_dataset(config, widths, comm)         # collective: every rank fails alike
-    data = load_rank_data(dataset, config, classes, comm)  # reads only this rank's rows
+    data = load_rank_data(dataset, config, classes, comm)  # reads only this rank's rows; fits --normalize
     for x, y in Batches(data, dataset, backend, config).epoch(epoch, count): ...
 """
 
 import itertools
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -18,12 +19,11 @@ from mpi4py import MPI
 from mpitrain.backend import Backend
 from mpitrain.comm import agree, node_comm
 from mpitrain.config import TrainConfig
-from mpitrain.data import partition, synth
+from mpitrain.data import normalize, partition, synth
 from mpitrain.data.hdf5 import H5Dataset
+from mpitrain.data.labels import label_format
 from mpitrain.data.sampler import GlobalSampler, ShardSampler, local_steps
 from mpitrain.errors import MpitrainError, error_of
-
-
 
 
 def synthetic_path(config: TrainConfig, features: int, classes: int) -> str:
@@ -49,30 +49,24 @@ def ensure_synthetic(config: TrainConfig, widths: list[int], comm: MPI.Intracomm
 
 
 def check_dataset(dataset: H5Dataset, config: TrainConfig, widths: list[int]) -> None:
-    """The dataset fits the model and the loss: feature count, label kind and label range."""
+    """The dataset fits the model and the loss: feature count and label shape. Sets how rows are
+    turned into model inputs (the run's dtype) and labels (labels.label_format)."""
     if dataset.n_features != widths[0]:
-        raise MpitrainError(
-            f"{config.data}: x has {dataset.n_features} features but --model {config.model} expects {widths[0]}"
-        )
-    if config.loss == "ce" and not dataset.is_classification:
-        raise MpitrainError(f"{config.data}: y has dtype {dataset.y_dtype}; --loss ce needs integer class labels")
-    if config.loss == "mse" and dataset.y_width != widths[-1]:
-        raise MpitrainError(
-            f"{config.data}: y has {dataset.y_width} columns but --model {config.model} has {widths[-1]} outputs"
-        )
+        shape = "" if len(dataset.x_row_shape) == 1 else f" (rows of shape {dataset.x_row_shape}, flattened)"
+        raise MpitrainError(f"{config.data}: x has {dataset.n_features} features{shape} but --model {config.model} "
+                            f"expects {widths[0]}")
+    try:
+        dataset.labels = label_format(dataset.y_row_shape, dataset.y_dtype, config.loss, widths[-1])
+    except MpitrainError as exc:
+        raise MpitrainError(f"{config.data}: {exc} (--model {config.model})") from None
+    dataset.x_out_dtype = np.dtype(config.dtype)
 
 
 def check_labels(y: np.ndarray, config: TrainConfig, classes: int) -> None:
-    """Class labels lie in [0, classes); regression targets are finite."""
-    if y.size == 0:
-        return
-    if config.loss == "ce":
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= classes:
-            bad = low if low < 0 else high
-            raise MpitrainError(f"{config.data}: label {bad} in 'y' is outside [0, {classes}) for --model {config.model}")
-    elif not np.all(np.isfinite(y)):
-        raise MpitrainError(f"{config.data}: 'y' holds NaN or Inf")
+    """Model labels (after labels.to_model) have the shape the loss takes; values were checked as read."""
+    expected = (len(y),) if config.loss == "ce" else None
+    if expected is not None and y.shape != expected:
+        raise MpitrainError(f"{config.data}: labels of shape {y.shape} reached --loss ce, which needs {expected}")
 
 
 def nonfinite_row(x: np.ndarray, rows: np.ndarray, dataset: H5Dataset) -> str | None:
@@ -139,40 +133,82 @@ def own_training_rows(dataset, train_rows, config, comm) -> np.ndarray:
     return partition.stratified_rows(train_rows, labels[train_rows], comm.rank, comm.size, config.seed)
 
 
+def _read(dataset, rows, config, classes):
+    """(x, y, error) of `rows`: an error is returned, not raised, so the ranks can agree on it."""
+    try:
+        x, y = dataset.read(rows)
+        check_labels(y, config, classes)
+        check_finite(x, rows, dataset)
+        return x, y, None
+    except MpitrainError as exc:
+        return None, None, exc
+
+
+def _fit_normalization(dataset, config, own_x, own_rows, comm):
+    """Fit --normalize on the training rows of every rank of comm (each reads only its own). Collective."""
+    if config.normalize == "none":
+        return None
+    blocks = [own_x] if own_x is not None else normalize.row_blocks(dataset.read_x, own_rows)
+    return normalize.fit(config.normalize, blocks, dataset.n_features, comm)
+
+
+def describe_rows(dataset: H5Dataset, n_train: int, n_val: int) -> str:
+    """The start-up line on what is read: files, rows, shapes, and the training/validation split."""
+    files = f"{len(dataset.paths)} files, " if len(dataset.paths) > 1 else ""
+    n = dataset.n_rows
+    y = f", {dataset.y_key} {(n, *dataset.y_row_shape)} {dataset.y_dtype}" if dataset.y_key else ""
+    return (f"mpitrain: data {dataset.path}: {files}{n} rows ({dataset.x_key} {(n, *dataset.x_row_shape)} "
+            f"{dataset.x_dtype}{y}); {n_train} training rows, {n_val} validation rows")
+
+
 def load_rank_data(dataset: H5Dataset, config: TrainConfig, classes: int, comm: MPI.Intracomm) -> RankData:
-    """Split rows, build the sampler and read this rank's rows (never anyone else's). Collective."""
+    """Split rows, build the sampler, read this rank's rows (never anyone else's) and fit
+    --normalize over all ranks' training rows. Collective."""
     train_rows, val_rows = partition.split_validation(dataset.n_rows, config.val_fraction, config.seed)
     agree(comm, error_of(check_sizes, len(train_rows), len(val_rows), config, comm.size))
+    if comm.rank == 0 and MPI.COMM_WORLD.rank == 0:
+        print(describe_rows(dataset, len(train_rows), len(val_rows)), flush=True)
 
     own_val_rows = partition.uniform_rows(val_rows, comm.rank, comm.size)
-    val_x, val_y = dataset.read(own_val_rows)
-    error = error_of(check_labels, val_y, config, classes) or error_of(check_finite, val_x, own_val_rows, dataset)
+    val_x, val_y, error = _read(dataset, own_val_rows, config, classes)
     if config.sampler == "global":
         sampler = GlobalSampler(train_rows, config.batch_size, comm.rank, comm.size, config.seed)
         own_rows = partition.uniform_rows(train_rows, comm.rank, comm.size)
         own_x, own_y = None, None
-        error = error or error_of(check_labels, dataset.read_y(own_rows), config, classes)
+        error = error or error_of(lambda: check_labels(dataset.read_y(own_rows), config, classes))
         steps = sampler.steps_per_epoch
     else:
         own_rows = own_training_rows(dataset, train_rows, config, comm)
-        own_x, own_y = dataset.read(own_rows)
-        error = (error or error_of(check_labels, own_y, config, classes)
-                 or error_of(check_finite, own_x, own_rows, dataset))
+        own_x, own_y, own_error = _read(dataset, own_rows, config, classes)
+        error = error or own_error
         steps = comm.allreduce(local_steps(len(own_rows), config.batch_size, comm.rank, comm.size), op=MPI.MIN)
         sampler = ShardSampler(own_rows, config.batch_size, comm.rank, comm.size, config.seed, steps)
     agree(comm, error)
+    norm = _fit_normalization(dataset, config, own_x, own_rows, comm)
+    if norm is not None:
+        # From here on every read is normalized; the rows already in memory are normalized once.
+        dataset.normalizer = norm
+        val_x = norm.apply(val_x)
+        own_x = norm.apply(own_x) if own_x is not None else None
+    normalize.attach(config, norm)
     return RankData(sampler, steps, own_rows, own_val_rows, own_x, own_y, val_x, val_y)
 
 
 def open_dataset(config: TrainConfig, widths: list[int], comm: MPI.Intracomm) -> H5Dataset:
-    """Open and check the dataset on every rank; every rank fails alike if any rank fails."""
+    """Open and check the dataset on every rank; every rank fails alike if any rank fails. Rank 0
+    warns once when --sampler global will decompress chunks again and again. Collective."""
     dataset, error = None, None
     try:
-        dataset = H5Dataset(config.data)
+        dataset = H5Dataset(config.data, config.x_key, config.y_key, rereads=config.sampler == "global")
         check_dataset(dataset, config, widths)
     except MpitrainError as exc:
         error = exc
     agree(comm, error)
+    if config.sampler == "global" and comm.rank == 0 and MPI.COMM_WORLD.rank == 0:
+        local_batch = max(1, config.batch_size // comm.size)
+        warning = dataset.reread_warning(local_batch)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     return dataset
 
 

@@ -50,7 +50,7 @@ from mpitrain.nn.model import Model, full_shapes, parse_widths
 from mpitrain.optim import make_optimizer, schedule
 from mpitrain.parallel.pipeline import StageLink
 from mpitrain.parallel.stage import Stage
-from mpitrain.parallel.state import init_from
+from mpitrain.parallel.state import init_from, param_pieces
 from mpitrain.report import Reporter, TrainResult, validation_metrics
 
 TAG_GRAD = 61
@@ -318,9 +318,6 @@ class Worker:
         self.val_x = xp.asarray(self.data.val_x, dtype=np.dtype(config.dtype))
         self.val_y = xp.asarray(self.data.val_y, dtype=self.batches.label_dtype)
 
-    def pieces(self):
-        return [(name, index, {"param": view}) for name, index, view, _ in self.model.shards()]
-
     def evaluate(self, comm: MPI.Intracomm) -> dict:
         """Validation over every worker's rows of comm under the θ each holds. Collective on comm."""
         totals = self.stage.evaluate(self.val_x, self.val_y, True)
@@ -419,8 +416,7 @@ def run(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     # Servers build the model on the host from the same seed, so their θ starts as the workers' does.
     model = worker.model if worker else Model(widths, config.activation, np, config.dtype, config.seed)
     if config.init_from:
-        init_from(config.init_from, [(name, index, {"param": view}) for name, index, view, _ in model.shards()],
-                  widths, comm)
+        init_from(config.init_from, param_pieces(model), widths, comm)
     report = Reporter(config, comm.size, steps, comm.rank == 0)
     agree(comm, error_of(report.start, worker.backend if worker else CPU, threads))
     report.say(describe(config, roles))

@@ -23,6 +23,11 @@ from mpitrain.nn.model import full_shapes
 _TAG_PIECE = 71
 
 
+def param_pieces(model) -> list[tuple[str, tuple, dict]]:
+    """The pieces of a model's parameters alone (no optimizer state): for --init-from and evaluation."""
+    return [(name, index, {"param": view}) for name, index, view, _ in model.shards()]
+
+
 def _flat_rows(key, shape) -> tuple[slice, int, int]:
     """For a ('flat', a, b) key of a parameter of `shape`: the leading-axis rows covering [a, b)
     and where [a, b) starts and stops within those rows, raveled."""
