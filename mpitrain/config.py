@@ -170,9 +170,6 @@ def _validate_resilience(config: TrainConfig) -> None:
         raise MpitrainError("--resume auto needs --checkpoint-dir (the folder searched for the newest checkpoint)")
     if config.comm_timeout is not None and not (math.isfinite(config.comm_timeout) and config.comm_timeout > 0):
         raise MpitrainError(f"--comm-timeout {config.comm_timeout}: must be a positive number of seconds")
-    if config.sync == "ps" and (config.checkpoint_dir or config.resume or config.on_nan == "skip"):
-        raise MpitrainError("--checkpoint-dir, --resume and --on-nan skip do not work with --sync ps yet "
-                            "(they do with data, tensor and pipeline parallelism)")
 
 
 def build(file_values: dict, flag_values: dict) -> TrainConfig:

@@ -147,6 +147,13 @@ def schedule(kind: str, base_lr: float, step: int, total_steps: int, warmup_step
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def buffer_names(config) -> list[str]:
+    """The state buffers the optimizer of `config` keeps: what a checkpoint holds besides θ."""
+    if config.optimizer == "adam":
+        return ["m", "v"]
+    return ["velocity"] if config.momentum else []
+
+
 def make_optimizer(config, params, grads):
     """The optimizer of `config` (--optimizer, --lr, --momentum, --weight-decay) over flat buffers."""
     if config.optimizer == "adam":

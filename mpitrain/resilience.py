@@ -81,7 +81,7 @@ class Resilience:
 
     # ------------------------------------------------------------------------ start and resume
 
-    def start(self, strategy, dataset, steps_per_epoch: int, total_steps: int, say) -> Position:
+    def start(self, strategy, dataset_fields: dict, steps_per_epoch: int, total_steps: int, say) -> Position:
         """Check that every rank built the same model and sees the same dataset, then resume if asked.
         Collective. `strategy` is the layout's (parallel/strategy.py); `say` prints a line (rank 0's
         reporter)."""
@@ -91,7 +91,7 @@ class Resilience:
             self.say = say
             self.warn = lambda line: print(f"mpitrain: warning: {line}", file=sys.stderr, flush=True)
         check_consistent(self.comm, {"model": self.config.model, "dtype": self.config.dtype,
-                                     "dataset shape": _dataset_shape(dataset),
+                                     "dataset shape": dataset_fields,
                                      "steps per epoch": steps_per_epoch}, "start-up")
         position = self._resume() if self.config.resume else Position()
         self._set_step(position.step)
@@ -193,7 +193,7 @@ class Resilience:
         same step. A bad input row stops the run on every rank with the message naming its file
         and row (MpitrainError): it is a fault of the data, which no policy should train through.
         """
-        nonfinite = not math.isfinite(loss_value) or not _finite(grads)
+        nonfinite = not math.isfinite(loss_value) or not all_finite(grads)
         signum = self.flag.signum if self.flag is not None else 0
         self._flags[0], self._flags[1], self._flags[2] = nonfinite, signum, bad_input is not None
         if self.comm.size > 1:
@@ -202,10 +202,7 @@ class Resilience:
             messages = [m for m in (self.comm.allgather(bad_input) if self.comm.size > 1 else [bad_input]) if m]
             raise MpitrainError(messages[0])
         if self._flags[1] and self.stop_reason is None:
-            received = self.comm.allgather(signum)
-            ranks = [rank for rank, got in enumerate(received) if got]
-            names = sorted({signal.Signals(got).name for got in received if got})
-            self.stop_reason = f"{'/'.join(names)} on rank(s) {_compact(ranks)}"
+            self.stop_reason = signal_reason(self.comm, signum)
         if not self._flags[0]:
             return True
         bad_loss = [rank for rank, bad in enumerate(self.comm.allgather(not math.isfinite(loss_value))) if bad]
@@ -258,6 +255,14 @@ class Resilience:
 
     # ------------------------------------------------------------------------ writing
 
+    def signalled(self) -> bool:
+        """Whether this rank received SIGUSR1/SIGTERM (only watched with --checkpoint-dir)."""
+        return bool(self.flag is not None and self.flag.signum)
+
+    def write(self, position: Position) -> str:
+        """Write the checkpoint of `position` now (the parameter server's segment ends). Collective."""
+        return self._write(position)
+
     def _write(self, position: Position) -> str:
         """Rank 0 writes the checkpoint of `position`: the pieces of one copy of the model and its
         optimizer state laid into unsliced arrays, the RNG states of every rank; then keeps the newest
@@ -271,12 +276,13 @@ class Resilience:
         buffers = ["param", *strategy.optimizer.buffers]
         full = gather_pieces(strategy.pieces(), buffers, strategy.holds_copy, widths,
                              np.dtype(self.config.dtype), self.comm)
+        t = strategy.optimizer_t()
         rng_states = self.comm.gather(_rng_state(), root=0)
         error = None
         if self.comm.rank == 0:
             try:
                 os.makedirs(folder, exist_ok=True)
-                save_checkpoint(path, self._snapshot(position, full, rng_states))
+                save_checkpoint(path, self._snapshot(position, full, rng_states, t))
                 prune_checkpoints(folder, self.config.keep_checkpoints)
             except MpitrainError as exc:
                 error = exc
@@ -290,7 +296,7 @@ class Resilience:
         self._written = (position.step, path)
         return path
 
-    def _snapshot(self, position: Position, full: dict, rng_states: list) -> Checkpoint:
+    def _snapshot(self, position: Position, full: dict, rng_states: list, t: int) -> Checkpoint:
         arrays = {f"model/{name}": value for name, value in full["param"].items()}
         for buffer, named in full.items():
             if buffer != "param":
@@ -306,7 +312,7 @@ class Resilience:
             "layout": self.strategy.layout_metrics(),
             "skipped_steps": self.skipped,
             "model": {"widths": config.model, "activation": config.activation, "dtype": config.dtype},
-            "optimizer": {"kind": config.optimizer, "t": int(self.strategy.optimizer.t)},
+            "optimizer": {"kind": config.optimizer, "t": int(t)},
             "sampler": {"kind": config.sampler, "partition": config.partition, "seed": config.seed,
                         "order": "permutation seeded by (seed, epoch[, rank]); `position` batches taken"},
             "config": as_dict(config),
@@ -318,13 +324,22 @@ class Resilience:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _finite(array) -> bool:
+def signal_reason(comm: MPI.Intracomm, signum: int) -> str:
+    """'SIGUSR1 on rank(s) 0, 3': the signals this job's ranks received. Collective on comm."""
+    received = comm.allgather(signum)
+    ranks = [rank for rank, got in enumerate(received) if got]
+    names = sorted({signal.Signals(got).name for got in received if got})
+    return f"{'/'.join(names)} on rank(s) {_compact(ranks)}"
+
+
+def all_finite(array) -> bool:
     """No NaN or Inf anywhere in `array` (NumPy or CuPy; one pass, one host sync)."""
     xp = np if isinstance(array, np.ndarray) else sys.modules["cupy"]
     return bool(xp.isfinite(array).all())
 
 
-def _dataset_shape(dataset) -> dict:
+def dataset_shape(dataset) -> dict:
+    """The fields of a dataset every rank must agree on at start-up."""
     return {"rows": dataset.n_rows, "features": dataset.n_features, "x dtype": str(dataset.x_dtype),
             "y dtype": str(dataset.y_dtype), "y width": dataset.y_width}
 

@@ -28,11 +28,11 @@ from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_d
 from mpitrain.errors import error_of
 from mpitrain.nn.model import parse_widths
 from mpitrain.optim import schedule
-from mpitrain.parallel import ps
+from mpitrain.parallel import ps_train
 from mpitrain.parallel.state import full_parameters, init_from
 from mpitrain.parallel.strategy import GridStrategy
 from mpitrain.report import Reporter, TrainResult, validation_metrics
-from mpitrain.resilience import Resilience
+from mpitrain.resilience import Resilience, dataset_shape
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -48,7 +48,7 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     guard = Resilience(config, comm)
     try:
         if config.sync == "ps":
-            result = ps.run(config, guard.comm)
+            result = ps_train.run(config, guard)
             if config.save:
                 save_model(config, result, guard.comm)
             return result
@@ -78,7 +78,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
     report = Reporter(config, comm.size, steps, comm.rank == 0)
     agree(comm, error_of(report.start, backend, threads))
     report.say(strategy.describe())
-    start = guard.start(strategy, dataset, data.steps_per_epoch, steps, report.say)
+    start = guard.start(strategy, dataset_shape(dataset), data.steps_per_epoch, steps, report.say)
 
     step, epoch, position = start.step, start.epoch, start.position
     while step < steps:

@@ -258,8 +258,6 @@ def test_sigusr1_job_exits_with_the_requeue_status_and_resumes(comm, dataset, sh
     assert_identical(load_parameters(resumed), load_parameters(reference))
 
 
-def test_checkpoint_flags_are_accepted_in_grid_layouts_and_refused_with_the_parameter_server():
-    for parallel in ({"tp": 2}, {"pp": 2}, {"micro_batches": 2}):
+def test_checkpoint_flags_are_accepted_in_every_layout():
+    for parallel in ({"tp": 2}, {"pp": 2}, {"micro_batches": 2}, {"sync": "ps"}, {"sync": "ps", "ps_mode": "async"}):
         assert config(checkpoint_dir="ckpt", on_nan="skip", **parallel).checkpoint_dir == "ckpt"
-    with pytest.raises(MpitrainError, match="do not work with --sync ps yet"):
-        config(checkpoint_dir="ckpt", sync="ps")

@@ -33,29 +33,22 @@ the learning rate of its update, in sync mode inside the sum (the same thing for
 Servers keep θ and the optimizer state in host memory (NumPy) whatever --device says.
 """
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import CPU, limit_blas_threads, select_backend
-from mpitrain.comm import agree
-from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
-from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_dataset
-from mpitrain.errors import MpitrainError, error_of
-from mpitrain.nn.losses import make_loss
-from mpitrain.nn.model import Model, full_shapes, parse_widths
+from mpitrain.errors import MpitrainError
+from mpitrain.nn.model import Model
 from mpitrain.optim import make_optimizer, schedule
-from mpitrain.parallel.pipeline import StageLink
-from mpitrain.parallel.stage import Stage
-from mpitrain.parallel.state import init_from, param_pieces
-from mpitrain.report import Reporter, TrainResult, validation_metrics
 
-TAG_GRAD = 61
+TAG_LIMIT = 60
 TAG_PARAMS = 62
 TAG_STOP = 63
+# A gradient's tag carries its worker's flags: TAG_GRAD + (FLAG_NONFINITE | FLAG_SIGNAL | FLAG_BAD_INPUT).
+TAG_GRAD = 64
+FLAG_NONFINITE, FLAG_SIGNAL, FLAG_BAD_INPUT = 1, 2, 4
 
 
 # ---------------------------------------------------------------------------- roles
@@ -137,18 +130,20 @@ class WorkerLink:
         """Receive the first θ from every server; True if server 0 asks for a gradient."""
         return self._exchange(push=False)
 
-    def push_pull(self) -> bool:
-        """Send ∇[a_s:b_s] to every server s and receive the θ[a_s:b_s] each answers with; True to go on."""
+    def push_pull(self, flags: int = 0) -> bool:
+        """Send ∇[a_s:b_s] to every server s, tagged with this step's flags (FLAG_*), and receive the
+        θ[a_s:b_s] each answers with; True to go on."""
         if not self.on_host:
             self.model.grads.get(out=self.grads)
-        return self._exchange(push=True)
+        return self._exchange(push=True, flags=flags)
 
-    def _exchange(self, push: bool) -> bool:
+    def _exchange(self, push: bool, flags: int = 0) -> bool:
         ranges = list(enumerate(self.roles.bounds))
         # Receives first, so every answer lands in a posted buffer and a server's blocking Send returns.
         requests = [self.comm.Irecv(self.params[a:b], self.roles.server_rank(s), MPI.ANY_TAG) for s, (a, b) in ranges]
         if push:
-            requests += [self.comm.Isend(self.grads[a:b], self.roles.server_rank(s), TAG_GRAD) for s, (a, b) in ranges]
+            requests += [self.comm.Isend(self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags)
+                         for s, (a, b) in ranges]
         statuses = [MPI.Status() for _ in requests]
         MPI.Request.Waitall(requests, statuses)
         if not self.on_host:
@@ -188,15 +183,27 @@ class ServerStats:
         self.staleness_counts[staleness] += 1
 
 
-class Server:
-    """θ[a:b] of one server, its optimizer, and the two serving loops.
+@dataclass
+class Stop:
+    """Why server 0 ended a segment early, decided from a gradient's flags or its own signal flag."""
 
-    `version` counts the updates applied to this range; `pulled[w]` is the version worker w last
-    received, so a gradient's staleness is the version at its arrival minus the version it was
-    computed on.
+    reason: str  # "signal" | "nan" | "input"
+    worker: int | None = None
+    step: int | None = None
+
+
+class Server:
+    """θ[a:b] of one server, its optimizer, and the two serving loops, run segment by segment.
+
+    `version` counts what has been applied to this range: updates (sync) or gradients (async);
+    `pulled[w]` is the version worker w last received, so a gradient's staleness is the version at
+    its arrival minus the version it was computed on. A segment ends at a step every rank knows in
+    advance (a checkpoint step, the last step), or earlier at a limit server 0 chooses and sends to
+    the other servers (TAG_LIMIT) when a gradient arrives flagged or its own signal flag is up.
     """
 
-    def __init__(self, comm: MPI.Intracomm, roles: Roles, config: TrainConfig, params: np.ndarray, steps: int):
+    def __init__(self, comm: MPI.Intracomm, roles: Roles, config: TrainConfig, params: np.ndarray, steps: int,
+                 signalled=lambda: False):
         self.comm, self.roles, self.config, self.steps = comm, roles, config, steps
         self.params = params
         self.grads = np.zeros_like(params)
@@ -204,251 +211,157 @@ class Server:
         self.version = 0
         self.pulled = [0] * roles.n_workers
         self.stats = ServerStats([0] * roles.n_workers)
+        self.signalled = signalled
+        self.skipped = 0
+        self.stop: Stop | None = None
+        self.leader = roles.server_index == 0
+        self._incoming = np.empty_like(params)
 
-    def serve(self) -> ServerStats:
-        """Answer workers until every gradient of the run is applied. Point-to-point with every worker."""
+    def serve(self, start: int, end: int) -> None:
+        """Answer workers from global step `start` until step `end` (or server 0's earlier limit) is
+        applied. Point-to-point with every worker and server."""
+        self.stop = None
         if self.config.ps_mode == "async":
-            self.serve_each()
+            self.serve_each(start, end)
         else:
-            self.serve_by_step(self.config.staleness)
-        return self.stats
+            self.serve_by_step(start, end, self.config.staleness)
+
+    @property
+    def step(self) -> int:
+        """Global steps applied: updates (sync), or gradients / W (async)."""
+        return self.version // self.roles.n_workers if self.config.ps_mode == "async" else self.version
 
     def reply(self, worker: int, stop: bool) -> None:
         """Send θ[a:b] to `worker`, which has already posted its receive, so this Send cannot hang."""
         self.comm.Send(self.params, dest=worker, tag=TAG_STOP if stop else TAG_PARAMS)
         self.pulled[worker] = self.version
 
-    def probe(self) -> tuple[MPI.Message, int]:
-        """The next gradient from any worker, matched but not yet received, and its sender."""
+    def probe(self) -> tuple[MPI.Message, int, int]:
+        """The next message from a worker (a gradient) or from server 0 (a limit), matched but not
+        yet received: (message, source, tag)."""
         status = MPI.Status()
-        message = self.comm.Mprobe(MPI.ANY_SOURCE, TAG_GRAD, status)
-        return message, status.Get_source()
+        message = self.comm.Mprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
+        return message, status.Get_source(), status.Get_tag()
 
     def learning_rate(self, step: int) -> float:
         return schedule(self.config.schedule, self.config.lr, step, self.steps, self.config.warmup_steps)
 
-    def serve_by_step(self, bound: int) -> None:
+    def _receive_limit(self, message: MPI.Message) -> int:
+        limit = np.empty(1, dtype=np.int64)
+        message.Recv(limit)
+        return int(limit[0])
+
+    def _decide(self, flags: int, worker: int | None, step: int) -> bool:
+        """Server 0: whether this gradient's flags (or its own signal) end the segment early."""
+        if not self.leader or self.stop is not None:
+            return False
+        if flags & FLAG_BAD_INPUT:
+            self.stop = Stop("input", worker, step)
+        elif flags & FLAG_NONFINITE and self.config.on_nan == "abort":
+            self.stop = Stop("nan", worker, step)
+        elif flags & FLAG_SIGNAL or self.signalled():
+            self.stop = Stop("signal", worker if flags & FLAG_SIGNAL else None, step)
+        return self.stop is not None
+
+    def _send_limit(self, limit: int) -> None:
+        for s in range(1, len(self.roles.bounds)):
+            self.comm.Send(np.array([limit], dtype=np.int64), dest=self.roles.server_rank(s), tag=TAG_LIMIT)
+
+    def serve_by_step(self, start: int, end: int, bound: int) -> None:
         """sync / stale-synchronous: update c = sum of every worker's c-th gradient; worker w's answer
-        waits until w, about to compute its gradient pushes[w], is at most `bound` updates ahead."""
-        workers, steps = self.roles.n_workers, self.steps
+        waits until w, about to compute its gradient pushes[w], is at most `bound` updates ahead.
+        An update with a non-finite gradient from any worker is skipped (--on-nan)."""
+        workers = self.roles.n_workers
+        self.limit = end
         # Sums of steps whose gradients are still coming in: at most bound + 1 of them, and only as
         # many as the workers' spread needs; a finished sum's buffer is reused.
-        open_sums: dict[int, list] = {}  # step -> [sum of the gradients in so far, how many]
+        open_sums: dict[int, list] = {}  # step -> [sum of the gradients in so far, how many, any bad]
         spare = [self.grads]
-        incoming = np.empty_like(self.grads)
-        pushes = [0] * workers
+        self.version = start
+        self.pulled = [start] * workers
+        pushes, allowed = [start] * workers, [start] * workers
         for worker in range(workers):
-            self.reply(worker, stop=steps == 0)
+            self.reply(worker, stop=start == end)
+            allowed[worker] = start + (start < end)
         waiting = []
-        while self.version < steps:
-            message, worker = self.probe()
-            step = pushes[worker]
-            entry = open_sums.get(step)
-            if entry is None:
-                entry = open_sums[step] = [spare.pop() if spare else np.empty_like(self.grads), 0]
-            target = entry[0] if entry[1] == 0 else incoming
-            message.Recv(target)
-            staleness = step - self.pulled[worker]
-            if self.config.staleness_lr and staleness:
-                target *= 1.0 / (1 + staleness)
-            if target is incoming:
-                entry[0] += incoming
-            entry[1] += 1
-            self.stats.record(worker, staleness)
-            pushes[worker] += 1
-            if entry[1] == workers:  # the last gradient of step `version` is in
-                del open_sums[step]
-                self.optimizer.grads = entry[0]
-                self.optimizer.step(self.learning_rate(self.version))
-                self.version += 1
-                spare.append(entry[0])
-            waiting.append(worker)
-            waiting = [w for w in waiting if not self._release(w, pushes[w], bound)]
+        while self.version < self.limit:
+            message, source, tag = self.probe()
+            if tag == TAG_LIMIT:
+                self.limit = self._receive_limit(message)
+            else:
+                worker, flags, step = source, tag - TAG_GRAD, pushes[source]
+                entry = open_sums.get(step)
+                if entry is None:
+                    entry = open_sums[step] = [spare.pop() if spare else np.empty_like(self.grads), 0, False]
+                target = entry[0] if entry[1] == 0 else self._incoming
+                message.Recv(target)
+                staleness = step - self.pulled[worker]
+                if self.config.staleness_lr and staleness:
+                    target *= 1.0 / (1 + staleness)
+                if target is self._incoming:
+                    entry[0] += self._incoming
+                entry[1] += 1
+                entry[2] = entry[2] or bool(flags & FLAG_NONFINITE)
+                self.stats.record(worker, staleness)
+                pushes[worker] += 1
+                if self._decide(flags, worker, step) and max(allowed) < self.limit:
+                    # Every worker finishes the steps it was already allowed, and no more.
+                    self.limit = max(allowed)
+                    self._send_limit(self.limit)
+                if entry[1] == workers:  # the last gradient of step `version` is in
+                    del open_sums[step]
+                    if entry[2]:
+                        self.skipped += 1
+                    else:
+                        self.optimizer.grads = entry[0]
+                        self.optimizer.step(self.learning_rate(self.version))
+                    self.version += 1
+                    spare.append(entry[0])
+                waiting.append(worker)
+            released = [w for w in waiting if self._release(w, pushes[w], bound)]
+            waiting = [w for w in waiting if w not in released]
+            for w in released:
+                allowed[w] = pushes[w] + (pushes[w] < self.limit)
+        self.optimizer.grads = self.grads
 
     def _release(self, worker: int, pushed: int, bound: int) -> bool:
         """Answer a waiting worker if it may go on (or, after its last step, once every update is in)."""
-        last = pushed == self.steps
-        may_go = self.version == self.steps if last else pushed - self.version <= bound
+        last = pushed >= self.limit
+        may_go = self.version >= self.limit if last else pushed - self.version <= bound
         if may_go:
             self.reply(worker, stop=last)
         return may_go
 
-    def serve_each(self) -> None:
+    def serve_each(self, start: int, end: int) -> None:
         """async: apply each gradient on arrival and answer its worker at once. Server 0 grants the
-        steps x W gradients of the run one at a time; the others follow its count."""
+        segment's (end - start) x W gradients one at a time; the others follow its count. A
+        non-finite gradient is dropped (--on-nan skip) without an update, but still counted."""
         workers = self.roles.n_workers
-        budget = self.steps * workers
-        grants_server = self.roles.server_index == 0
+        self.version = start * workers
+        budget = end * workers
         for worker in range(workers):
-            self.reply(worker, stop=budget == 0)
-        granted = workers if budget else 0
-        for applied in range(budget):
-            message, worker = self.probe()
+            self.reply(worker, stop=budget == self.version)
+        granted = min(self.version + workers, budget)
+        while self.version < budget:
+            message, source, tag = self.probe()
+            if tag == TAG_LIMIT:
+                budget = self._receive_limit(message)
+                continue
+            worker, flags, step = source, tag - TAG_GRAD, self.version // workers
             message.Recv(self.grads)
             staleness = self.version - self.pulled[worker]
             self.stats.record(worker, staleness)
-            lr = self.learning_rate(applied // workers)
-            self.optimizer.step(lr / (1 + staleness) if self.config.staleness_lr else lr)
+            if flags & FLAG_NONFINITE:
+                self.skipped += 1
+            else:
+                lr = self.learning_rate(self.version // workers)
+                self.optimizer.step(lr / (1 + staleness) if self.config.staleness_lr else lr)
             self.version += 1
-            stop = granted == budget
+            # Rounded up to whole steps: the run's step count stays gradients / W.
+            if self._decide(flags, worker, step) and -(-granted // workers) * workers < budget:
+                budget = -(-granted // workers) * workers
+                self._send_limit(budget)
+            stop = granted >= budget
             if not stop:
                 granted += 1
-            self.reply(worker, stop=stop and grants_server)
-
-
-# ---------------------------------------------------------------------------- the worker
-
-
-class Worker:
-    """A worker's setup: its backend, rows, batches and whole model, and the Stage that runs its
-    forward and backward (the step code of every layout, with one stage and one micro-batch)."""
-
-    def __init__(self, config: TrainConfig, widths: list[int], comm: MPI.Intracomm):
-        self.config = config
-        self.backend = backend = select_backend(config.device, comm)
-        if config.data is None:
-            config.data = ensure_synthetic(config, widths, comm)
-        self.dataset = open_dataset(config, widths, comm)
-        self.data = load_rank_data(self.dataset, config, widths[-1], comm)
-        self.batches = Batches(self.data, self.dataset, backend, config)
-        xp = backend.xp
-        self.model = Model(widths, config.activation, xp, config.dtype, config.seed)
-        self.stage = Stage(self.model, StageLink(MPI.COMM_SELF, xp), make_loss(config.loss, xp), [("F", 0), ("B", 0)],
-                           1, first_stage=True, last_stage=True)
-        self.val_x = xp.asarray(self.data.val_x, dtype=np.dtype(config.dtype))
-        self.val_y = xp.asarray(self.data.val_y, dtype=self.batches.label_dtype)
-
-    def evaluate(self, comm: MPI.Intracomm) -> dict:
-        """Validation over every worker's rows of comm under the θ each holds. Collective on comm."""
-        totals = self.stage.evaluate(self.val_x, self.val_y, True)
-        comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
-        return validation_metrics(totals, self.config)
-
-
-def work(worker: Worker, link: WorkerLink, config: TrainConfig, report: Reporter) -> list[dict]:
-    """Compute and push gradients of this worker's batches, epoch after epoch, until told to stop.
-
-    Returns one entry per epoch this worker began: gradients pushed, samples, loss sum, seconds, and
-    validation of its own rows under the θ it holds at the epoch's end (no message to other workers).
-    """
-    scale = 1.0 / config.batch_size
-    epochs, epoch = [], 0
-    go = link.pull()
-    while go:
-        started, loss_sum, pushes, samples = time.perf_counter(), 0.0, 0, 0
-        for x, y in worker.batches.epoch(epoch, worker.data.steps_per_epoch):
-            loss_sum += worker.stage.forward_backward(x, y, scale)
-            go = link.push_pull()
-            pushes += 1
-            samples += len(x)
-            report.advance()
-            if not go:
-                break
-        seconds = time.perf_counter() - started
-        val = worker.evaluate(MPI.COMM_SELF)
-        epochs.append({"pushes": pushes, "samples": samples, "loss_sum": loss_sum, "seconds": seconds,
-                       "val": val, "val_rows": len(worker.val_x)})
-        epoch += 1
-    return epochs
-
-
-# ---------------------------------------------------------------------------- reporting
-
-
-def epoch_records(per_worker: list[list[dict]], final_val: dict, world: int) -> list[dict]:
-    """One record per epoch, summed over the workers that reached it; `step` counts updates of a
-    global batch (gradients / W); the last record's validation is that of the final θ."""
-    n_workers, records, pushed = len(per_worker), [], 0
-    for e in range(max(len(epochs) for epochs in per_worker)):
-        entries = [epochs[e] for epochs in per_worker if len(epochs) > e]
-        pushed += sum(entry["pushes"] for entry in entries)
-        samples = sum(entry["samples"] for entry in entries)
-        seconds = max(entry["seconds"] for entry in entries)
-        record = {"epoch": e + 1, "step": pushed // n_workers,
-                  "loss": sum(entry["loss_sum"] for entry in entries) / max(samples, 1),
-                  "samples_per_s": samples / seconds if seconds > 0 else 0.0, "world_size": world}
-        rows = sum(entry["val_rows"] for entry in entries)
-        for key in entries[0]["val"]:  # val_loss, val_accuracy: means over rows, so weight by rows
-            record[key] = sum(entry["val"][key] * entry["val_rows"] for entry in entries) / rows
-        records.append(record)
-    if records:
-        records[-1].update(final_val)
-    return records
-
-
-def server_summary(config: TrainConfig, stats: list[ServerStats]) -> dict:
-    """Per-worker gradient counts (every server sees each worker's every gradient) and staleness over all servers."""
-    counts = [0] * max(len(s.staleness_counts) for s in stats)
-    for s in stats:
-        for k, n in enumerate(s.staleness_counts):
-            counts[k] += n
-    return {"ps_mode": config.ps_mode, "staleness_bound": config.staleness if config.ps_mode == "sync" else None,
-            "servers": len(stats), "workers": len(stats[0].updates_per_worker),
-            "updates_per_worker": stats[0].updates_per_worker, "max_staleness": len(counts) - 1,
-            "staleness_counts": counts}
-
-
-# ---------------------------------------------------------------------------- the run
-
-
-def run(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
-    """Train under `config` with workers and parameter servers on the ranks of comm; every rank
-    returns the same result, whose last history record holds the servers' counts. Collective."""
-    check_config(config, comm.size)
-    widths = parse_widths(config.model)
-    n_params = sum(int(np.prod(shape)) for shape in full_shapes(widths).values())
-    roles = Roles(comm.rank, comm.size - config.servers, tuple(chunk_bounds(n_params, config.servers)))
-    ps = comm.Dup()
-    workers = comm.Split(MPI.UNDEFINED if roles.is_server else 0, comm.rank)
-    threads = limit_blas_threads(comm, config.threads)
-
-    worker, error = None, None
-    if not roles.is_server:
-        try:
-            worker = Worker(config, widths, workers)
-        except MpitrainError as exc:
-            error = exc
-    agree(comm, error)
-    steps = comm.bcast(worker.data.steps_per_epoch if comm.rank == 0 else None, root=0)
-    steps = config.steps if config.steps is not None else config.epochs * steps
-    schedule(config.schedule, config.lr, 0, steps, config.warmup_steps)  # a bad warm-up fails here, everywhere
-
-    # Servers build the model on the host from the same seed, so their θ starts as the workers' does.
-    model = worker.model if worker else Model(widths, config.activation, np, config.dtype, config.seed)
-    if config.init_from:
-        init_from(config.init_from, param_pieces(model), widths, comm)
-    report = Reporter(config, comm.size, steps, comm.rank == 0)
-    agree(comm, error_of(report.start, worker.backend if worker else CPU, threads))
-    report.say(describe(config, roles))
-
-    if roles.is_server:
-        a, b = roles.bounds[roles.server_index]
-        outcome = Server(ps, roles, config, model.params[a:b], steps).serve()
-        theta = model.params
-    else:
-        link = WorkerLink(ps, roles, model)
-        outcome = work(worker, link, config, report)
-        theta = link.params
-    share_parameters(ps, roles, theta)
-
-    final_val = {}
-    if not roles.is_server:
-        if not link.on_host:
-            model.params.set(theta)
-        final_val = worker.evaluate(workers)
-        worker.dataset.close()
-        workers.Free()
-    outcomes = ps.gather(outcome, root=0)
-    records = None
-    if comm.rank == 0:
-        records = epoch_records(outcomes[:roles.n_workers], final_val, comm.size)
-        if records:
-            records[-1].update(server_summary(config, outcomes[roles.n_workers:]))
-    for record in ps.bcast(records, root=0):
-        report.epoch(record)
-    check_drained(ps)
-    ps.Free()
-
-    result = TrainResult(model.state(), report.history)
-    report.finish(result)
-    return result
+            self.reply(worker, stop=stop and self.leader)

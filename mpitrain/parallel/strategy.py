@@ -88,6 +88,10 @@ class GridStrategy:
             out.append((name, index, views))
         return out
 
+    def optimizer_t(self) -> int:
+        """The optimizer's step count (the same on every rank)."""
+        return self.optimizer.t
+
     def counters(self) -> np.ndarray:
         """Cumulative bytes this rank sent: tensor-parallel exchanges, pipeline links, gradient sum."""
         return np.array([self.model.group.bytes_sent, self.link.bytes_sent, self.grad_sync.bytes_sent], dtype=np.float64)
