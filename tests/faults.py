@@ -14,13 +14,13 @@ import sys
 
 from mpi4py import MPI
 
-import mpitrain.train
 from mpitrain.comm.buckets import GradientSync
+from mpitrain.parallel.stage import Stage
 from mpitrain.cli import main
 
 
 def at_step(fault: str, step: int, rank: int) -> None:
-    """Patch mpitrain.train so that `fault` happens on `rank` in step `step`."""
+    """Patch the step code so that `fault` happens on `rank` in step `step`."""
     if MPI.COMM_WORLD.rank != rank:
         return
     if fault == "skip-allreduce":
@@ -38,14 +38,15 @@ def at_step(fault: str, step: int, rank: int) -> None:
         GradientSync.layer_done, GradientSync.wait = skipping_layer_done, skipping_wait
         return
     action = {"kill": signal.SIGKILL, "signal": signal.SIGUSR1}[fault]
-    schedule = mpitrain.train.schedule
+    forward_backward, calls = Stage.forward_backward, [0]
 
-    def scheduled(kind, base_lr, index, total, warmup):
-        if index + 1 == step:  # schedule() runs once per step with the 0-based index
+    def faulty(stage, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:  # one forward/backward per step on this rank, in every layout
             os.kill(os.getpid(), action)
-        return schedule(kind, base_lr, index, total, warmup)
+        return forward_backward(stage, *args, **kwargs)
 
-    mpitrain.train.schedule = scheduled
+    Stage.forward_backward = faulty
 
 
 if __name__ == "__main__":

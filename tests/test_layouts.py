@@ -226,3 +226,75 @@ def test_buckets_and_overlap_in_a_grid_layout_equal_one_flat_sum(comm, small_cla
     assert_close(bucketed.parameters if bucketed else None, flat.parameters if flat else None)
 
 
+
+
+# ---------------------------------------------------------------------------- metrics and jobs
+
+RECORD_FIELDS = {"epoch", "step", "loss", "val_loss", "samples_per_s", "world_size", "skipped_steps", "dp", "tp", "pp",
+                 "micro_batches", "bubble_fraction", "pipeline_wait_fraction", "tp_bytes_per_step",
+                 "pp_bytes_per_step", "dp_bytes_per_step", "sent_bytes_per_step", "param_bytes_per_rank",
+                 "grad_bytes_per_rank", "optimizer_bytes_per_rank", "activation_bytes_per_rank"}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_every_layout_reports_the_same_record_fields(comm, small_classification, name):
+    result = run(comm, LAYOUTS[name], data=small_classification, steps=4)
+    if result is not None:
+        for record in result.history:
+            assert RECORD_FIELDS <= record.keys(), sorted(RECORD_FIELDS - record.keys())
+        assert result.history[-1]["optimizer_bytes_per_rank"] > 0 and result.history[-1]["sent_bytes_per_step"] > 0
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "rd", "mpi", "hier"])
+def test_gradient_bytes_are_what_the_algorithm_sends(comm, small_classification, algorithm):
+    """dp 2: a ring sends every bucket once around (all but one's own chunk, then one's own), recursive
+    doubling the whole bucket in its one round, MPI is counted as 2(p-1)/p of it: each the size of
+    the gradient. The hierarchical all-reduce of two ranks on one node sums in shared memory: 0 bytes."""
+    result = run(comm, LAYOUTS["dp"], data=small_classification, steps=3, allreduce=algorithm, bucket_mb=1e-4)
+    if result is not None:
+        gradient_bytes = 8 * sum(value.size for value in result.parameters.values())
+        expected = 0 if algorithm == "hier" else gradient_bytes
+        assert result.history[-1]["dp_bytes_per_step"] == expected
+
+
+JOB_LAYOUTS = {"tp": (2, ["--tp", "2"]), "ps-sync": (3, ["--sync", "ps"]),
+               "ps-async": (3, ["--sync", "ps", "--ps-mode", "async"])}
+
+
+@pytest.mark.parametrize("name", JOB_LAYOUTS)
+def test_a_signalled_job_exits_75_and_resumes(comm, small_classification, shared_dir, name):
+    """`mpirun -n W mpitrain train` with SIGUSR1 to rank 0 in its step 4: exit 75 with a checkpoint;
+    `--resume auto` finishes (exit 0), on the uninterrupted run's bits where the layout repeats."""
+    from harness import mpitrain_argv, run_on_root
+
+    folder, reference, resumed = (os.path.join(shared_dir, n) for n in ("ck", "reference.h5", "resumed.h5"))
+    ranks, flags = JOB_LAYOUTS[name]
+    args = ["train", "--data", small_classification, "--model", "12-10-9-7-3", "--batch-size", "12", "--steps", "12",
+            "--dtype", "float64", "--sampler", "global", "--device", "cpu", "--no-progress", "--seed", "5",
+            *flags]
+    faults = os.path.join(os.path.dirname(__file__), "faults.py")
+    signalled = mpitrain_argv(ranks, *args, "--checkpoint-dir", folder)
+    at = signalled.index("-m")
+    signalled = signalled[:at] + [faults, "signal", "4", "0", "--"] + signalled[at + 2:]
+    runs = [run_on_root(comm, mpitrain_argv(ranks, *args, "--save", reference), timeout=90),
+            run_on_root(comm, signalled, timeout=90),
+            run_on_root(comm, mpitrain_argv(ranks, *args, "--checkpoint-dir", folder, "--resume", "auto",
+                                            "--save", resumed), timeout=90)]
+    assert runs[0]["returncode"] == 0, runs[0]
+    assert runs[1]["returncode"] == 75 and "preempted by SIGUSR1 on rank(s) 0" in runs[1]["stderr"], runs[1]
+    assert runs[2]["returncode"] == 0 and "resumed from" in runs[2]["stdout"], runs[2]
+    if name != "ps-async" and comm.rank == 0:
+        from mpitrain.checkpoint import load_parameters
+
+        assert_identical(load_parameters(resumed), load_parameters(reference))
+
+
+def test_an_inf_row_read_by_a_tensor_parallel_job_exits_2_naming_file_and_row(comm, inf_row):
+    from harness import mpitrain_argv, run_on_root
+
+    done = run_on_root(comm, mpitrain_argv(2, "train", "--data", inf_row, "--model", "12-10-9-7-3", "--tp", "2",
+                                           "--sampler", "global", "--val-fraction", "0", "--epochs", "2",
+                                           "--batch-size", "12", "--device", "cpu", "--no-progress"), timeout=90)
+    assert done["returncode"] == 2, done
+    lines = [line for line in done["stderr"].splitlines() if line.startswith("mpitrain: error:")]
+    assert len(lines) == 1 and "part-00001.h5: row 101 of dataset 'x' holds NaN or Inf" in lines[0], done

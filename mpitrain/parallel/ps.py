@@ -7,12 +7,15 @@
 Roles. Of P ranks, ranks 0..W-1 are workers and the last S are servers (W = P - S), so rank 0, which
 reports, is a worker. The flat parameter buffer is cut into S contiguous ranges (`chunk_bounds`);
 server s holds θ[a_s:b_s] and the optimizer state of that range. The workers form a communicator of
-their own (a Split of the job) and set up their data exactly as data-parallel ranks do in train.py.
+their own (a Split of the job) and set up their data exactly as data-parallel ranks do (data/rank.py).
 
 Messages, point-to-point on a Dup of the job's communicator; every size is fixed by the ranges:
-    TAG_GRAD    worker -> server s   ∇[a_s:b_s]   b_s - a_s values of --dtype
+    TAG_GRAD+f  worker -> server s   ∇[a_s:b_s]   b_s - a_s values of --dtype; f = the worker's flags
+                                                  (non-finite loss or gradient, signal, bad input row)
     TAG_PARAMS  server s -> worker   θ[a_s:b_s]   "compute another gradient"
-    TAG_STOP    server s -> worker   θ[a_s:b_s]   "your last gradient is in: stop"
+    TAG_STOP    server s -> worker   θ[a_s:b_s]   "your last gradient of this segment is in: stop"
+    TAG_LIMIT   server 0 -> server   one int64    "this segment ends early, at this count"
+The run is served in segments (ps_train.py): between them every rank meets for checkpoints.
 A worker first receives θ from every server; then, each step, it posts its receives for θ, sends its
 gradient slices and waits for all of them; server 0's tag says whether it goes on. A server takes
 gradients from any worker (Mprobe, then Mrecv) and answers each with exactly one θ message, a blocking

@@ -218,13 +218,15 @@ def run(config: TrainConfig, guard) -> TrainResult:
         final_val = worker.evaluate(workers)
         worker.dataset.close()
         workers.Free()
+    usage = _usage(config, roles, model, server, comm)
     outcomes = ps.gather(worker.epochs if worker else server.stats)
     records = None
     if comm.rank == 0:
         records = epoch_records(outcomes[:roles.n_workers], final_val, comm.size, first)
+        for record in records:
+            record.update({**state.layout_metrics(), **usage, "skipped_steps": guard.skipped})
         if records:
-            records[-1].update({**state.layout_metrics(), "skipped_steps": guard.skipped,
-                                **server_summary(config, outcomes[roles.n_workers:])})
+            records[-1].update(server_summary(config, outcomes[roles.n_workers:]))
     for record in ps.bcast(records, root=0):
         report.epoch(record)
     check_drained(ps)
@@ -250,6 +252,27 @@ def _raise_on_stop(stop: Stop | None, worker: Worker | None, ps: MPI.Intracomm, 
 
 
 # ---------------------------------------------------------------------------- reporting
+
+
+def _usage(config: TrainConfig, roles: Roles, model: Model, server: Server | None, comm: MPI.Intracomm) -> dict:
+    """Bytes sent per step and memory of the busiest rank, in the fields of every layout's record.
+    Per global step a worker sends its whole gradient (to the servers, range by range) and a server
+    sends its range of θ to each of the W workers; the exchange is the run's data-parallel traffic.
+    Collective on comm."""
+    itemsize = np.dtype(config.dtype).itemsize
+    if server is not None:
+        a, b = roles.bounds[roles.server_index]
+        sent = roles.n_workers * (b - a) * itemsize
+        optimizer = sum(buffer.nbytes for buffer in server.optimizer.buffers.values())
+        mine = [server.params.nbytes, server.grads.nbytes, optimizer, 0, sent]
+    else:
+        mine = [model.params.nbytes, model.grads.nbytes, 0, model.peak_bytes, model.params.nbytes]
+    worst = np.empty(5)
+    comm.Allreduce(np.array(mine, dtype=np.float64), worst, op=MPI.MAX)
+    params, grads, optimizer, activations, sent = (int(v) for v in worst)
+    return {"tp_bytes_per_step": 0, "pp_bytes_per_step": 0, "dp_bytes_per_step": sent, "sent_bytes_per_step": sent,
+            "pipeline_wait_fraction": 0.0, "param_bytes_per_rank": params, "grad_bytes_per_rank": grads,
+            "optimizer_bytes_per_rank": optimizer, "activation_bytes_per_rank": activations}
 
 
 def epoch_records(per_worker: list[list[dict]], final_val: dict, world: int, start: int = 0) -> list[dict]:
