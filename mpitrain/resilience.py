@@ -10,10 +10,11 @@ The training loop calls these hooks, and nothing else of this module:
     guard.finish(step, epoch, position)    # final checkpoint
     guard.close()                          # watchdog stopped, signal handlers restored
 
-A resumed run equals an uninterrupted one bit for bit: the checkpoint holds the parameters, the
-optimizer's buffers and step counter, and the position in the data (epoch and batches taken,
-the order itself being a pure function of seed, epoch and rank), and everything after is the
-same arithmetic on the same world size.
+A resumed run equals an uninterrupted one bit for bit on the same layout and world size: the
+checkpoint holds the parameters, the optimizer's buffers and step counter, and the position in
+the data (epoch and batches taken, the order itself being a pure function of seed, epoch and
+rank), and everything after is the same arithmetic. (The parameter server repeats a run only in
+sync mode with --staleness 0; see parallel/ps_train.py.)
 """
 
 import math
@@ -94,7 +95,7 @@ class Resilience:
                                      "dataset shape": dataset_fields,
                                      "steps per epoch": steps_per_epoch}, "start-up")
         position = self._resume() if self.config.resume else Position()
-        self._set_step(position.step)
+        self.set_step(position.step)
         return position
 
     def _resume(self) -> Position:
@@ -222,20 +223,20 @@ class Resilience:
         The last step of an epoch waits for the call after the epoch's evaluation (position 0 of
         the next epoch), so a resumed run never repeats or skips an epoch record.
         """
-        self._set_step(step)
+        self.set_step(step)
         if position == self.steps_per_epoch or step >= self.total_steps:
             return
         if self.stop_reason is not None:
-            path = self._write(Position(step, epoch, position))
+            path = self.write(Position(step, epoch, position))
             raise Preempted(step, path, self.stop_reason)
         every = self.config.checkpoint_every
         if every and step % every == 0:
-            self._write(Position(step, epoch, position))
+            self.write(Position(step, epoch, position))
 
     def finish(self, step: int, epoch: int, position: int) -> None:
         """Write the final checkpoint (if checkpointing), so `--resume auto` of a finished run is a no-op."""
         if self.config.checkpoint_dir:
-            self._write(Position(step, epoch, position))
+            self.write(Position(step, epoch, position))
 
     def close(self) -> None:
         """Stop the watchdog and restore the signal handlers; safe to call more than once."""
@@ -248,7 +249,8 @@ class Resilience:
     def metrics(self) -> dict:
         return {"skipped_steps": self.skipped}
 
-    def _set_step(self, step: int) -> None:
+    def set_step(self, step: int) -> None:
+        """The step the watchdog names in its report (the next one to run)."""
         self._step = step
         if self.watchdog is not None:
             self.watchdog.step = step + 1
@@ -260,10 +262,6 @@ class Resilience:
         return bool(self.flag is not None and self.flag.signum)
 
     def write(self, position: Position) -> str:
-        """Write the checkpoint of `position` now (the parameter server's segment ends). Collective."""
-        return self._write(position)
-
-    def _write(self, position: Position) -> str:
         """Rank 0 writes the checkpoint of `position`: the pieces of one copy of the model and its
         optimizer state laid into unsliced arrays, the RNG states of every rank; then keeps the newest
         --keep-checkpoints. Every rank learns whether it worked. Collective."""

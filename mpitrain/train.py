@@ -6,10 +6,11 @@
     mpirun -n 4 mpitrain train --sync ps --ps-mode async
 
 Every step: this rank's batch (data/rank.py), the layout's forward and backward with its gradient
-sum (a strategy, chosen once from the flags: parallel/strategy.py for data x tensor x pipeline,
-parallel/ps.py for parameter-server workers), the agreed NaN/signal check, the update, and the
-boundary hooks (periodic checkpoint, preemption) of resilience.py. After each epoch: validation
-and one metrics record, with the same fields in every layout. Gradients are scaled by
+sum (a strategy chosen once from the flags, parallel/strategy.py: data x tensor x pipeline), the
+agreed NaN/signal check, the update, and the boundary hooks (periodic checkpoint, preemption) of
+resilience.py. After each epoch: validation and one metrics record. The parameter server
+(--sync ps) runs from parallel/ps_train.py: its workers use the same step code, data, checkpoint
+writer and record fields, but agree through the servers instead of a per-step collective. Gradients are scaled by
 1/global_batch, so the result is the global-batch mean whatever the world size and layout.
 """
 

@@ -298,3 +298,58 @@ def test_an_inf_row_read_by_a_tensor_parallel_job_exits_2_naming_file_and_row(co
     assert done["returncode"] == 2, done
     lines = [line for line in done["stderr"].splitlines() if line.startswith("mpitrain: error:")]
     assert len(lines) == 1 and "part-00001.h5: row 101 of dataset 'x' holds NaN or Inf" in lines[0], done
+
+
+# ---------------------------------------------------------------------------- parameter-server details
+
+
+def test_three_sync_workers_sum_in_worker_order_so_runs_repeat_bit_for_bit(comm, small_classification):
+    layout = (4, {"sync": "ps"})  # 3 workers, 1 server
+    first = run(comm, layout, data=small_classification, steps=6)
+    second = run(comm, layout, data=small_classification, steps=6)
+    if first is not None:
+        assert_identical(second.parameters, first.parameters)
+
+
+def test_a_signal_at_a_server_other_than_server_0_stops_the_run(comm, small_classification, shared_dir, monkeypatch):
+    """--servers 2: the second server receives SIGUSR1; every rank stops with a checkpoint."""
+    from mpitrain.parallel.ps import Server
+
+    layout = (4, {"sync": "ps", "servers": 2})
+    probe, calls = Server.probe, {"n": 0}
+
+    def probing(self):
+        calls["n"] += 1
+        if calls["n"] == 3 and self.roles.server_index == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return probe(self)
+
+    stopped = None
+    with groups_of(comm, layout[0]) as group:
+        if group is not None:
+            monkeypatch.setattr(Server, "probe", probing)
+            try:
+                train(layout_config(layout, data=small_classification, steps=40,
+                                    checkpoint_dir=os.path.join(shared_dir, "ck")), group)
+            except Preempted as exc:
+                stopped = exc
+    if comm.rank < layout[0]:
+        assert stopped is not None and stopped.step < 40 and "SIGUSR1 on rank(s) 3" in str(stopped)
+
+
+def test_a_resumed_parameter_server_run_goes_on_counting_epochs_and_skips(comm, small_classification, shared_dir,
+                                                                           monkeypatch):
+    layout, ck = LAYOUTS["ps-sync"], os.path.join(shared_dir, "ck")
+    with groups_of(comm, layout[0]) as group:
+        if group is None:
+            return
+        poison_step(monkeypatch, group, 1)
+        full = train(layout_config(layout, data=small_classification, steps=80, on_nan="skip", checkpoint_dir=ck,
+                                   checkpoint_every=40), group)
+        monkeypatch.undo()
+        resumed = train(layout_config(layout, data=small_classification, steps=80, on_nan="skip",
+                                      checkpoint_dir=os.path.join(shared_dir, "again"),
+                                      resume=os.path.join(ck, checkpoint_name(40))), group)
+    assert full.history[-1]["skipped_steps"] == resumed.history[-1]["skipped_steps"] == 1
+    assert [r["epoch"] for r in resumed.history] == [r["epoch"] for r in full.history][-len(resumed.history):]
+    assert_identical(resumed.parameters, full.parameters)

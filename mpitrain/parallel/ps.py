@@ -15,6 +15,7 @@ Messages, point-to-point on a Dup of the job's communicator; every size is fixed
     TAG_PARAMS  server s -> worker   θ[a_s:b_s]   "compute another gradient"
     TAG_STOP    server s -> worker   θ[a_s:b_s]   "your last gradient of this segment is in: stop"
     TAG_LIMIT   server 0 -> server   one int64    "this segment ends early, at this count"
+    TAG_SIGNAL  server -> server 0   empty        "I received SIGUSR1/SIGTERM" (once per run)
 The run is served in segments (ps_train.py): between them every rank meets for checkpoints.
 A worker first receives θ from every server; then, each step, it posts its receives for θ, sends its
 gradient slices and waits for all of them; server 0's tag says whether it goes on. A server takes
@@ -36,17 +37,20 @@ the learning rate of its update, in sync mode inside the sum (the same thing for
 Servers keep θ and the optimizer state in host memory (NumPy) whatever --device says.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
 
+from mpitrain.comm import agree
 from mpitrain.config import TrainConfig
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import Model
 from mpitrain.optim import make_optimizer, schedule
 
 TAG_LIMIT = 60
+TAG_SIGNAL = 61
 TAG_PARAMS = 62
 TAG_STOP = 63
 # A gradient's tag carries its worker's flags: TAG_GRAD + (FLAG_NONFINITE | FLAG_SIGNAL | FLAG_BAD_INPUT).
@@ -161,12 +165,14 @@ def share_parameters(comm: MPI.Intracomm, roles: Roles, theta: np.ndarray) -> No
 
 
 def check_drained(comm: MPI.Intracomm) -> None:
-    """Fail loudly if a message of the run was never received: the protocol answers every message,
-    so one left over would be a bug that a later run on the same communicator could trip over."""
-    status = MPI.Status()
+    """Fail loudly, on every rank, if a message of the run was never received: the protocol answers
+    every message, so one left over would be a bug that a later run on the same communicator could
+    trip over. Collective on comm."""
+    status, error = MPI.Status(), None
     if comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status):
-        raise RuntimeError(f"parameter server: rank {comm.rank} holds an unreceived message "
-                           f"from rank {status.Get_source()} with tag {status.Get_tag()}")
+        error = MpitrainError(f"parameter server: rank {comm.rank} holds an unreceived message "
+                              f"from rank {status.Get_source()} with tag {status.Get_tag()}")
+    agree(comm, error)
 
 
 # ---------------------------------------------------------------------------- the server
@@ -218,6 +224,7 @@ class Server:
         self.skipped = 0
         self.stop: Stop | None = None
         self.leader = roles.server_index == 0
+        self.peer_signal, self.signal_sent, self.signals_received = False, False, 0
         self._incoming = np.empty_like(params)
 
     def serve(self, start: int, end: int) -> None:
@@ -255,16 +262,46 @@ class Server:
         return int(limit[0])
 
     def _decide(self, flags: int, worker: int | None, step: int) -> bool:
-        """Server 0: whether this gradient's flags (or its own signal) end the segment early."""
-        if not self.leader or self.stop is not None:
+        """Server 0: whether this gradient's flags (or a signal here or at another server) end the
+        segment early; True the first time. A fault of the data or the arithmetic (a bad input row,
+        a NaN under --on-nan abort) replaces an earlier signal stop: the run must not exit 75 and
+        resume past it."""
+        if not self.leader:
             return False
-        if flags & FLAG_BAD_INPUT:
+        first = self.stop is None
+        if flags & FLAG_BAD_INPUT and (first or self.stop.reason == "signal"):
             self.stop = Stop("input", worker, step)
-        elif flags & FLAG_NONFINITE and self.config.on_nan == "abort":
+        elif flags & FLAG_NONFINITE and self.config.on_nan == "abort" and (first or self.stop.reason == "signal"):
             self.stop = Stop("nan", worker, step)
-        elif flags & FLAG_SIGNAL or self.signalled():
+        elif first and (flags & FLAG_SIGNAL or self.signalled() or self.peer_signal):
             self.stop = Stop("signal", worker if flags & FLAG_SIGNAL else None, step)
-        return self.stop is not None
+        return first and self.stop is not None
+
+    def _message(self, message: MPI.Message, source: int, tag: int) -> bool:
+        """Handle a message between servers (a limit, a signal); False for a worker's gradient."""
+        if tag == TAG_LIMIT:
+            self.limit = self._receive_limit(message)
+        elif tag == TAG_SIGNAL:
+            message.Recv(np.empty(0, dtype=np.int64))
+            self.peer_signal = True
+            self.signals_received += 1
+        else:
+            return False
+        return True
+
+    def _forward_signal(self) -> None:
+        """A server other than 0 that received SIGUSR1/SIGTERM tells server 0, once, which stops the
+        segment for everyone; ps_train counts these messages so none is left unreceived."""
+        if not self.leader and not self.signal_sent and self.signalled():
+            self.comm.Send(np.empty(0, dtype=np.int64), dest=self.roles.server_rank(0), tag=TAG_SIGNAL)
+            self.signal_sent = True
+
+    def drain_signals(self, sent: int) -> None:
+        """Server 0: receive the signal messages other servers sent that it has not yet received."""
+        while self.signals_received < sent:
+            self.comm.Recv(np.empty(0, dtype=np.int64), source=MPI.ANY_SOURCE, tag=TAG_SIGNAL)
+            self.signals_received += 1
+            self.peer_signal = True
 
     def _send_limit(self, limit: int) -> None:
         for s in range(1, len(self.roles.bounds)):
@@ -273,13 +310,15 @@ class Server:
     def serve_by_step(self, start: int, end: int, bound: int) -> None:
         """sync / stale-synchronous: update c = sum of every worker's c-th gradient; worker w's answer
         waits until w, about to compute its gradient pushes[w], is at most `bound` updates ahead.
-        An update with a non-finite gradient from any worker is skipped (--on-nan)."""
+        An update with a non-finite gradient from any worker is skipped (--on-nan).
+
+        Each worker's gradient lands in a slot of its own and a step's slots are added in worker
+        order once all are in: the sum, and so the run, does not depend on arrival order (slots
+        are reused, at most (bound + 1) x W of them)."""
         workers = self.roles.n_workers
         self.limit = end
-        # Sums of steps whose gradients are still coming in: at most bound + 1 of them, and only as
-        # many as the workers' spread needs; a finished sum's buffer is reused.
-        open_sums: dict[int, list] = {}  # step -> [sum of the gradients in so far, how many, any bad]
-        spare = [self.grads]
+        open_steps: dict[int, list] = {}  # step -> [{worker: slot}, any non-finite]
+        spare: list[np.ndarray] = []
         self.version = start
         self.pulled = [start] * workers
         pushes, allowed = [start] * workers, [start] * workers
@@ -289,43 +328,47 @@ class Server:
         waiting = []
         while self.version < self.limit:
             message, source, tag = self.probe()
-            if tag == TAG_LIMIT:
-                self.limit = self._receive_limit(message)
-            else:
+            if not self._message(message, source, tag):
                 worker, flags, step = source, tag - TAG_GRAD, pushes[source]
-                entry = open_sums.get(step)
-                if entry is None:
-                    entry = open_sums[step] = [spare.pop() if spare else np.empty_like(self.grads), 0, False]
-                target = entry[0] if entry[1] == 0 else self._incoming
-                message.Recv(target)
+                entry = open_steps.setdefault(step, [{}, False])
+                slot = entry[0][worker] = spare.pop() if spare else np.empty_like(self.grads)
+                message.Recv(slot)
                 staleness = step - self.pulled[worker]
                 if self.config.staleness_lr and staleness:
-                    target *= 1.0 / (1 + staleness)
-                if target is self._incoming:
-                    entry[0] += self._incoming
-                entry[1] += 1
-                entry[2] = entry[2] or bool(flags & FLAG_NONFINITE)
+                    slot *= 1.0 / (1 + staleness)
+                entry[1] = entry[1] or bool(flags & FLAG_NONFINITE)
                 self.stats.record(worker, staleness)
                 pushes[worker] += 1
                 if self._decide(flags, worker, step) and max(allowed) < self.limit:
                     # Every worker finishes the steps it was already allowed, and no more.
                     self.limit = max(allowed)
                     self._send_limit(self.limit)
-                if entry[1] == workers:  # the last gradient of step `version` is in
-                    del open_sums[step]
-                    if entry[2]:
-                        self.skipped += 1
-                    else:
-                        self.optimizer.grads = entry[0]
-                        self.optimizer.step(self.learning_rate(self.version))
-                    self.version += 1
-                    spare.append(entry[0])
+                if len(entry[0]) == workers:  # the last gradient of step `version` is in
+                    self._apply_step(open_steps.pop(step), spare)
                 waiting.append(worker)
+            self._forward_signal()
             released = [w for w in waiting if self._release(w, pushes[w], bound)]
             waiting = [w for w in waiting if w not in released]
             for w in released:
                 allowed[w] = pushes[w] + (pushes[w] < self.limit)
-        self.optimizer.grads = self.grads
+
+    def _apply_step(self, entry: list, spare: list) -> None:
+        slots, bad = entry
+        if bad:
+            self.skipped += 1
+            self._warn(f"step {self.version + 1}: NaN or Inf in a worker's gradient: update skipped")
+        else:
+            np.copyto(self.grads, slots[0])
+            for worker in range(1, self.roles.n_workers):
+                self.grads += slots[worker]
+            self.optimizer.step(self.learning_rate(self.version))
+        self.version += 1
+        spare.extend(slots.values())
+
+    def _warn(self, line: str) -> None:
+        # Server 0 alone knows when an update is skipped, so it says so (rank 0 is a worker).
+        if self.leader:
+            print(f"mpitrain: warning: {line} ({self.skipped} skipped so far)", file=sys.stderr, flush=True)
 
     def _release(self, worker: int, pushed: int, bound: int) -> bool:
         """Answer a waiting worker if it may go on (or, after its last step, once every update is in)."""
@@ -341,14 +384,15 @@ class Server:
         non-finite gradient is dropped (--on-nan skip) without an update, but still counted."""
         workers = self.roles.n_workers
         self.version = start * workers
-        budget = end * workers
+        budget = self.limit = end * workers
         for worker in range(workers):
             self.reply(worker, stop=budget == self.version)
         granted = min(self.version + workers, budget)
         while self.version < budget:
             message, source, tag = self.probe()
-            if tag == TAG_LIMIT:
-                budget = self._receive_limit(message)
+            if self._message(message, source, tag):
+                budget = min(budget, self.limit) if tag == TAG_LIMIT else budget
+                self._forward_signal()
                 continue
             worker, flags, step = source, tag - TAG_GRAD, self.version // workers
             message.Recv(self.grads)
@@ -356,6 +400,7 @@ class Server:
             self.stats.record(worker, staleness)
             if flags & FLAG_NONFINITE:
                 self.skipped += 1
+                self._warn(f"gradient {self.version + 1}: NaN or Inf from worker {worker}: dropped")
             else:
                 lr = self.learning_rate(self.version // workers)
                 self.optimizer.step(lr / (1 + staleness) if self.config.staleness_lr else lr)
@@ -368,3 +413,4 @@ class Server:
             if not stop:
                 granted += 1
             self.reply(worker, stop=stop and self.leader)
+            self._forward_signal()

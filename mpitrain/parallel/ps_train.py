@@ -64,7 +64,8 @@ class Worker:
         self.val_y = xp.asarray(self.data.val_y, dtype=self.batches.label_dtype)
         self.error: str | None = None  # the bad input row this worker flagged, if any
         self.epochs: list[dict] = []
-        self.current = {"pushes": 0, "samples": 0, "loss_sum": 0.0, "started": time.perf_counter()}
+        self.current = {"pushes": 0, "samples": 0, "kept_samples": 0, "loss_sum": 0.0,
+                        "started": time.perf_counter()}
 
     def evaluate(self, comm: MPI.Intracomm) -> dict:
         """Validation over every worker's rows of comm under the θ each holds. Collective on comm."""
@@ -77,7 +78,8 @@ class Worker:
         appends its entry (pushes, samples, loss, seconds, validation of this worker's rows)."""
         spe = self.data.steps_per_epoch
         while True:
-            self.current = {"pushes": 0, "samples": 0, "loss_sum": 0.0, "started": time.perf_counter()}
+            self.current = {"pushes": 0, "samples": 0, "kept_samples": 0, "loss_sum": 0.0,
+                            "started": time.perf_counter()}
             for x, y in self.batches.epoch(epoch, spe, start=position):
                 yield x, y
             self.close_epoch()
@@ -88,6 +90,7 @@ class Worker:
         current = self.current
         if current["pushes"]:
             self.epochs.append({"pushes": current["pushes"], "samples": current["samples"],
+                                "kept_samples": current["kept_samples"],
                                 "loss_sum": current["loss_sum"], "seconds": time.perf_counter() - current["started"],
                                 "val": self.evaluate(MPI.COMM_SELF), "val_rows": len(self.val_x)})
         current["pushes"] = 0
@@ -111,8 +114,9 @@ def work(worker: Worker, batches, link: WorkerLink, scale: float, signalled, rep
         current = worker.current
         current["pushes"] += 1
         current["samples"] += len(x)
-        if not flags & FLAG_NONFINITE:
+        if not flags & FLAG_NONFINITE:  # as every layout: a skipped step's loss is not averaged
             current["loss_sum"] += loss
+            current["kept_samples"] += len(x)
         report.advance()
 
 
@@ -192,6 +196,8 @@ def run(config: TrainConfig, guard) -> TrainResult:
     agree(comm, error_of(report.start, worker.backend if worker else CPU, threads))
     report.say(describe(config, roles))
     step = first = guard.start(state, shape, spe, steps, report.say).step
+    if server:
+        server.skipped = guard.skipped  # a resumed run goes on counting
 
     link = WorkerLink(ps, roles, model) if worker else None
     batches = worker.stream(step // spe, step % spe) if worker else None
@@ -202,8 +208,16 @@ def run(config: TrainConfig, guard) -> TrainResult:
             server.serve(step, end)
         else:
             work(worker, batches, link, 1.0 / config.batch_size, guard.signalled, report)
+        # Signal messages between servers still in flight are received before anyone moves on.
+        sent = ps.allreduce(int(bool(server and server.signal_sent)), op=MPI.SUM)
+        if server and server.leader:
+            server.drain_signals(sent)
         outcome = ps.bcast((server.step, server.skipped, server.stop) if server else None, root=first_server)
         step, guard.skipped, stop = outcome
+        guard.set_step(step)
+        # A signal that arrived after a rank's last message of the segment stops the run here.
+        if stop is None and step < steps and ps.allreduce(int(guard.signalled()), op=MPI.MAX):
+            stop = Stop("signal")
         _raise_on_stop(stop, worker, ps, guard, step, spe)
         if config.checkpoint_dir and (step == steps or (every and step % every == 0)):
             guard.write(Position(step, step // spe, step % spe))
@@ -222,7 +236,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
     outcomes = ps.gather(worker.epochs if worker else server.stats)
     records = None
     if comm.rank == 0:
-        records = epoch_records(outcomes[:roles.n_workers], final_val, comm.size, first)
+        records = epoch_records(outcomes[:roles.n_workers], final_val, comm.size, first, first // spe)
         for record in records:
             record.update({**state.layout_metrics(), **usage, "skipped_steps": guard.skipped})
         if records:
@@ -275,10 +289,11 @@ def _usage(config: TrainConfig, roles: Roles, model: Model, server: Server | Non
             "optimizer_bytes_per_rank": optimizer, "activation_bytes_per_rank": activations}
 
 
-def epoch_records(per_worker: list[list[dict]], final_val: dict, world: int, start: int = 0) -> list[dict]:
+def epoch_records(per_worker: list[list[dict]], final_val: dict, world: int, start: int = 0,
+                  first_epoch: int = 0) -> list[dict]:
     """One record per epoch, summed over the workers that reached it; `step` counts updates of a
-    global batch (gradients / W) from the run's first step `start`; the last record's validation is
-    that of the final θ."""
+    global batch (gradients / W) from the run's first step `start`, `epoch` from its first epoch
+    (both 0 unless resumed); the last record's validation is that of the final θ."""
     n_workers, records = len(per_worker), []
     pushed = start * n_workers
     for e in range(max(len(epochs) for epochs in per_worker)):
@@ -286,8 +301,9 @@ def epoch_records(per_worker: list[list[dict]], final_val: dict, world: int, sta
         pushed += sum(entry["pushes"] for entry in entries)
         samples = sum(entry["samples"] for entry in entries)
         seconds = max(entry["seconds"] for entry in entries)
-        record = {"epoch": e + 1, "step": pushed // n_workers,
-                  "loss": sum(entry["loss_sum"] for entry in entries) / max(samples, 1),
+        kept = sum(entry["kept_samples"] for entry in entries)
+        record = {"epoch": first_epoch + e + 1, "step": pushed // n_workers,
+                  "loss": sum(entry["loss_sum"] for entry in entries) / max(kept, 1),
                   "samples_per_s": samples / seconds if seconds > 0 else 0.0, "world_size": world}
         rows = sum(entry["val_rows"] for entry in entries)
         for key in entries[0]["val"]:  # val_loss, val_accuracy: means over rows, so weight by rows

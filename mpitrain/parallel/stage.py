@@ -27,7 +27,14 @@ class Stage:
 
     def forward_backward(self, x, y, scale: float, on_layer_done=None) -> float:
         """Run one step's schedule; gradients of the local shards end up in model.grads.
-        Returns the summed loss of this rank's samples on the last stage, else 0."""
+        Returns the summed loss of this rank's samples on the last stage, else 0.
+
+        NumPy's warnings about NaN and overflow are silenced here: a non-finite loss or gradient
+        is the --on-nan policy's to report, once, with the step it happened in."""
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return self._forward_backward(x, y, scale, on_layer_done)
+
+    def _forward_backward(self, x, y, scale: float, on_layer_done) -> float:
         model, link = self.model, self.link
         bounds = micro_batch_bounds(len(x), self.micro_batches)
         output_grads, loss_sum, accumulate = {}, 0.0, False

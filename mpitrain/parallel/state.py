@@ -24,7 +24,7 @@ _TAG_PIECE = 71
 
 
 def param_pieces(model) -> list[tuple[str, tuple, dict]]:
-    """The pieces of a model's parameters alone (no optimizer state): for --init-from and evaluation."""
+    """The pieces of a whole model's parameters alone (no optimizer state), e.g. to --init-from it."""
     return [(name, index, {"param": view}) for name, index, view, _ in model.shards()]
 
 

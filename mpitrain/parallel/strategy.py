@@ -6,8 +6,8 @@
 
 Data parallelism is the grid with one tensor rank and one stage: the same model class, the same
 Stage, the same GradientSync (buckets of whole layers, last first, overlapped with backward) over
-the data-parallel group. The parameter server's workers have a strategy of their own (ps.py) that
-reuses the Stage and sends gradients to the servers instead of summing them.
+the data-parallel group. The parameter server's workers (parallel/ps_train.py) reuse the Stage and
+send their gradients to the servers instead of summing them.
 """
 
 import numpy as np
