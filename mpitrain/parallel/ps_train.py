@@ -13,7 +13,7 @@ its flags with each gradient (a non-finite loss or gradient, a signal, a non-fin
 and server 0 ends the segment early, for every rank alike, when a flag calls for a stop.
 
 What a resume repeats: in sync mode with --staleness 0 a resumed run equals the uninterrupted one
-bit for bit (every update is the sum of the same gradients on the same θ). With --staleness K or
+bit for bit (every update is the sum, in worker order, of the same gradients on the same θ). With --staleness K or
 --ps-mode async, which gradient is computed on which θ depends on timing, so a resume continues
 from the saved θ, optimizer state and global step but does not repeat the interrupted run.
 """
