@@ -30,7 +30,8 @@ from parallel_runs import RTOL, config, serial_run
 LAYOUTS = {"dp": (2, {}), "tp": (2, {"tp": 2}), "pp": (2, {"pp": 2, "micro_batches": 2}),
            "tp-pp": (4, {"tp": 2, "pp": 2, "micro_batches": 2}), "ps-sync": (3, {"sync": "ps"}),
            "ps-async": (3, {"sync": "ps", "ps_mode": "async"})}
-ALL_LAYOUTS = {"one": (1, {}), **{k: v for k, v in LAYOUTS.items() if k != "ps-async"}, "dp-tp": (4, {"tp": 2})}
+ALL_LAYOUTS = {"one": (1, {}), **{k: v for k, v in LAYOUTS.items() if k != "ps-async"}, "dp-tp": (4, {"tp": 2}),
+               "tp4": (4, {"tp": 4})}
 # Where a resume repeats the run bit for bit: not async, whose gradients meet θ in timing order.
 EXACT = [name for name in LAYOUTS if name != "ps-async"]
 
@@ -191,6 +192,18 @@ def test_a_checkpoint_resumes_under_any_other_layout(comm, small_classification,
     comm.Barrier()
     resumed = run(comm, ALL_LAYOUTS[reader], data=small_classification, steps=8, checkpoint_dir=ck, resume="auto")
     expected = serial_run(data=small_classification, steps=8)
+    assert_close(resumed.parameters if resumed else None, expected.parameters)
+
+
+@pytest.mark.parametrize("writer,reader", [("dp", "tp-pp"), ("tp", "ps-sync"), ("ps-sync", "pp")])
+def test_sgd_momentum_resumes_across_layouts(comm, small_classification, shared_dir, writer, reader):
+    """The momentum buffer is resharded like Adam's moments: 1e-10 of the uninterrupted run."""
+    ck, sgd = os.path.join(shared_dir, "ck"), dict(optimizer="sgd", momentum=0.9, lr=0.05)
+    run(comm, ALL_LAYOUTS[writer], data=small_classification, steps=4, checkpoint_dir=ck, **sgd)
+    comm.Barrier()
+    resumed = run(comm, ALL_LAYOUTS[reader], data=small_classification, steps=8, checkpoint_dir=ck, resume="auto",
+                  **sgd)
+    expected = serial_run(data=small_classification, steps=8, **sgd)
     assert_close(resumed.parameters if resumed else None, expected.parameters)
 
 
