@@ -291,7 +291,10 @@ def _as_error(write, path):
 
 
 def run(argv: list[str] | None) -> None:
-    args = make_parser().parse_args(argv)
+    dispatch(make_parser().parse_args(argv))
+
+
+def dispatch(args: argparse.Namespace) -> None:
     if args.command == "tune":
         run_tune(args)
         return
@@ -329,6 +332,22 @@ def run(argv: list[str] | None) -> None:
         preset.report(result, comm)
 
 
+def parse_agreed(argv: list[str] | None) -> argparse.Namespace:
+    """Parse this rank's arguments, then agree with every rank before any leaves (--help, --version,
+    an argument error) or communicates: see mpitrain.comm.failure.agree_at_start. Collective."""
+    from mpitrain.comm.failure import BAD, LEAVE, RUN, agree_at_start
+
+    args, error, outcome = None, None, RUN
+    try:
+        args = make_parser().parse_args(argv)
+    except MpitrainError as exc:
+        error, outcome = exc, BAD
+    except SystemExit:  # --help or --version, printed by rank 0
+        outcome = LEAVE
+    agree_at_start(outcome, error)
+    return args
+
+
 def _report_error(error: MpitrainError) -> None:
     """Print the error once if every rank has it; otherwise this rank alone prints and aborts the job.
 
@@ -357,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
 
     install_abort_handler()
     try:
-        run(argv)
+        dispatch(parse_agreed(argv))
     except MpitrainError as error:
         _report_error(error)
     except Preempted as stop:

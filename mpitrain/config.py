@@ -108,20 +108,37 @@ def _coerce(name: str, value, where: str):
 
 
 def load_toml(path: str) -> dict:
-    """Read a TOML config file into {field: value}; keys may use dashes or underscores."""
+    """Read a TOML config file into {field: value}; keys may use dashes or underscores.
+
+    Settings may sit at the top level, in a [train] table, or both: every key is read, and a
+    setting given twice (in both places, or as batch-size and batch_size) is refused rather than
+    one of them silently dropped.
+    """
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise MpitrainError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise MpitrainError(f"{path}: is a directory, not a config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise MpitrainError(f"{path}: malformed TOML: {exc}") from None
-    values = {}
-    for key, value in raw.get("train", raw).items():
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MpitrainError(f"{path}: cannot read the config file ({exc})") from None
+    table = raw.get("train", {})
+    if not isinstance(table, dict):
+        raise MpitrainError(f"{path}: 'train' must be a table ([train]), not a {type(table).__name__}")
+    entries = [(key, value, "") for key, value in raw.items() if key != "train"]
+    entries += [(key, value, "[train] ") for key, value in table.items()]
+    values, first = {}, {}
+    for key, value, table_name in entries:
         name = key.replace("-", "_")
         if name not in FIELD_TYPES:
-            raise MpitrainError(f"{path}: unknown key {key!r}")
-        values[name] = _coerce(name, value, path)
+            raise MpitrainError(f"{path}: unknown key {table_name}{key!r}")
+        if name in values:
+            raise MpitrainError(f"{path}: {name.replace('_', '-')} is set twice ({first[name]} and "
+                                f"{table_name}{key!r}): keep one")
+        values[name], first[name] = _coerce(name, value, path), f"{table_name}{key!r}"
     return values
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
+from mpitrain.comm.watchdog import waiting
 from mpitrain.config import TrainConfig
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import Model
@@ -148,7 +149,9 @@ class WorkerLink:
             requests += [self.comm.Isend(self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags)
                          for s, (a, b) in ranges]
         statuses = [MPI.Status() for _ in requests]
-        MPI.Request.Waitall(requests, statuses)
+        # A stopped or vanished server leaves this wait unanswered: --comm-timeout must see it.
+        with waiting(f"Waitall (worker's {'push and ' if push else ''}pull of θ from {len(ranges)} server(s))"):
+            MPI.Request.Waitall(requests, statuses)
         if not self.on_host:
             self.model.params.set(self.params)
         return statuses[0].Get_tag() == TAG_PARAMS
@@ -286,7 +289,7 @@ class Server:
         for worker in range(workers):
             self.reply(worker, stop=start == end)
             allowed[worker] = start + (start < end)
-        waiting = []
+        held = []
         while self.version < self.limit:
             message, source, tag = self.probe()
             if tag == TAG_LIMIT:
@@ -320,9 +323,9 @@ class Server:
                         self.optimizer.step(self.learning_rate(self.version))
                     self.version += 1
                     spare.append(entry[0])
-                waiting.append(worker)
-            released = [w for w in waiting if self._release(w, pushes[w], bound)]
-            waiting = [w for w in waiting if w not in released]
+                held.append(worker)
+            released = [w for w in held if self._release(w, pushes[w], bound)]
+            held = [w for w in held if w not in released]
             for w in released:
                 allowed[w] = pushes[w] + (pushes[w] < self.limit)
         self.optimizer.grads = self.grads
