@@ -91,6 +91,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        "nodes), mpi (MPI Allreduce) (default auto)")
     group.add_argument("--device", choices=CHOICES["device"],
                        help="cpu (NumPy), gpu (CuPy, GPU local_rank %% count), auto: gpu if one is visible (default auto)")
+    group.add_argument("--max-memory", metavar="SIZE",
+                       help="memory one rank may use, like 64G or 512M: a run estimated to need more stops "
+                       "before allocating (default: the node's available memory / its ranks)")
     group.add_argument("--threads", type=int, metavar="N",
                        help="BLAS threads per rank (default: cores / ranks on the node; env MPITRAIN_THREADS)")
     group = parser.add_argument_group("model parallelism", "world = data-parallel x --pp x --tp ranks")
