@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from mpitrain.errors import MpitrainError
+from mpitrain.h5 import open_read
 
 
 def atomic_h5_write(path: str, write) -> None:
@@ -76,10 +77,8 @@ def load_parameters(path: str) -> dict[str, np.ndarray]:
             named[name] = item[()]
 
     try:
-        with h5py.File(path, "r", locking=False) as handle:
+        with open_read(path) as handle:
             handle.visititems(visit)
-    except FileNotFoundError:
-        raise MpitrainError(f"{path}: parameter file not found") from None
     except OSError as exc:
         raise MpitrainError(f"{path}: not a readable HDF5 file ({exc})") from None
     return named
@@ -110,14 +109,28 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.h5"
 
 
+# A digest reads datasets in blocks of leading-axis rows of at most this many bytes, so verifying
+# never holds more than one block, whatever a file declares.
+DIGEST_BLOCK_BYTES = 64 << 20
+
+
 def _digest(meta_json: str, arrays) -> str:
     """SHA-256 over the meta JSON and every array's name, dtype, shape and bytes, in name order.
-    `arrays` maps names to arrays or to h5py datasets, read one at a time."""
+    `arrays` maps names to arrays or to h5py datasets, read block by block (C order, so the bytes
+    hashed are those of the whole array)."""
     digest = hashlib.sha256(meta_json.encode())
     for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name][()])
-        digest.update(f"\0{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-        digest.update(array.view(np.uint8).reshape(-1) if array.size else b"")
+        source = arrays[name]
+        dtype, shape = np.dtype(source.dtype), tuple(source.shape)
+        digest.update(f"\0{name}\0{dtype.str}\0{shape}\0".encode())
+        if not shape:
+            digest.update(np.ascontiguousarray(source[()]).view(np.uint8).reshape(-1))
+            continue
+        row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+        step = max(1, DIGEST_BLOCK_BYTES // row_bytes)
+        for start in range(0, shape[0], step):
+            block = np.ascontiguousarray(source[start:start + step])
+            digest.update(block.view(np.uint8).reshape(-1) if block.size else b"")
     return digest.hexdigest()
 
 
@@ -146,11 +159,12 @@ def _text_attr(handle, key: str, path: str) -> str:
     return value
 
 
-def load_checkpoint(path: str) -> Checkpoint:
-    """Read a whole checkpoint after verify_checkpoint; CorruptCheckpoint names the file and what is wrong."""
-    meta, layout = verify_checkpoint(path)
+def load_checkpoint(path: str, expected=None) -> Checkpoint:
+    """Read a whole checkpoint after verify_checkpoint(path, expected); CorruptCheckpoint names the
+    file and what is wrong."""
+    meta, layout = verify_checkpoint(path, expected)
     try:
-        with h5py.File(path, "r", locking=False) as handle:
+        with open_read(path, error=CorruptCheckpoint) as handle:
             arrays = {name: handle[name][()] for name in layout}
     except OSError as exc:
         raise CorruptCheckpoint(f"{path}: unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})") from None
@@ -163,10 +177,51 @@ def is_checkpoint(handle: h5py.File) -> bool:
     return (value.decode("utf-8", "replace") if isinstance(value, bytes) else value) == FORMAT
 
 
-def verify_checkpoint(path: str) -> tuple[dict, dict[str, tuple[tuple, str]]]:
+# The RNG states a checkpoint holds, one row per rank of the job that wrote it (resilience.py):
+# NumPy's MT19937 key and position and its cached Gaussian, Python's state and cached Gaussian.
+RNG_ROWS = {"rng/numpy_key": ((624,), "u"), "rng/numpy_pos": ((), "i"), "rng/numpy_gauss": ((2,), "f"),
+            "rng/python_state": ((625,), "i"), "rng/python_gauss": ((2,), "f")}
+
+
+def expected_datasets(shapes: dict[str, tuple], buffers, world_size: int) -> dict[str, tuple[tuple, str]]:
+    """{dataset: (shape, dtype kinds)} of a checkpoint of parameters of `shapes` ({name: shape}),
+    optimizer `buffers`, written by `world_size` ranks: what verify_checkpoint(expected=) takes."""
+    expected = {f"model/{name}": (shape, "f") for name, shape in shapes.items()}
+    for buffer in buffers:
+        expected.update({f"optimizer/{buffer}/{name}": (shape, "f") for name, shape in shapes.items()})
+    expected.update({name: ((world_size, *row), kinds) for name, (row, kinds) in RNG_ROWS.items()})
+    return expected
+
+
+def _check_datasets(path: str, datasets: dict, expected: dict) -> None:
+    """CorruptCheckpoint unless the file holds exactly the expected datasets, shapes and dtype kinds
+    (read from the file's metadata, before any data)."""
+    extra = sorted(set(datasets) - set(expected))
+    if extra:
+        item = datasets[extra[0]]
+        raise CorruptCheckpoint(f"{path}: unexpected dataset '{extra[0]}' {tuple(item.shape)} {item.dtype} "
+                                "(not part of this run's checkpoint)")
+    missing = sorted(set(expected) - set(datasets))
+    if missing:
+        raise CorruptCheckpoint(f"{path}: checkpoint lacks {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
+    for name, (shape, kinds) in expected.items():
+        item = datasets[name]
+        if tuple(item.shape) != tuple(shape):
+            raise CorruptCheckpoint(f"{path}: '{name}' has shape {tuple(item.shape)}, expected {tuple(shape)}")
+        if item.dtype.kind not in kinds:
+            raise CorruptCheckpoint(f"{path}: '{name}' has dtype {item.dtype}, expected kind {kinds!r}")
+
+
+def verify_checkpoint(path: str, expected=None) -> tuple[dict, dict[str, tuple[tuple, str]]]:
     """(meta, {dataset name: (shape, dtype str)}) of a checkpoint whose digest checks out, reading
-    one dataset at a time; CorruptCheckpoint names the file and what is wrong. Readers then take
-    only the slices they need (parallel/state.py)."""
+    one block at a time; CorruptCheckpoint names the file and what is wrong. Readers then take
+    only the slices they need (parallel/state.py).
+
+    expected: {dataset: (shape, dtype kinds)} (see expected_datasets), or a function
+    expected(path, meta) returning it, which may raise MpitrainError to refuse the checkpoint
+    outright. With it, the file must hold exactly those datasets, checked before any data is read,
+    so a file declaring a huge extra dataset is corrupt, not read. Without it, every dataset is
+    hashed."""
     datasets: dict[str, h5py.Dataset] = {}
 
     def visit(name, item):
@@ -176,7 +231,7 @@ def verify_checkpoint(path: str) -> tuple[dict, dict[str, tuple[tuple, str]]]:
             datasets[name] = item
 
     try:
-        with h5py.File(path, "r", locking=False) as handle:
+        with open_read(path, error=CorruptCheckpoint) as handle:
             if _text_attr(handle, "format", path) != FORMAT:
                 raise CorruptCheckpoint(f"{path}: not an mpitrain checkpoint (format {handle.attrs['format']!r})")
             version = handle.attrs.get("version")
@@ -184,21 +239,26 @@ def verify_checkpoint(path: str) -> tuple[dict, dict[str, tuple[tuple, str]]]:
                 raise CorruptCheckpoint(f"{path}: checkpoint format version {version!r}, this mpitrain reads {VERSION}")
             meta_json = _text_attr(handle, "meta", path)
             stored = _text_attr(handle, "sha256", path)
+            meta = _parse_meta(meta_json, path)
             handle.visititems(visit)
+            if expected is not None:
+                _check_datasets(path, datasets, expected(path, meta) if callable(expected) else expected)
             if _digest(meta_json, datasets) != stored:
                 raise CorruptCheckpoint(f"{path}: checksum mismatch: the file was damaged after it was written")
             layout = {name: (tuple(d.shape), d.dtype.str) for name, d in datasets.items()}
-    except FileNotFoundError:
-        raise MpitrainError(f"{path}: checkpoint not found") from None
     except OSError as exc:
         raise CorruptCheckpoint(f"{path}: unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})") from None
+    return meta, layout
+
+
+def _parse_meta(meta_json: str, path: str) -> dict:
     try:
         meta = json.loads(meta_json)
     except ValueError as exc:
         raise CorruptCheckpoint(f"{path}: malformed metadata ({exc})") from None
     if not isinstance(meta, dict):
         raise CorruptCheckpoint(f"{path}: metadata is not a JSON object")
-    return meta, layout
+    return meta
 
 
 def list_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -214,13 +274,14 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def newest_valid_checkpoint(folder: str, warn) -> tuple[str, dict, dict] | None:
-    """(path, meta, datasets) of the newest checkpoint in `folder` that verifies (verify_checkpoint),
-    or None; warn(message) for each newer one that does not, so a write cut short by a crash costs
-    one interval, not the run."""
+def newest_valid_checkpoint(folder: str, warn, expected=None) -> tuple[str, dict, dict] | None:
+    """(path, meta, datasets) of the newest checkpoint in `folder` that verifies
+    (verify_checkpoint(path, expected)), or None; warn(message) for each newer one that does not,
+    so a write cut short by a crash (or a file that is not what it should be) costs one interval,
+    not the run."""
     for _, path in reversed(list_checkpoints(folder)):
         try:
-            return (path, *verify_checkpoint(path))
+            return (path, *verify_checkpoint(path, expected))
         except CorruptCheckpoint as exc:
             warn(f"{exc}; trying the previous checkpoint")
     return None

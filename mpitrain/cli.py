@@ -91,6 +91,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        "nodes), mpi (MPI Allreduce) (default auto)")
     group.add_argument("--device", choices=CHOICES["device"],
                        help="cpu (NumPy), gpu (CuPy, GPU local_rank %% count), auto: gpu if one is visible (default auto)")
+    group.add_argument("--max-memory", metavar="SIZE",
+                       help="memory one rank may use, like 64G or 512M: a run estimated to need more stops "
+                       "before allocating (default: the node's available memory / its ranks)")
     group.add_argument("--threads", type=int, metavar="N",
                        help="BLAS threads per rank (default: cores / ranks on the node; env MPITRAIN_THREADS)")
     group = parser.add_argument_group("model parallelism", "world = data-parallel x --pp x --tp ranks")
@@ -291,7 +294,10 @@ def _as_error(write, path):
 
 
 def run(argv: list[str] | None) -> None:
-    args = make_parser().parse_args(argv)
+    dispatch(make_parser().parse_args(argv))
+
+
+def dispatch(args: argparse.Namespace) -> None:
     if args.command == "tune":
         run_tune(args)
         return
@@ -329,6 +335,22 @@ def run(argv: list[str] | None) -> None:
         preset.report(result, comm)
 
 
+def parse_agreed(argv: list[str] | None) -> argparse.Namespace:
+    """Parse this rank's arguments, then agree with every rank before any leaves (--help, --version,
+    an argument error) or communicates: see mpitrain.comm.failure.agree_at_start. Collective."""
+    from mpitrain.comm.failure import BAD, LEAVE, RUN, agree_at_start
+
+    args, error, outcome = None, None, RUN
+    try:
+        args = make_parser().parse_args(argv)
+    except MpitrainError as exc:
+        error, outcome = exc, BAD
+    except SystemExit:  # --help or --version, printed by rank 0
+        outcome = LEAVE
+    agree_at_start(outcome, error)
+    return args
+
+
 def _report_error(error: MpitrainError) -> None:
     """Print the error once if every rank has it; otherwise this rank alone prints and aborts the job.
 
@@ -357,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
 
     install_abort_handler()
     try:
-        run(argv)
+        dispatch(parse_agreed(argv))
     except MpitrainError as error:
         _report_error(error)
     except Preempted as stop:

@@ -88,6 +88,8 @@ class TrainConfig:
     on_nan: str = "abort"
     bucket_mb: float = 1.0
     overlap: bool = True
+    # memory per rank (mpitrain/memory.py): a size like 64G; None: what the node has available
+    max_memory: str | None = None
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
@@ -108,20 +110,37 @@ def _coerce(name: str, value, where: str):
 
 
 def load_toml(path: str) -> dict:
-    """Read a TOML config file into {field: value}; keys may use dashes or underscores."""
+    """Read a TOML config file into {field: value}; keys may use dashes or underscores.
+
+    Settings may sit at the top level, in a [train] table, or both: every key is read, and a
+    setting given twice (in both places, or as batch-size and batch_size) is refused rather than
+    one of them silently dropped.
+    """
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise MpitrainError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise MpitrainError(f"{path}: is a directory, not a config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise MpitrainError(f"{path}: malformed TOML: {exc}") from None
-    values = {}
-    for key, value in raw.get("train", raw).items():
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MpitrainError(f"{path}: cannot read the config file ({exc})") from None
+    table = raw.get("train", {})
+    if not isinstance(table, dict):
+        raise MpitrainError(f"{path}: 'train' must be a table ([train]), not a {type(table).__name__}")
+    entries = [(key, value, "") for key, value in raw.items() if key != "train"]
+    entries += [(key, value, "[train] ") for key, value in table.items()]
+    values, first = {}, {}
+    for key, value, table_name in entries:
         name = key.replace("-", "_")
         if name not in FIELD_TYPES:
-            raise MpitrainError(f"{path}: unknown key {key!r}")
-        values[name] = _coerce(name, value, path)
+            raise MpitrainError(f"{path}: unknown key {table_name}{key!r}")
+        if name in values:
+            raise MpitrainError(f"{path}: {name.replace('_', '-')} is set twice ({first[name]} and "
+                                f"{table_name}{key!r}): keep one")
+        values[name], first[name] = _coerce(name, value, path), f"{table_name}{key!r}"
     return values
 
 
@@ -132,12 +151,23 @@ def validate(config: TrainConfig) -> TrainConfig:
         if value not in allowed:
             raise MpitrainError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(allowed)}")
     positive = {"batch_size": config.batch_size, "synth_samples": config.synth_samples,
-                "tp": config.tp, "pp": config.pp, "micro_batches": config.micro_batches}
+                "tp": config.tp, "pp": config.pp, "micro_batches": config.micro_batches, "servers": config.servers}
+    if config.threads is not None:
+        positive["threads"] = config.threads
     for name, value in positive.items():
         if value < 1:
             raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if config.epochs < 1 and config.steps is None:
+    if config.epochs < (1 if config.steps is None else 0):
         raise MpitrainError(f"--epochs {config.epochs}: must be at least 1")
+    # Every seeded generator (NumPy's SeedSequence) takes a non-negative integer; 2^63 keeps it an int64.
+    if not 0 <= config.seed < 2**63:
+        raise MpitrainError(f"--seed {config.seed}: must be in [0, 2^63)")
+    if config.staleness < 0:
+        raise MpitrainError(f"--staleness {config.staleness}: must be 0 or more")
+    if config.max_memory is not None:
+        from mpitrain.memory import parse_size
+
+        parse_size(config.max_memory)
     if config.steps is not None and config.steps < 0:
         raise MpitrainError(f"--steps {config.steps}: must be 0 or more")
     if config.partition == "stratified" and config.loss != "ce":
@@ -151,6 +181,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         value = getattr(config, name)
         if not math.isfinite(value) or value < 0:
             raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
+    if config.momentum >= 1:
+        raise MpitrainError(f"--momentum {config.momentum}: must be below 1 (at 1 or more the velocity never decays)")
     if config.warmup_steps < 0:
         raise MpitrainError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
     _validate_resilience(config)

@@ -25,6 +25,7 @@ from mpitrain.data.hdf5 import H5Dataset
 from mpitrain.data.labels import label_format
 from mpitrain.data.partition import uniform
 from mpitrain.errors import MpitrainError
+from mpitrain.h5 import open_read
 from mpitrain.nn.losses import MeanSquaredError, SoftmaxCrossEntropy
 from mpitrain.nn.model import Model, parse_widths
 
@@ -54,7 +55,7 @@ def load_model_file(path: str, xp=np, dtype=None) -> ModelFile:
     """The model saved at `path` (a `train --save` file) on array module xp, in `dtype` (default: the
     dtype it was trained in). Raises MpitrainError for a missing, unreadable or incomplete file. Local."""
     try:
-        with h5py.File(path, "r", locking=False) as handle:
+        with open_read(path, "--model-file ") as handle:
             attrs = {key: _text(handle.attrs[key]) for key in ("model", "activation", "config") if key in handle.attrs}
             if "model" not in attrs:
                 raise MpitrainError(f"{path}: no 'model' attribute; expected a file written by mpitrain train --save")

@@ -25,14 +25,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 from mpi4py import MPI
 
 from mpitrain import __version__
 from mpitrain.checkpoint import (
     Checkpoint,
+    CorruptCheckpoint,
     checkpoint_name,
+    expected_datasets,
     newest_valid_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -43,6 +44,7 @@ from mpitrain.comm.failure import agree
 from mpitrain.comm.watchdog import Watchdog, watch
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.errors import MpitrainError
+from mpitrain.h5 import open_read
 from mpitrain.nn.model import full_shapes, parse_widths
 from mpitrain.parallel.state import gather_pieces, load_pieces
 from mpitrain.preempt import Preempted, PreemptionFlag
@@ -51,7 +53,7 @@ from mpitrain.preempt import Preempted, PreemptionFlag
 RANK_LOCAL_FIELDS = ("threads", "progress")
 # Fields that do not change the arithmetic of a run: a resume may change them without a warning.
 NON_TRAJECTORY_FIELDS = RANK_LOCAL_FIELDS + ("metrics", "save", "device", "checkpoint_dir", "checkpoint_every",
-                                             "keep_checkpoints", "resume", "comm_timeout", "on_nan")
+                                             "keep_checkpoints", "resume", "comm_timeout", "on_nan", "max_memory")
 
 
 @dataclass
@@ -104,7 +106,7 @@ class Resilience:
             try:
                 found = self._find_checkpoint()
                 if found is not None:
-                    self._check_compatible(*found)
+                    self._warn_changes(*found[:2])
             except MpitrainError as exc:
                 error = exc
         agree(comm, error)
@@ -126,15 +128,28 @@ class Resilience:
 
     def _find_checkpoint(self) -> tuple[str, dict, dict] | None:
         if self.config.resume == "auto":
-            return newest_valid_checkpoint(self.config.checkpoint_dir, self.warn)
-        return (self.config.resume, *verify_checkpoint(self.config.resume))
+            return newest_valid_checkpoint(self.config.checkpoint_dir, self.warn, self._expected)
+        return (self.config.resume, *verify_checkpoint(self.config.resume, self._expected))
 
-    def _check_compatible(self, path: str, meta: dict, datasets: dict) -> None:
-        """Refuse a checkpoint this run cannot load; warn about settings that change the arithmetic."""
-        for name in ("step", "epoch", "position", "world_size", "skipped_steps"):
-            _field(meta, name, int, path)
+    def _expected(self, path: str, meta: dict) -> dict:
+        """The datasets a checkpoint of this run holds, after checking its metadata (verify_checkpoint
+        calls this before reading any data): a file holding anything else is corrupt."""
+        self._check_compatible(path, meta)
+        shapes = full_shapes(parse_widths(self.config.model))
+        return expected_datasets(shapes, self.strategy.optimizer.buffers, meta["world_size"])
+
+    def _check_compatible(self, path: str, meta: dict) -> None:
+        """Refuse a checkpoint this run cannot load: another model or optimizer, or a field out of
+        range. A digest proves the file is what was written, not that what was written is sane."""
+        step, epoch, position = (_field(meta, name, int, path, low=0) for name in ("step", "epoch", "position"))
+        _field(meta, "world_size", int, path, low=1)
+        _field(meta, "skipped_steps", int, path, low=0, high=step)
+        steps_per_epoch = _field(meta, "steps_per_epoch", int, path, low=1)
+        if position >= steps_per_epoch:
+            raise MpitrainError(f"{path}: checkpoint field 'position' = {position}: must be below its epoch's "
+                                f"{steps_per_epoch} steps ('steps_per_epoch')")
         optimizer = _field(meta, "optimizer", dict, path)
-        _field(optimizer, "t", int, path)
+        _field(optimizer, "t", int, path, low=0, name="optimizer step 't'")
         model = _field(meta, "model", dict, path)
         saved_widths = _field(model, "widths", str, path)
         if saved_widths != self.config.model:
@@ -144,22 +159,14 @@ class Resilience:
         if kind != self.config.optimizer:
             raise MpitrainError(f"{path}: checkpoint holds {kind} state but this run uses "
                                 f"--optimizer {self.config.optimizer}")
-        shapes = full_shapes(parse_widths(self.config.model))
-        expected = {f"model/{name}": shape for name, shape in shapes.items()}
-        for buffer in self.strategy.optimizer.buffers:
-            expected.update({f"optimizer/{buffer}/{name}": shape for name, shape in shapes.items()})
-        missing = sorted(name for name in expected if name not in datasets)
-        if missing:
-            raise MpitrainError(f"{path}: checkpoint lacks {', '.join(missing)}")
-        wrong = [name for name, shape in expected.items() if datasets[name][0] != shape]
-        if wrong:
-            raise MpitrainError(f"{path}: '{wrong[0]}' has shape {datasets[wrong[0]][0]} there, "
-                                f"{expected[wrong[0]]} for --model {self.config.model}")
-        saved = _field(meta, "config", dict, path)
-        now = as_dict(self.config)
+        _field(meta, "config", dict, path)
+
+    def _warn_changes(self, path: str, meta: dict) -> None:
+        """Warn about settings that change the arithmetic: the run will not repeat an uninterrupted one."""
+        saved, now = meta["config"], as_dict(self.config)
         changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in now.items()
                    if name not in NON_TRAJECTORY_FIELDS and saved.get(name) != value]
-        if _field(meta, "world_size", int, path) != self.comm.size:
+        if meta["world_size"] != self.comm.size:
             changed.append(f"world size {meta['world_size']} -> {self.comm.size}")
         if changed:
             self.warn(f"{path}: resuming with {', '.join(changed)}: the run will not repeat an uninterrupted one")
@@ -169,15 +176,19 @@ class Resilience:
         size, its RNG row. Raises MpitrainError or OSError; the caller agrees."""
         strategy = self.strategy
         buffers = {"param": "model/", **{b: f"optimizer/{b}/" for b in strategy.optimizer.buffers}}
-        with h5py.File(path, "r", locking=False) as handle:
+        with open_read(path, error=CorruptCheckpoint) as handle:
             load_pieces(strategy.pieces(), handle, buffers)
-            rng = {name: handle[name][()] for name in _rng_arrays([_rng_state()]) if name in handle}
+            rng = {name: handle[name][()] for name in _rng_arrays([_rng_state()])}
         strategy.optimizer.t = meta["optimizer"]["t"]
         if meta["world_size"] == self.comm.size:
-            _set_rng_state(rng, self.comm.rank)
+            try:
+                _set_rng_state(rng, self.comm.rank)
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise MpitrainError(f"{path}: checkpoint field 'rng/...' of rank {self.comm.rank} is not a "
+                                    f"generator state ({exc})") from None
         self.skipped = meta["skipped_steps"]
         position = Position(meta["step"], meta["epoch"], meta["position"])
-        if meta.get("steps_per_epoch") != self.steps_per_epoch and position.position:
+        if meta["steps_per_epoch"] != self.steps_per_epoch and position.position:
             self.warn(f"epochs now have {self.steps_per_epoch} steps, {meta.get('steps_per_epoch')} when saved: "
                       f"continuing at the start of epoch {position.epoch + 2}")
             position = Position(position.step, position.epoch + 1, 0)
@@ -342,11 +353,17 @@ def dataset_shape(dataset) -> dict:
             "y dtype": str(dataset.y_dtype), "y width": dataset.y_width}
 
 
-def _field(mapping: dict, name: str, kind: type, path: str):
-    """mapping[name], which must be a `kind`: checkpoint metadata is checked, never trusted."""
-    value = mapping.get(name) if isinstance(mapping, dict) else None
+def _field(mapping: dict, key: str, kind: type, path: str, low=None, high=None, name: str | None = None):
+    """mapping[key], which must be a `kind` in [low, high]: checkpoint metadata is checked, never
+    trusted. `name` is how messages call it (default 'key')."""
+    name = name or f"'{key}'"
+    value = mapping.get(key) if isinstance(mapping, dict) else None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise MpitrainError(f"{path}: checkpoint metadata '{name}' is missing or not a {kind.__name__}")
+        raise MpitrainError(f"{path}: checkpoint field {name} is missing or not a {kind.__name__}")
+    if low is not None and value < low:
+        raise MpitrainError(f"{path}: checkpoint field {name} = {value}: must be {low} or more")
+    if high is not None and value > high:
+        raise MpitrainError(f"{path}: checkpoint field {name} = {value}: must be at most {high}")
     return value
 
 

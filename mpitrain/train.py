@@ -27,6 +27,7 @@ from mpitrain.config import TrainConfig, as_dict
 from mpitrain.data import normalize
 from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_dataset
 from mpitrain.errors import error_of
+from mpitrain.memory import check_memory
 from mpitrain.nn.model import parse_widths
 from mpitrain.optim import schedule
 from mpitrain.parallel import ps_train
@@ -62,12 +63,14 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
     """The loop on the ranks of comm, with the layout's strategy make_strategy(config, comm, widths,
     backend). Collective on comm."""
     widths = parse_widths(config.model)
+    check_memory(config, widths, comm)
     backend = select_backend(config.device, comm)
     threads = limit_blas_threads(comm, config.threads)
     strategy = make_strategy(config, comm, widths, backend)
     if config.data is None:
         config.data = ensure_synthetic(config, widths, comm)
     dataset = open_dataset(config, widths, comm)
+    check_memory(config, widths, comm, dataset)
     data = load_rank_data(dataset, config, widths[-1], strategy.data_comm)
     batches = Batches(data, dataset, backend, config)
     val_x = backend.xp.asarray(data.val_x, dtype=np.dtype(config.dtype))

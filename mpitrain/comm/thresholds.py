@@ -85,18 +85,22 @@ class Thresholds:
 
 def check_table(table, where: str) -> list:
     """A well-formed threshold list (increasing bounds, known algorithms, last bound null)."""
-    ok = isinstance(table, list) and len(table) > 0 and all(
-        isinstance(entry, list) and len(entry) == 2 and entry[1] in CANDIDATES for entry in table
+    entries_ok = isinstance(table, list) and len(table) > 0 and all(
+        isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and entry[1] in CANDIDATES
+        for entry in table
     )
-    bounds = [entry[0] for entry in table[:-1]] if ok else []
-    if not ok or table[-1][0] is not None or not all(isinstance(b, int) for b in bounds) or bounds != sorted(bounds):
+    bounds = [entry[0] for entry in table[:-1]] if entries_ok else []
+    bounds_ok = all(type(bound) is int and bound > 0 for bound in bounds) and bounds == sorted(bounds)
+    if not entries_ok or table[-1][0] is not None or not bounds_ok:
         raise MpitrainError(f"{where}: thresholds must be [[bytes, algorithm], ..., [null, algorithm]] "
                             f"with increasing bytes and algorithms from {', '.join(CANDIDATES)}")
     return table
 
 
 def read_file(path: str) -> dict:
-    """The cache file's contents ({} when it does not exist); MpitrainError when it is unreadable."""
+    """The cache file's contents ({} when it does not exist), every layout's thresholds checked;
+    MpitrainError when it is unreadable or not of this structure: {"format": 1, "layouts":
+    {"p4-n1": {"thresholds": [...], ...}, ...}, ...}."""
     try:
         with open(path) as handle:
             contents = json.load(handle)
@@ -104,18 +108,24 @@ def read_file(path: str) -> dict:
         return {}
     except (OSError, ValueError) as exc:
         raise MpitrainError(f"{path}: cannot read the all-reduce tuning file ({exc})") from None
-    if not isinstance(contents, dict) or contents.get("format") != FORMAT:
+    if not isinstance(contents, dict) or type(contents.get("format")) is not int or contents["format"] != FORMAT:
         raise MpitrainError(f"{path}: not an mpitrain tuning file of format {FORMAT}")
+    layouts = contents.get("layouts", {})
+    if not isinstance(layouts, dict):
+        raise MpitrainError(f"{path}: not an mpitrain tuning file ('layouts' is a {type(layouts).__name__}, "
+                            "not an object of layouts)")
+    for key, entry in layouts.items():
+        if not isinstance(entry, dict) or "thresholds" not in entry:
+            raise MpitrainError(f"{path}: not an mpitrain tuning file (layout {key!r} is not an object "
+                                "with 'thresholds')")
+        check_table(entry["thresholds"], f"{path}: not an mpitrain tuning file: layout {key!r}")
     return contents
 
 
 def load_table(world_size: int, nodes: int) -> list:
     """This layout's thresholds from the cache file, or the defaults."""
-    path = cache_path()
-    entry = read_file(path).get("layouts", {}).get(layout_key(world_size, nodes))
-    if entry is None:
-        return default_table(world_size, nodes)
-    return check_table(entry.get("thresholds"), f"{path}: {layout_key(world_size, nodes)}")
+    entry = read_file(cache_path()).get("layouts", {}).get(layout_key(world_size, nodes))
+    return default_table(world_size, nodes) if entry is None else entry["thresholds"]
 
 
 _KEYVAL = MPI.Comm.Create_keyval()

@@ -8,9 +8,10 @@ watchdogs expire at about the same time, since they wait in the same broken exch
 aborts the job. mpi4py releases the GIL inside MPI calls, so the thread runs while the main
 thread is blocked; the normal path pays one tuple and one clock read per call.
 
-Watched: the blocking point-to-point calls and collectives of the communicator, and the
-communicators created from it (Dup, Split), and the Waitall of the library's non-blocking
-collectives (they report themselves through `waiting`).
+Watched: the blocking point-to-point calls (Mprobe included) and collectives of the communicator,
+every communicator created from it (Dup, Split, Split_type, Create: each is watched in turn, so the
+tensor, pipeline, data-parallel and parameter-server groups are), and the Waitall of the library's
+non-blocking exchanges (they report themselves through `waiting`).
 """
 
 import inspect
@@ -28,10 +29,13 @@ _BLOCKING = (
     "Send", "Ssend", "Recv", "Sendrecv", "Sendrecv_replace", "Probe",
     "Barrier", "Bcast", "Reduce", "Allreduce", "Gather", "Gatherv", "Allgather", "Allgatherv",
     "Scatter", "Scatterv", "Alltoall", "Alltoallv", "Reduce_scatter", "Reduce_scatter_block", "Scan", "Exscan",
-    "send", "ssend", "recv", "sendrecv", "probe", "barrier", "bcast", "reduce", "allreduce",
+    "Mprobe", "send", "ssend", "recv", "sendrecv", "probe", "mprobe", "barrier", "bcast", "reduce", "allreduce",
     "gather", "allgather", "scatter", "alltoall", "scan", "exscan",
-    "Dup", "Split", "Split_type",
+    "Dup", "Split", "Split_type", "Create", "Create_group",
 )
+# Calls that make a communicator: mpi4py keeps the subclass for Dup but returns a plain Intracomm
+# from the others, which would leave every group made from a watched communicator unwatched.
+_MAKERS = ("Dup", "Split", "Split_type", "Create", "Create_group")
 
 
 class Watchdog:
@@ -148,9 +152,12 @@ def _watched(operation: str):
         dog = self._watchdog
         dog.current = (operation, args, kwargs, self.Get_size(), time.monotonic())
         try:
-            return base(self, *args, **kwargs)
+            result = base(self, *args, **kwargs)
         finally:
             dog.current = None
+        if operation in _MAKERS and result != MPI.COMM_NULL and not isinstance(result, _Watched):
+            result = type(self)(result)
+        return result
 
     call.__name__ = call.__qualname__ = operation
     call.__doc__ = base.__doc__

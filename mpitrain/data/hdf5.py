@@ -17,6 +17,7 @@ from mpitrain.data import chunks
 from mpitrain.data.keys import numeric_datasets, suggest_keys
 from mpitrain.data.labels import BadLabel, to_model
 from mpitrain.errors import MpitrainError
+from mpitrain.h5 import open_read
 
 SHARD_SUFFIXES = (".h5", ".hdf5")
 
@@ -55,13 +56,9 @@ def _first_line(err):
 
 
 def open_file(path: str) -> h5py.File:
-    """`path` opened read-only, or an MpitrainError naming it."""
-    # locking=False: shared parallel filesystems (NFS, some Lustre mounts) refuse HDF5's flock, and
-    # read-only opens by many ranks need no lock.
-    try:
-        return h5py.File(path, "r", locking=False)
-    except OSError as err:
-        raise MpitrainError(f"{path}: not a readable HDF5 file ({_first_line(err)})") from err
+    """`path` opened read-only (the one way mpitrain opens files to read: mpitrain/h5.py), or an
+    MpitrainError naming it."""
+    return open_read(path)
 
 
 def _missing(f, path, name):

@@ -24,6 +24,7 @@ from mpi4py import MPI
 
 from mpitrain.backend import to_host
 from mpitrain.comm.ring import chunk_bounds
+from mpitrain.comm.watchdog import waiting
 from mpitrain.errors import MpitrainError
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -146,5 +147,6 @@ class StageLink:
 
     def finish(self) -> None:
         """Complete this step's sends and release their buffers."""
-        MPI.Request.Waitall([request for request, _ in self.pending])
+        with waiting(f"Waitall ({len(self.pending)} pipeline send(s) to the neighbouring stages)"):
+            MPI.Request.Waitall([request for request, _ in self.pending])
         self.pending.clear()

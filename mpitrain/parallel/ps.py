@@ -44,6 +44,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm import agree
+from mpitrain.comm.watchdog import waiting
 from mpitrain.config import TrainConfig
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import Model
@@ -152,7 +153,9 @@ class WorkerLink:
             requests += [self.comm.Isend(self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags)
                          for s, (a, b) in ranges]
         statuses = [MPI.Status() for _ in requests]
-        MPI.Request.Waitall(requests, statuses)
+        # A stopped or vanished server leaves this wait unanswered: --comm-timeout must see it.
+        with waiting(f"Waitall (worker's {'push and ' if push else ''}pull of θ from {len(ranges)} server(s))"):
+            MPI.Request.Waitall(requests, statuses)
         if not self.on_host:
             self.model.params.set(self.params)
         return statuses[0].Get_tag() == TAG_PARAMS
@@ -325,7 +328,7 @@ class Server:
         for worker in range(workers):
             self.reply(worker, stop=start == end)
             allowed[worker] = start + (start < end)
-        waiting = []
+        held = []
         while self.version < self.limit:
             message, source, tag = self.probe()
             if not self._message(message, source, tag):
@@ -345,10 +348,10 @@ class Server:
                     self._send_limit(self.limit)
                 if len(entry[0]) == workers:  # the last gradient of step `version` is in
                     self._apply_step(open_steps.pop(step), spare)
-                waiting.append(worker)
+                held.append(worker)
             self._forward_signal()
-            released = [w for w in waiting if self._release(w, pushes[w], bound)]
-            waiting = [w for w in waiting if w not in released]
+            released = [w for w in held if self._release(w, pushes[w], bound)]
+            held = [w for w in held if w not in released]
             for w in released:
                 allowed[w] = pushes[w] + (pushes[w] < self.limit)
 

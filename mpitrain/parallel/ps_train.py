@@ -31,6 +31,7 @@ from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
 from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_dataset
 from mpitrain.errors import MpitrainError, error_of
+from mpitrain.memory import check_memory
 from mpitrain.nn.losses import make_loss
 from mpitrain.nn.model import Model, flat_offsets, full_shapes, parse_widths
 from mpitrain.optim import buffer_names, schedule
@@ -54,6 +55,7 @@ class Worker:
         if config.data is None:
             config.data = ensure_synthetic(config, widths, comm)
         self.dataset = open_dataset(config, widths, comm)
+        check_memory(config, widths, comm, self.dataset, job_size=comm.size + config.servers)
         self.data = load_rank_data(self.dataset, config, widths[-1], comm)
         self.batches = Batches(self.data, self.dataset, backend, config)
         xp = backend.xp
@@ -165,6 +167,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
     comm = guard.comm
     check_config(config, comm.size)
     widths = parse_widths(config.model)
+    check_memory(config, widths, comm)
     n_params = sum(int(np.prod(shape)) for shape in full_shapes(widths).values())
     roles = Roles(comm.rank, comm.size - config.servers, tuple(chunk_bounds(n_params, config.servers)))
     first_server = roles.server_rank(0)

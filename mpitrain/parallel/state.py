@@ -10,15 +10,19 @@ them into unsliced arrays: a file written under --tp 2 --pp 2 is the file a one-
 writes. Loading goes the other way: every rank reads only its pieces' hyperslabs.
 """
 
+from types import SimpleNamespace
+
 import h5py
 import numpy as np
 from mpi4py import MPI
 
 from mpitrain.backend import to_host
-from mpitrain.checkpoint import is_checkpoint, verify_checkpoint
+from mpitrain.checkpoint import CorruptCheckpoint, expected_datasets, is_checkpoint, verify_checkpoint
 from mpitrain.comm import agree
 from mpitrain.errors import MpitrainError
+from mpitrain.h5 import open_read
 from mpitrain.nn.model import full_shapes
+from mpitrain.optim import buffer_names
 
 _TAG_PIECE = 71
 
@@ -128,27 +132,36 @@ def check_parameter_file(handle: h5py.File, path: str, widths: list[int], prefix
             raise MpitrainError(f"{path}: '{prefix + name}' has dtype {item.dtype}, not a float")
 
 
+def _checkpoint_datasets(path: str, meta: dict, widths: list[int]) -> dict:
+    """What a checkpoint written for this model holds, from its metadata (optimizer and world
+    size): any other dataset makes it corrupt, before anything is read."""
+    optimizer, config = meta.get("optimizer"), meta.get("config")
+    world_size = meta.get("world_size")
+    if not (isinstance(optimizer, dict) and isinstance(config, dict) and type(world_size) is int and world_size > 0):
+        raise CorruptCheckpoint(f"{path}: checkpoint metadata lacks its optimizer, config or world size")
+    settings = SimpleNamespace(optimizer=optimizer.get("kind"), momentum=config.get("momentum"))
+    return expected_datasets(full_shapes(widths), buffer_names(settings), world_size)
+
+
 def init_from(path: str, pieces, widths: list[int], comm: MPI.Intracomm) -> None:
     """--init-from: copy this rank's pieces of the parameters from a --save file or a checkpoint
     (its 'model/' group; the digest is verified first). Every rank reads only its hyperslabs and
     every rank raises alike if any rank could not. Collective on comm."""
     error, prefix = None, ""
     try:
-        with h5py.File(path, "r", locking=False) as handle:
+        with open_read(path, "--init-from ") as handle:
             if is_checkpoint(handle):
                 prefix = "model/"
-    except FileNotFoundError:
-        error = MpitrainError(f"--init-from {path}: file not found")
-    except OSError as exc:
-        error = MpitrainError(f"--init-from {path}: not a readable HDF5 file ({str(exc).splitlines()[0]})")
+    except MpitrainError as exc:
+        error = exc
     if error is None and prefix and comm.rank == 0:
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, lambda _, meta: _checkpoint_datasets(path, meta, widths))
         except MpitrainError as exc:
             error = MpitrainError(f"--init-from {exc}")
     agree(comm, error)
     try:
-        with h5py.File(path, "r", locking=False) as handle:
+        with open_read(path, "--init-from ") as handle:
             check_parameter_file(handle, path, widths, prefix)
             load_pieces(pieces, handle, {"param": prefix})
     except MpitrainError as exc:
