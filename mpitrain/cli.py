@@ -145,6 +145,10 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--comm-timeout", type=float, metavar="S",
                        help="abort every rank, naming the operation each waits in, when one communication "
                        "call waits longer than S seconds (default: wait forever)")
+    group.add_argument("--check-collectives", action="store_const", const=True,
+                       help="before each collective and send/receive of the library, compare a fingerprint of "
+                       "the call across ranks and stop at the first mismatch, naming both call sites "
+                       "(env MPITRAIN_CHECK_COLLECTIVES=1)")
     group.add_argument("--on-nan", choices=CHOICES["on_nan"],
                        help="NaN or Inf in the loss or gradients: stop with an error, or skip the update on "
                        "every rank and count it (default abort)")

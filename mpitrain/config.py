@@ -85,6 +85,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None
     comm_timeout: float | None = None
+    check_collectives: bool = False
     on_nan: str = "abort"
     bucket_mb: float = 1.0
     overlap: bool = True

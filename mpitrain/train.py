@@ -22,7 +22,7 @@ from mpi4py import MPI
 
 from mpitrain import checkpoint
 from mpitrain.backend import limit_blas_threads, select_backend
-from mpitrain.comm import agree
+from mpitrain.comm import agree, fingerprint
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.data import normalize
 from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_dataset
@@ -46,6 +46,8 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     Raises MpitrainError on every rank for bad input or a layout that does not fit, and
     mpitrain.preempt.Preempted on every rank when a signal stopped the run at a checkpoint.
     """
+    if config.check_collectives:
+        fingerprint.enable()
     guard = Resilience(config, comm)
     try:
         if config.sync == "ps":

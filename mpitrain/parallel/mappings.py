@@ -19,6 +19,7 @@ from mpi4py import MPI
 
 from mpitrain.backend import to_host
 from mpitrain.comm import traffic
+from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.ring import allgather_schedule, chunk_bounds, complete, ring_schedule
 
 
@@ -47,6 +48,8 @@ class TensorGroup:
         if self.size == 1:
             return a
         host = to_host(a)
+        if CHECK.active:
+            CHECK.collective(self.comm, "tensor-parallel sum", "ring", host, depth=1)
         before = traffic.sent()
         complete(ring_schedule(host.reshape(-1), self.comm, cache=self._scratch), "tensor-parallel sum")
         self.bytes_sent += traffic.sent() - before
@@ -68,6 +71,8 @@ class TensorGroup:
         flat = np.empty(rows * width, dtype=local.dtype)
         start, stop = flat_bounds[self.rank]
         flat[start:stop] = to_host(local).reshape(-1)
+        if CHECK.active:
+            CHECK.collective(self.comm, "tensor-parallel gather", "ring", flat, depth=1)
         before = traffic.sent()
         complete(allgather_schedule(flat, self.comm, chunks=flat_bounds), "tensor-parallel all-gather")
         self.bytes_sent += traffic.sent() - before

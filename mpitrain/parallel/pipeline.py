@@ -23,6 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.backend import to_host
+from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.errors import MpitrainError
 
@@ -122,12 +123,16 @@ class StageLink:
     def _send(self, array, dest: int, tag: int) -> None:
         # The host copy must outlive the non-blocking send, so it is kept with its request.
         host = np.ascontiguousarray(to_host(array))
+        if CHECK.active:
+            CHECK.send(self.comm, host, dest, tag, depth=2)
         self.pending.append((self.comm.Isend(host, dest, tag), host))
         self.bytes_sent += host.nbytes
 
     def _recv(self, shape, dtype, source: int, tag: int):
         host = np.empty(shape, dtype=dtype)
         started = time.perf_counter()
+        if CHECK.active:
+            CHECK.recv(self.comm, host, source, tag, depth=2)
         self.comm.Recv(host, source, tag)
         self.wait_s += time.perf_counter() - started
         return self.xp.asarray(host)

@@ -44,6 +44,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm import agree
+from mpitrain.comm.fingerprint import CHECK
 from mpitrain.config import TrainConfig
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import Model
@@ -147,10 +148,19 @@ class WorkerLink:
     def _exchange(self, push: bool, flags: int = 0) -> bool:
         ranges = list(enumerate(self.roles.bounds))
         # Receives first, so every answer lands in a posted buffer and a server's blocking Send returns.
-        requests = [self.comm.Irecv(self.params[a:b], self.roles.server_rank(s), MPI.ANY_TAG) for s, (a, b) in ranges]
+        receive = [(self.params[a:b], self.roles.server_rank(s)) for s, (a, b) in ranges]
+        requests = [] if CHECK.active else [self.comm.Irecv(buf, server, MPI.ANY_TAG) for buf, server in receive]
         if push:
-            requests += [self.comm.Isend(self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags)
-                         for s, (a, b) in ranges]
+            for s, (a, b) in ranges:
+                if CHECK.active:
+                    CHECK.send(self.comm, self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags, depth=2)
+                requests.append(self.comm.Isend(self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags))
+        if CHECK.active:  # each answer is checked before its receive is posted, after the pushes
+            answers = []
+            for buf, server in receive:
+                CHECK.recv(self.comm, buf, server, MPI.ANY_TAG, depth=2)
+                answers.append(self.comm.Irecv(buf, server, MPI.ANY_TAG))
+            requests = answers + requests
         statuses = [MPI.Status() for _ in requests]
         MPI.Request.Waitall(requests, statuses)
         if not self.on_host:
@@ -243,6 +253,8 @@ class Server:
 
     def reply(self, worker: int, stop: bool) -> None:
         """Send θ[a:b] to `worker`, which has already posted its receive, so this Send cannot hang."""
+        if CHECK.active:
+            CHECK.send(self.comm, self.params, worker, TAG_STOP if stop else TAG_PARAMS)
         self.comm.Send(self.params, dest=worker, tag=TAG_STOP if stop else TAG_PARAMS)
         self.pulled[worker] = self.version
 
@@ -332,6 +344,8 @@ class Server:
                 worker, flags, step = source, tag - TAG_GRAD, pushes[source]
                 entry = open_steps.setdefault(step, [{}, False])
                 slot = entry[0][worker] = spare.pop() if spare else np.empty_like(self.grads)
+                if CHECK.active:
+                    CHECK.recv(self.comm, slot, source, tag)
                 message.Recv(slot)
                 staleness = step - self.pulled[worker]
                 if self.config.staleness_lr and staleness:
@@ -395,6 +409,8 @@ class Server:
                 self._forward_signal()
                 continue
             worker, flags, step = source, tag - TAG_GRAD, self.version // workers
+            if CHECK.active:
+                CHECK.recv(self.comm, self.grads, source, tag)
             message.Recv(self.grads)
             staleness = self.version - self.pulled[worker]
             self.stats.record(worker, staleness)
