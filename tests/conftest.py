@@ -94,10 +94,12 @@ def _test_timeout(item) -> float | None:
         return None
 
 
-def _dump_stacks(nodeid: str, after: float) -> None:
-    print(f"\n[rank {_harness.rank}] {nodeid} still runs after {after:g} s; stacks of this rank:",
-          file=sys.stderr, flush=True)
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+def _dump_stacks(config, nodeid: str, after: float) -> None:
+    # Out of pytest's capture, which would otherwise keep the stacks with a report never written.
+    with config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n[rank {_harness.rank}] {nodeid} still runs after {after:g} s; stacks of this rank:",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -108,7 +110,7 @@ def pytest_runtest_protocol(item, nextitem):
     timer = None
     if timeout:
         before = timeout - min(3.0, timeout / 4)
-        timer = threading.Timer(before, _dump_stacks, (item.nodeid, before))
+        timer = threading.Timer(before, _dump_stacks, (item.config, item.nodeid, before))
         timer.daemon = True
         timer.start()
     try:
