@@ -34,6 +34,9 @@ def agree(comm: MPI.Intracomm, error: MpitrainError | None) -> None:
 def abort(message: str, status: int = 1) -> None:
     """Print `message` from this rank and end every rank of the job with `status`."""
     print(message, file=sys.stderr, flush=True)
+    from mpitrain.trace import TRACE
+
+    TRACE.dump_local()  # best effort: this rank's part of the timeline, since no gather can follow
     if MPI.COMM_WORLD.size > 1:
         # Hydra tears the job down as soon as Abort reaches it and sometimes drops output its proxy
         # has not yet forwarded (about 1 run in 30 lost the message): give the proxy a moment.

@@ -84,7 +84,7 @@ def _same(a: dict, b: dict) -> bool:
     return all(a[key] == b[key] for key in ("operation", "algorithm", "dtype", "length", "tag", "group"))
 
 
-def _world_ranks(comm: MPI.Intracomm) -> tuple[int, ...]:
+def world_ranks(comm: MPI.Intracomm) -> tuple[int, ...]:
     """COMM_WORLD rank of each rank of comm (cached on comm: a local lookup, not a collective)."""
     ranks = comm.Get_attr(_KEYVAL)
     if ranks is None:
@@ -133,7 +133,7 @@ class Checker:
         if comm.size == 1:
             return
         self.calls += 1
-        ranks = _world_ranks(comm)
+        ranks = world_ranks(comm)
         mine = encode(operation, algorithm, buf.dtype, buf.size, None, _site(depth + 1), _group_id(ranks))
         left, right = ranks[(comm.rank - 1) % comm.size], ranks[(comm.rank + 1) % comm.size]
         theirs = np.empty_like(mine)
@@ -148,13 +148,13 @@ class Checker:
         """Announce a send of buf to rank dest of comm with tag (before the data, so they stay paired)."""
         self.calls += 1
         record = encode("send", "", buf.dtype, buf.size, tag, _site(depth + 1))
-        self._shadow.send(record, _world_ranks(comm)[dest], tag)
+        self._shadow.send(record, world_ranks(comm)[dest], tag)
 
     def recv(self, comm: MPI.Intracomm, buf, source: int, tag: int, depth: int = 1) -> None:
         """Check that the next send from rank source of comm with tag (any: MPI.ANY_TAG) fits a receive
         into buf (dtype, length). After missing_s, a send with another tag from source is named."""
         self.calls += 1
-        peer = _world_ranks(comm)[source]
+        peer = world_ranks(comm)[source]
         mine = encode("recv", "", buf.dtype, buf.size, tag, _site(depth + 1))
         theirs = np.empty_like(mine)
         receive = self._shadow.comm.Irecv(theirs, peer, tag)
