@@ -128,15 +128,22 @@ class Tracer:
     # ------------------------------------------------------------------------ the file
 
     def finish(self, comm: MPI.Intracomm) -> None:
-        """Gather every rank's events on rank 0 and write the trace. Collective on comm."""
+        """Gather every rank's events on rank 0 and write the trace; every rank returns once it is
+        written, or raises the same MpitrainError. Collective on comm."""
+        from mpitrain.comm.failure import agree
+
         if not self.active:
             return
         self.active = self.recording = False
         mine = (self.rank, self.offset, self.events, self.dropped)
         ranks = comm.gather(mine, root=0)
+        self.events, error = [], None
         if comm.rank == 0:
-            write(self.path, ranks)
-        self.events = []
+            try:
+                write(self.path, ranks)
+            except OSError as exc:
+                error = MpitrainError(f"--trace {self.path}: {exc.strerror}")
+        agree(comm, error)
 
     def dump_local(self) -> None:
         """This rank's events alone, to PATH.rank<r>.json: the best an abort allows."""
