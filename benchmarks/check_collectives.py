@@ -26,6 +26,8 @@ from mpitrain.comm import allreduce, fingerprint
 from mpitrain.config import TrainConfig, validate
 from mpitrain.train import train
 
+WARMUP_CALLS = 5
+
 
 def versions() -> dict:
     import mpi4py
@@ -35,12 +37,12 @@ def versions() -> dict:
 
 
 def time_calls(buf: np.ndarray, comm: MPI.Intracomm, trial_s: float) -> float:
-    """Seconds per ring all-reduce over back-to-back calls (the count agreed from rank 0's warm-up)."""
-    started, calls = time.perf_counter(), 0
-    while time.perf_counter() - started < trial_s:
+    """Seconds per ring all-reduce over back-to-back calls (the count from rank 0's warm-up, agreed:
+    every rank must make the same calls)."""
+    started = time.perf_counter()
+    for _ in range(WARMUP_CALLS):
         allreduce(buf, comm, "ring")
-        calls += 1
-    calls = comm.bcast(calls, root=0)
+    calls = comm.bcast(max(1, int(trial_s / ((time.perf_counter() - started) / WARMUP_CALLS))), root=0)
     comm.Barrier()
     started = time.perf_counter()
     for _ in range(calls):
