@@ -26,6 +26,7 @@ import zlib
 
 from mpi4py import MPI
 
+from mpitrain.comm.fingerprint import world_ranks
 from mpitrain.errors import MpitrainError
 
 # Track ids, in the order Perfetto shows them.
@@ -119,8 +120,6 @@ class Tracer:
 
     def arrow(self, out: bool, kind: str, channel: str, comm: MPI.Intracomm, peer: int, tag: int, at: float) -> None:
         """flow() between this rank and rank peer of comm."""
-        from mpitrain.comm.fingerprint import world_ranks
-
         ranks = world_ranks(comm)
         sender, receiver = (comm.rank, peer) if out else (peer, comm.rank)
         self.flow(out, kind, channel, ranks[sender], ranks[receiver], tag, at)

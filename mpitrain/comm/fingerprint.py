@@ -4,11 +4,11 @@ ranks exchange a small fingerprint of the call and stop the job at the first dis
     fingerprint.enable()          # or `mpitrain train --check-collectives`, or MPITRAIN_CHECK_COLLECTIVES=1
     allreduce(buf, comm)          # now checked: every rank must call allreduce(float32 x n, same algorithm)
 
-A fingerprint is (operation, algorithm, dtype, length, tag, call site `file:line`). Ranks compare
-all of it but the call site, which is only named in the report:
+A fingerprint is (operation, algorithm, dtype, length, tag, communicator, call site `file:line`).
+Ranks compare all of it but the call site, which is only named in the report (ranks are world ranks):
 
-    mpitrain: collective mismatch: rank 0 calls allreduce(float32 x 812,042) at buckets.py:88 but
-    rank 1 calls allreduce(float32 x 1,024) at ps.py:140
+    mpitrain: collective mismatch: rank 0 calls allreduce(float32 x 812,042, ring) at buckets.py:98 but
+    rank 1 calls allreduce(float32 x 1,024, ring) at job.py:140
 
 Without the check such a mismatch is silent garbage (hier, rd), an exception on one rank and a hang
 on the others (ring), or a truncation error far from its cause. The fingerprints travel on a
@@ -17,12 +17,12 @@ match the library's or the user's own messages, ANY_TAG receives included.
 
 Collectives: each rank sends its fingerprint to its right neighbour and compares the one from its
 left neighbour; if any two ranks disagree, some neighbouring pair does, so some rank sees it.
-A rank that waits MISSING_S seconds for its neighbour's fingerprint reports a missing participant
+A rank that waits `missing_s` seconds (MPITRAIN_CHECK_WAIT_S, default 30) for its neighbour's fingerprint reports a missing participant
 (the neighbour is in another call, on another communicator, or gone). Point-to-point: the sender
 sends the fingerprint of its send just before the data; the receiver compares it with its receive.
 
 On a mismatch the detecting rank prints one line and aborts every rank (exit EXIT_MISMATCH) within
-ABORT_GRACE_S. The cost is one small message and one poll per call (see README, "Checking
+a second (comm.failure.abort). The cost is one small message and one poll per call (see README, "Checking
 collectives"); when off, a call site pays one attribute test.
 """
 
