@@ -148,6 +148,13 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--comm-timeout", type=float, metavar="S",
                        help="abort every rank, naming the operation each waits in, when one communication "
                        "call waits longer than S seconds (default: wait forever)")
+    group.add_argument("--check-collectives", action="store_const", const=True,
+                       help="before each collective and send/receive of the library, compare a fingerprint of "
+                       "the call across ranks and stop at the first mismatch, naming both call sites "
+                       "(env MPITRAIN_CHECK_COLLECTIVES=1)")
+    group.add_argument("--trace", metavar="FILE.json", help="write a timeline of every rank's compute, messages "
+                       "and waits (Chrome/Perfetto trace; env MPITRAIN_TRACE); see `mpitrain trace-summary`")
+    group.add_argument("--trace-steps", metavar="A:B", help="trace only steps A..B-1 (counted from 0)")
     group.add_argument("--on-nan", choices=CHOICES["on_nan"],
                        help="NaN or Inf in the loss or gradients: stop with an error, or skip the update on "
                        "every rank and count it (default abort)")
@@ -177,6 +184,11 @@ def make_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=int, default=5, metavar="N", help="timed trials per size (default 5)")
     tune.add_argument("--out", metavar="FILE.json", help="tuning file (default: $MPITRAIN_TUNE_FILE, else "
                       "~/.cache/mpitrain/allreduce-tune.json); train reads the same place")
+
+    summary = commands.add_parser("trace-summary", help="per-rank time by kind of work in a --trace file, and "
+                                  "the slowest rank's top items")
+    summary.add_argument("trace_file", metavar="FILE.json")
+    summary.add_argument("--top", type=int, default=10, metavar="N", help="items of the critical path (default 10)")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="TOOL", parser_class=_Parser)
@@ -300,6 +312,15 @@ def run(argv: list[str] | None) -> None:
 def dispatch(args: argparse.Namespace) -> None:
     if args.command == "tune":
         run_tune(args)
+        return
+    if args.command == "trace-summary":
+        from mpi4py import MPI
+
+        from mpitrain import trace_summary
+
+        text = trace_summary.run(args.trace_file, args.top)  # on every rank, so a bad file fails on all alike
+        if MPI.COMM_WORLD.rank == 0:
+            print(text)
         return
     if args.command in ("eval", "predict"):
         run_model_file(args)

@@ -85,6 +85,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None
     comm_timeout: float | None = None
+    check_collectives: bool = False
+    trace: str | None = None
+    trace_steps: str | None = None
     on_nan: str = "abort"
     bucket_mb: float = 1.0
     overlap: bool = True

@@ -53,7 +53,8 @@ from mpitrain.preempt import Preempted, PreemptionFlag
 RANK_LOCAL_FIELDS = ("threads", "progress")
 # Fields that do not change the arithmetic of a run: a resume may change them without a warning.
 NON_TRAJECTORY_FIELDS = RANK_LOCAL_FIELDS + ("metrics", "save", "device", "checkpoint_dir", "checkpoint_every",
-                                             "keep_checkpoints", "resume", "comm_timeout", "on_nan", "max_memory")
+                                             "keep_checkpoints", "resume", "comm_timeout", "on_nan", "max_memory",
+                                             "check_collectives", "trace", "trace_steps")
 
 
 @dataclass

@@ -15,6 +15,7 @@ writer and record fields, but agree through the servers instead of a per-step co
 """
 
 import json
+import os
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ from mpi4py import MPI
 
 from mpitrain import checkpoint
 from mpitrain.backend import limit_blas_threads, select_backend
-from mpitrain.comm import agree
+from mpitrain.comm import agree, fingerprint
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.data import normalize
 from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_dataset
@@ -35,6 +36,7 @@ from mpitrain.parallel.state import full_parameters, init_from
 from mpitrain.parallel.strategy import GridStrategy
 from mpitrain.report import Reporter, TrainResult, validation_metrics
 from mpitrain.resilience import Resilience, dataset_shape
+from mpitrain.trace import TRACE
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -47,16 +49,26 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
     Raises MpitrainError on every rank for bad input or a layout that does not fit, and
     mpitrain.preempt.Preempted on every rank when a signal stopped the run at a checkpoint.
     """
+    if config.check_collectives:
+        fingerprint.enable()
+    trace_path = config.trace or os.environ.get("MPITRAIN_TRACE")
+    if trace_path:
+        TRACE.start(trace_path, config.trace_steps, comm)
     guard = Resilience(config, comm)
     try:
         if config.sync == "ps":
             result = ps_train.run(config, guard)
             if config.save:
                 save_model(config, result, guard.comm)
-            return result
-        return _loop(config, guard.comm, guard, GridStrategy)
+        else:
+            result = _loop(config, guard.comm, guard, GridStrategy)
+    except BaseException:
+        TRACE.dump_local()  # the other ranks may not reach a gather: each keeps what it has
+        raise
     finally:
         guard.close()
+    TRACE.finish(comm)
+    return result
 
 
 def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_strategy) -> TrainResult:
@@ -88,10 +100,19 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
     while step < steps:
         started, loss_sum, kept_steps, epoch_steps = time.perf_counter(), 0.0, 0, 0
         counters, waited = strategy.counters(), strategy.wait_seconds()
+        fetched = time.perf_counter()
         for x, y in batches.epoch(epoch, min(data.steps_per_epoch, position + steps - step), start=position):
+            if TRACE.active:
+                TRACE.set_step(step)
+                begun = TRACE.now()
+                TRACE.span("data", "batch", fetched, begun)
             step_loss = strategy.forward_backward(x, y)
             keep = guard.keep_step(step_loss, strategy.grads, batches.bad_input)
+            if TRACE.active:
+                updating = TRACE.now()
             strategy.update(schedule(config.schedule, config.lr, step, steps, config.warmup_steps), keep)
+            if TRACE.active:
+                TRACE.span("optimizer", "update", updating, kept=bool(keep))
             if keep:
                 loss_sum += step_loss
                 kept_steps += 1
@@ -99,7 +120,14 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
             position += 1
             epoch_steps += 1
             report.advance()
+            if TRACE.active:
+                boundary = TRACE.now()
             guard.boundary(step, epoch, position)
+            if TRACE.active:
+                TRACE.span("checkpoint", "boundary (checkpoint, signals)", boundary)
+                TRACE.span("step", f"step {step - 1}", begun)
+                TRACE.set_step(None)
+            fetched = time.perf_counter()
         backend.synchronize()
         elapsed = time.perf_counter() - started
         traffic = (strategy.counters() - counters) / max(epoch_steps, 1)

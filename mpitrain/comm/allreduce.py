@@ -21,6 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm import thresholds, traffic
+from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.hier import hier_schedule
 from mpitrain.comm.rd import rd_schedule
 from mpitrain.comm.ring import allgather_schedule, chunk_bounds, complete, reduce_scatter_schedule, ring_schedule
@@ -38,8 +39,19 @@ def mpi_schedule(buf: np.ndarray, comm: MPI.Intracomm):
 SCHEDULES = {"ring": ring_schedule, "rd": rd_schedule, "hier": hier_schedule, "mpi": mpi_schedule}
 
 
+# Kinds of dtype the collectives can sum: signed and unsigned integers, floats, complex numbers.
+# A bool buffer is refused at every size rather than ORed by one algorithm (MPI's SUM on MPI.BOOL)
+# and refused by another (MPI raises "Invalid MPI_Op" below some size); objects cannot be summed
+# by any of them.
+SUMMABLE_KINDS = "iufc"
+
+
 def check_buffer(buf, what: str) -> None:
-    """A 1-D contiguous buffer; raised before any message, since a mismatch would hang or truncate."""
+    """A 1-D contiguous buffer of a summable dtype; raised before any message, on every rank alike
+    and at any size, since a mismatch would hang or truncate."""
+    if buf.dtype.kind not in SUMMABLE_KINDS:
+        raise MpitrainError(f"{what}: a {buf.dtype.name} buffer cannot be summed over ranks; use an integer, "
+                            f"floating or complex dtype (uint8 for flags)")
     if buf.ndim != 1 or not buf.flags.c_contiguous:
         raise MpitrainError(f"{what} needs a 1-D contiguous buffer, got shape {buf.shape}")
 
@@ -58,7 +70,10 @@ def allreduce_schedule(buf, comm: MPI.Intracomm, algorithm: str = "auto"):
     check_buffer(buf, "allreduce")
     if comm.size == 1:
         return
-    schedule = SCHEDULES[resolve(algorithm, buf.nbytes, comm)]
+    name = resolve(algorithm, buf.nbytes, comm)
+    if CHECK.active:
+        CHECK.collective(comm, "allreduce", name, buf, depth=1)
+    schedule = SCHEDULES[name]
     if isinstance(buf, np.ndarray):
         yield from schedule(buf, comm)
         return
@@ -76,6 +91,8 @@ def allreduce(buf, comm: MPI.Intracomm, algorithm: str = "auto") -> None:
     if comm.size == 1:
         return
     name = thresholds.choose(buf.nbytes, comm) if algorithm == "auto" else algorithm
+    if CHECK.active:
+        CHECK.collective(comm, "allreduce", name, buf, depth=1)
     if isinstance(buf, np.ndarray):
         if name == "mpi":
             traffic.add(traffic.ring_equivalent(buf.nbytes, comm.size))
@@ -103,6 +120,8 @@ def reduce_scatter(buf, comm: MPI.Intracomm) -> tuple[int, int]:
     partial sums: overwrite it (allgather does) before reading it.
     """
     check_buffer(buf, "reduce_scatter")
+    if CHECK.active:
+        CHECK.collective(comm, "reduce_scatter", "ring", buf, depth=1)
     _staged(buf, reduce_scatter_schedule, comm)
     return chunk_bounds(buf.size, comm.size)[comm.rank]
 
@@ -110,4 +129,6 @@ def reduce_scatter(buf, comm: MPI.Intracomm) -> tuple[int, int]:
 def allgather(buf, comm: MPI.Intracomm) -> None:
     """Fill buf from every rank's own chunk: chunk q <- rank q's buf[chunk_bounds(n, p)[q]]. Collective."""
     check_buffer(buf, "allgather")
+    if CHECK.active:
+        CHECK.collective(comm, "allgather", "ring", buf, depth=1)
     _staged(buf, allgather_schedule, comm)

@@ -29,6 +29,7 @@ from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule
 from mpitrain.comm.ring import complete
 from mpitrain.comm.watchdog import waiting
 from mpitrain.errors import MpitrainError
+from mpitrain.trace import TRACE
 
 MiB = 1 << 20
 
@@ -77,6 +78,7 @@ class GradientSync:
         self._waiting: deque = deque()
         self._schedule, self._schedule_bytes = None, 0
         self._pending = None
+        self._started, self._schedule_sent = 0.0, 0
         # What the chosen algorithms really sent (see comm/traffic.py), cumulative.
         self.bytes_sent = 0
 
@@ -92,14 +94,29 @@ class GradientSync:
 
     def wait(self) -> None:
         """Finish every bucket's all-reduce (all of them, when overlap is off)."""
+        if TRACE.active:
+            started = TRACE.now()
         if not self.overlap:
-            before = traffic.sent()
             for view in self.views:
+                before, begun = traffic.sent(), TRACE.now() if TRACE.active else 0.0
                 complete(allreduce_schedule(view, self.comm, self.algorithm),
                          f"gradient bucket all-reduce, {view.nbytes} B")
-            self.bytes_sent += traffic.sent() - before
-            return
-        self._advance(block=True)
+                self.bytes_sent += traffic.sent() - before
+                if TRACE.active:
+                    self._trace_bucket(view.nbytes, begun, traffic.sent() - before)
+        else:
+            self._advance(block=True)
+        if TRACE.active:
+            TRACE.span("wait", "gradient buckets", started)
+
+    def _trace_bucket(self, nbytes: int, started: float, sent: int) -> None:
+        """One bucket's all-reduce on the trace, from its first message to its last (bytes: what it sent)."""
+        from mpitrain.comm.allreduce import resolve
+        from mpitrain.comm.ring import SEGMENT_BYTES
+
+        algorithm = resolve(self.algorithm, nbytes, self.comm)  # auto's choice is cached by now: no message
+        TRACE.span("gradient all-reduce", f"all-reduce {nbytes} B ({algorithm})", started, algorithm=algorithm,
+                   bucket_bytes=nbytes, bytes=sent, segments=-(-nbytes // self.comm.size // SEGMENT_BYTES) or 1)
 
     def _advance(self, block: bool) -> None:
         """Run launched buckets in order; unless block, stop at the first request still in flight."""
@@ -112,6 +129,12 @@ class GradientSync:
                     MPI.Request.Waitall(self._pending)
             elif not MPI.Request.Testall(self._pending):
                 return
+            if self._pending is None and TRACE.active:
+                self._started, self._schedule_sent = TRACE.now(), 0
             before = traffic.sent()
             self._pending = next(self._schedule, None)
             self.bytes_sent += traffic.sent() - before
+            if TRACE.active:
+                self._schedule_sent += traffic.sent() - before
+                if self._pending is None:
+                    self._trace_bucket(self._schedule_bytes, self._started, self._schedule_sent)

@@ -75,9 +75,20 @@ def agree_at_start(outcome: int, error: MpitrainError | None) -> None:
                         "every rank of a job must be given the same command")
 
 
+# Called before this rank aborts the job, best effort (the trace writes this rank's part of the
+# timeline, since no gather can follow). Modules above this one register here, so this one
+# imports none of them.
+BEFORE_ABORT: list = []
+
+
 def abort(message: str, status: int = 1) -> None:
     """Print `message` from this rank and end every rank of the job with `status`."""
     print(message, file=sys.stderr, flush=True)
+    for hook in BEFORE_ABORT:
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - the abort must happen whatever a hook does
+            pass
     if MPI.COMM_WORLD.size > 1:
         # Hydra tears the job down as soon as Abort reaches it and sometimes drops output its proxy
         # has not yet forwarded (about 1 run in 30 lost the message): give the proxy a moment.

@@ -14,6 +14,7 @@ tensor, pipeline, data-parallel and parameter-server groups are), and the Waital
 non-blocking exchanges (they report themselves through `waiting`).
 """
 
+import faulthandler
 import inspect
 import sys
 import threading
@@ -70,6 +71,7 @@ class Watchdog:
         print(f"mpitrain: comm timeout: [rank {self.rank}]{where} waited {time.monotonic() - started:.1f} s in "
               f"{what}; aborting all ranks (--comm-timeout {self.timeout:g})",
               file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # where this rank's threads are
         # The first rank to abort ends everyone; waiting a little lets the other stuck ranks say
         # where they are, which is what tells a mismatched collective from a slow peer.
         time.sleep(self.grace)

@@ -24,6 +24,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.nn.layers import ACTIVATIONS, Linear, weight_init
 from mpitrain.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mpitrain.parallel.mappings import TensorGroup
+from mpitrain.trace import TRACE
 
 
 def parse_widths(spec: str) -> list[int]:
@@ -147,12 +148,16 @@ class Model:
         """(B, input_width) -> (B, output_width); keeps what backward needs under `micro`, or
         nothing with micro=None (evaluation)."""
         saved = []
-        for layer, activation in zip(self.dense, self.activations):
+        for index, (layer, activation) in enumerate(zip(self.dense, self.activations)):
+            if TRACE.active:
+                started = TRACE.now()
             x, layer_saved = layer.forward(x)
             act_saved = None
             if activation is not None:
                 x, act_saved = activation.forward(self.xp, x)
             saved.append((layer_saved, act_saved))
+            if TRACE.active:
+                TRACE.span("compute", f"forward {self.first + index}", started, layer=self.first + index, micro=micro)
         if micro is not None:
             self.saved[micro] = saved
             self.live_bytes += sum(a.nbytes for pair in saved for a in pair if a is not None)
@@ -169,11 +174,15 @@ class Model:
         saved = self.saved.pop(micro)
         self.live_bytes -= sum(a.nbytes for pair in saved for a in pair if a is not None)
         for index in reversed(range(len(self.dense))):
+            if TRACE.active:
+                started = TRACE.now()
             layer_saved, act_saved = saved[index]
             if act_saved is not None:
                 dy = self.activations[index].backward(dy, act_saved)
             need_dx = self.first + index > 0
             dy = self.dense[index].backward(dy, layer_saved, need_dx=need_dx, accumulate=accumulate)
+            if TRACE.active:
+                TRACE.span("compute", f"backward {self.first + index}", started, layer=self.first + index, micro=micro)
             if on_layer_done is not None:
                 on_layer_done(index)
         return dy

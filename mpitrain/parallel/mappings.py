@@ -19,7 +19,9 @@ from mpi4py import MPI
 
 from mpitrain.backend import to_host
 from mpitrain.comm import traffic
+from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.ring import allgather_schedule, chunk_bounds, complete, ring_schedule
+from mpitrain.trace import TRACE
 
 
 class TensorGroup:
@@ -47,9 +49,16 @@ class TensorGroup:
         if self.size == 1:
             return a
         host = to_host(a)
+        if CHECK.active:
+            CHECK.collective(self.comm, "tensor-parallel sum", "ring", host, depth=1)
         before = traffic.sent()
+        if TRACE.active:
+            started = TRACE.now()
         complete(ring_schedule(host.reshape(-1), self.comm, cache=self._scratch), "tensor-parallel sum")
         self.bytes_sent += traffic.sent() - before
+        if TRACE.active:
+            TRACE.span("tensor-parallel", f"sum {host.nbytes} B", started, bytes=traffic.sent() - before,
+                       buffer_bytes=host.nbytes, ranks=self.size)
         if host is not a:
             a.set(host)
         return a
@@ -68,9 +77,16 @@ class TensorGroup:
         flat = np.empty(rows * width, dtype=local.dtype)
         start, stop = flat_bounds[self.rank]
         flat[start:stop] = to_host(local).reshape(-1)
+        if CHECK.active:
+            CHECK.collective(self.comm, "tensor-parallel gather", "ring", flat, depth=1)
         before = traffic.sent()
+        if TRACE.active:
+            started = TRACE.now()
         complete(allgather_schedule(flat, self.comm, chunks=flat_bounds), "tensor-parallel all-gather")
         self.bytes_sent += traffic.sent() - before
+        if TRACE.active:
+            TRACE.span("tensor-parallel", f"all-gather {flat.nbytes} B", started, bytes=traffic.sent() - before,
+                       buffer_bytes=flat.nbytes, ranks=self.size)
         blocks = [flat[rows * a:rows * b].reshape(rows, b - a) for a, b in column_bounds]
         return self.xp.asarray(np.concatenate(blocks, axis=1))
 

@@ -23,12 +23,15 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.backend import to_host
+from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.comm.watchdog import waiting
 from mpitrain.errors import MpitrainError
+from mpitrain.trace import TRACE
 
 SCHEDULES = ("1f1b", "gpipe")
 _ACTIVATION, _GRADIENT = 0, 1
+_KIND = ("activation", "gradient")
 # MPI promises tags up to 32767 on every implementation; two tags per micro-batch.
 MAX_MICRO_BATCHES = 32767 // 2
 
@@ -123,14 +126,26 @@ class StageLink:
     def _send(self, array, dest: int, tag: int) -> None:
         # The host copy must outlive the non-blocking send, so it is kept with its request.
         host = np.ascontiguousarray(to_host(array))
+        if CHECK.active:
+            CHECK.send(self.comm, host, dest, tag, depth=2)
+        if TRACE.active:
+            started = TRACE.now()
         self.pending.append((self.comm.Isend(host, dest, tag), host))
         self.bytes_sent += host.nbytes
+        if TRACE.active:
+            TRACE.message(True, "pipeline", "pp", self.comm, dest, tag, f"send {_KIND[tag % 2]} m{tag // 2} to stage "
+                          f"{dest}", started, host.nbytes, micro=tag // 2)
 
     def _recv(self, shape, dtype, source: int, tag: int):
         host = np.empty(shape, dtype=dtype)
         started = time.perf_counter()
+        if CHECK.active:
+            CHECK.recv(self.comm, host, source, tag, depth=2)
         self.comm.Recv(host, source, tag)
         self.wait_s += time.perf_counter() - started
+        if TRACE.active:
+            TRACE.message(False, "pipeline", "pp", self.comm, source, tag, f"recv {_KIND[tag % 2]} m{tag // 2} from "
+                          f"stage {source}", started, host.nbytes, micro=tag // 2)
         return self.xp.asarray(host)
 
     def send_activation(self, y, micro: int) -> None:

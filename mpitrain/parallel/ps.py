@@ -44,7 +44,9 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm import agree
+from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.watchdog import waiting
+from mpitrain.trace import TRACE
 from mpitrain.config import TrainConfig
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import Model
@@ -147,18 +149,44 @@ class WorkerLink:
 
     def _exchange(self, push: bool, flags: int = 0) -> bool:
         ranges = list(enumerate(self.roles.bounds))
+        if TRACE.active:
+            started = TRACE.now()
         # Receives first, so every answer lands in a posted buffer and a server's blocking Send returns.
-        requests = [self.comm.Irecv(self.params[a:b], self.roles.server_rank(s), MPI.ANY_TAG) for s, (a, b) in ranges]
+        receive = [(self.params[a:b], self.roles.server_rank(s)) for s, (a, b) in ranges]
+        requests = [] if CHECK.active else [self.comm.Irecv(buf, server, MPI.ANY_TAG) for buf, server in receive]
         if push:
-            requests += [self.comm.Isend(self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags)
-                         for s, (a, b) in ranges]
+            for s, (a, b) in ranges:
+                if CHECK.active:
+                    CHECK.send(self.comm, self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags, depth=2)
+                requests.append(self.comm.Isend(self.grads[a:b], self.roles.server_rank(s), TAG_GRAD + flags))
+        if CHECK.active:  # each answer is checked before its receive is posted, after the pushes
+            answers = []
+            for buf, server in receive:
+                CHECK.recv(self.comm, buf, server, MPI.ANY_TAG, depth=2)
+                answers.append(self.comm.Irecv(buf, server, MPI.ANY_TAG))
+            requests = answers + requests
         statuses = [MPI.Status() for _ in requests]
         # A stopped or vanished server leaves this wait unanswered: --comm-timeout must see it.
         with waiting(f"Waitall (worker's {'push and ' if push else ''}pull of θ from {len(ranges)} server(s))"):
             MPI.Request.Waitall(requests, statuses)
+        if TRACE.active:
+            self._trace(push, flags, started, statuses)
         if not self.on_host:
             self.model.params.set(self.params)
         return statuses[0].Get_tag() == TAG_PARAMS
+
+
+    def _trace(self, push: bool, flags: int, started: float, statuses: list) -> None:
+        """The exchange as one span; the arrows of its pushes and answers a quarter from either end."""
+        ended = TRACE.now()
+        pushed = self.grads.nbytes if push else 0
+        TRACE.span("parameter server", "push ∇, pull θ" if push else "pull θ", started, ended, bytes=pushed)
+        for s in range(len(self.roles.bounds)):
+            server = self.roles.server_rank(s)
+            if push:
+                TRACE.arrow(True, "parameter server", "ps", self.comm, server, TAG_GRAD + flags, started + (ended - started) / 4)
+            TRACE.arrow(False, "parameter server", "ps", self.comm, server, statuses[s].Get_tag(),
+                        ended - (ended - started) / 4)
 
 
 def share_parameters(comm: MPI.Intracomm, roles: Roles, theta: np.ndarray) -> None:
@@ -246,7 +274,14 @@ class Server:
 
     def reply(self, worker: int, stop: bool) -> None:
         """Send θ[a:b] to `worker`, which has already posted its receive, so this Send cannot hang."""
+        if CHECK.active:
+            CHECK.send(self.comm, self.params, worker, TAG_STOP if stop else TAG_PARAMS)
+        if TRACE.active:
+            started = TRACE.now()
         self.comm.Send(self.params, dest=worker, tag=TAG_STOP if stop else TAG_PARAMS)
+        if TRACE.active:
+            TRACE.message(True, "parameter server", "ps", self.comm, worker, TAG_STOP if stop else TAG_PARAMS,
+                          f"θ to worker {worker}", started, self.params.nbytes)
         self.pulled[worker] = self.version
 
     def probe(self) -> tuple[MPI.Message, int, int]:
@@ -335,7 +370,13 @@ class Server:
                 worker, flags, step = source, tag - TAG_GRAD, pushes[source]
                 entry = open_steps.setdefault(step, [{}, False])
                 slot = entry[0][worker] = spare.pop() if spare else np.empty_like(self.grads)
+                if CHECK.active:
+                    CHECK.recv(self.comm, slot, source, tag)
+                started = TRACE.now() if TRACE.active else 0.0
                 message.Recv(slot)
+                if TRACE.active:
+                    TRACE.message(False, "parameter server", "ps", self.comm, source, tag, f"∇ from worker {source}",
+                                  started, slot.nbytes)
                 staleness = step - self.pulled[worker]
                 if self.config.staleness_lr and staleness:
                     slot *= 1.0 / (1 + staleness)
@@ -364,7 +405,10 @@ class Server:
             np.copyto(self.grads, slots[0])
             for worker in range(1, self.roles.n_workers):
                 self.grads += slots[worker]
+            started = TRACE.now() if TRACE.active else 0.0
             self.optimizer.step(self.learning_rate(self.version))
+            if TRACE.active:
+                TRACE.span("optimizer", "update", started)
         self.version += 1
         spare.extend(slots.values())
 
@@ -398,7 +442,13 @@ class Server:
                 self._forward_signal()
                 continue
             worker, flags, step = source, tag - TAG_GRAD, self.version // workers
+            if CHECK.active:
+                CHECK.recv(self.comm, self.grads, source, tag)
+            started = TRACE.now() if TRACE.active else 0.0
             message.Recv(self.grads)
+            if TRACE.active:
+                TRACE.message(False, "parameter server", "ps", self.comm, source, tag, f"∇ from worker {source}",
+                              started, self.grads.nbytes)
             staleness = self.version - self.pulled[worker]
             self.stats.record(worker, staleness)
             if flags & FLAG_NONFINITE:
@@ -406,7 +456,10 @@ class Server:
                 self._warn(f"gradient {self.version + 1}: NaN or Inf from worker {worker}: dropped")
             else:
                 lr = self.learning_rate(self.version // workers)
+                started = TRACE.now() if TRACE.active else 0.0
                 self.optimizer.step(lr / (1 + staleness) if self.config.staleness_lr else lr)
+                if TRACE.active:
+                    TRACE.span("optimizer", "update", started)
             self.version += 1
             # Rounded up to whole steps: the run's step count stays gradients / W.
             if self._decide(flags, worker, step) and -(-granted // workers) * workers < budget:

@@ -43,6 +43,7 @@ from mpitrain.parallel.state import init_from
 from mpitrain.preempt import Preempted
 from mpitrain.report import Reporter, TrainResult, validation_metrics
 from mpitrain.resilience import Position, all_finite, dataset_shape, signal_reason
+from mpitrain.trace import TRACE
 
 
 class Worker:
@@ -102,6 +103,8 @@ def work(worker: Worker, batches, link: WorkerLink, scale: float, signalled, rep
     """One segment of a worker: gradients pushed, each tagged with its flags, until server 0 says stop."""
     go = link.pull()
     while go:
+        if TRACE.active:
+            TRACE.set_step(0 if TRACE.step is None else TRACE.step + 1)  # this worker's pushes, counted from 0
         x, y = next(batches)
         loss = worker.stage.forward_backward(x, y, scale)
         flags = 0
@@ -202,6 +205,9 @@ def run(config: TrainConfig, guard) -> TrainResult:
     if server:
         server.skipped = guard.skipped  # a resumed run goes on counting
 
+    if server and TRACE.active:  # a server has no steps of its own: --trace-steps counts the workers' pushes
+        TRACE.window = None
+        TRACE.set_step(None)
     link = WorkerLink(ps, roles, model) if worker else None
     batches = worker.stream(step // spe, step % spe) if worker else None
     every = config.checkpoint_every
