@@ -1,4 +1,4 @@
-"""The `mpitrain` command: `train`, `tune` and `data synth`, long flags, an optional TOML file.
+"""The `mpitrain` command: `train`, `tune`, `data`, `eval`, `predict` and `doctor`, long flags, an optional TOML file.
 
     mpitrain train --steps 100                         # one process
     mpirun -n 4 mpitrain train --config run.toml       # flags override the file
@@ -9,6 +9,7 @@
     mpitrain data inspect 'shards/*.h5'                # datasets, chunks, labels, and the keys to use
     mpitrain data import train.csv --out train.h5 --shards 4
     mpitrain data split all.h5 --train train.h5 --test test.h5 --test-fraction 0.2 --stratify
+    mpitrain doctor --clean-shm                        # shared memory left in /dev/shm by killed jobs
 
 An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
 A run stopped by SIGUSR1/SIGTERM after writing its checkpoint exits 75 (see mpitrain/preempt.py).
@@ -206,7 +207,30 @@ def make_parser() -> argparse.ArgumentParser:
     commands.choices["predict"].add_argument("--out", required=True, metavar="FILE.h5",
                                              help="predictions: class and probabilities (ce) or outputs (mse)")
     commands.choices["predict"].add_argument("--force", action="store_true", help="overwrite an existing --out")
+    doctor = commands.add_parser("doctor", help="find and fix what crashed jobs left on this machine",
+                                 description="--clean-shm removes MPICH shared-memory segments of dead jobs: "
+                                 "regular files of yours in the folder, older than --min-age, that no live "
+                                 "process maps or holds open. Run it once per node, outside any MPI job.")
+    doctor.add_argument("--clean-shm", action="store_true", help="remove stale mpich_shm_*/mpich_vci_* segments")
+    doctor.add_argument("--shm-dir", default="/dev/shm", metavar="DIR", help="(default /dev/shm)")
+    doctor.add_argument("--min-age", type=float, default=60.0, metavar="S",
+                        help="only segments unchanged for S seconds: a starting job may not have mapped "
+                        "its segment yet (default 60)")
     return parser
+
+
+def run_doctor(args: argparse.Namespace) -> None:
+    from mpitrain import shm
+
+    if not args.clean_shm:
+        raise MpitrainError("doctor: nothing to do; --clean-shm removes stale shared-memory segments")
+    try:
+        removed, kept = shm.clean_stale(args.shm_dir, args.min_age)
+    except OSError as exc:
+        raise MpitrainError(f"{args.shm_dir}: {exc.strerror}") from None
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} stale segment(s) removed from {args.shm_dir}; {len(kept)} in use, recent or not yours kept")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -277,23 +301,19 @@ def run_model_file(args: argparse.Namespace) -> None:
     if comm.rank == 0:
         print("\n".join(evaluate.describe_metrics(metrics)))
     if args.metrics:
-        def write():
-            with open(args.metrics, "w") as handle:
-                json.dump({"model_file": args.model_file, "data": args.data, **metrics}, handle, indent=1)
-        agree(comm, error_of(_as_error, write, args.metrics) if comm.rank == 0 else None)
+        from mpitrain.outputs import atomic_write
 
-
-def _as_error(write, path):
-    try:
-        write()
-    except OSError as exc:
-        raise MpitrainError(f"--metrics {path}: {exc.strerror}") from None
+        text = json.dumps({"model_file": args.model_file, "data": args.data, **metrics}, indent=1).encode()
+        agree(comm, error_of(atomic_write, args.metrics, lambda out: out.write(text), True) if comm.rank == 0 else None)
 
 
 def run(argv: list[str] | None) -> None:
     args = make_parser().parse_args(argv)
     if args.command == "tune":
         run_tune(args)
+        return
+    if args.command == "doctor":
+        run_doctor(args)
         return
     if args.command in ("eval", "predict"):
         run_model_file(args)

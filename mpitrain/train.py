@@ -28,6 +28,7 @@ from mpitrain.data.rank import Batches, ensure_synthetic, load_rank_data, open_d
 from mpitrain.errors import error_of
 from mpitrain.nn.model import parse_widths
 from mpitrain.optim import schedule
+from mpitrain.outputs import check_outputs
 from mpitrain.parallel import ps_train
 from mpitrain.parallel.state import full_parameters, init_from
 from mpitrain.parallel.strategy import GridStrategy
@@ -60,6 +61,7 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
 def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_strategy) -> TrainResult:
     """The loop on the ranks of comm, with the layout's strategy make_strategy(config, comm, widths,
     backend). Collective on comm."""
+    check_outputs(config, comm)
     widths = parse_widths(config.model)
     backend = select_backend(config.device, comm)
     threads = limit_blas_threads(comm, config.threads)
@@ -79,18 +81,19 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
     agree(comm, error_of(report.start, backend, threads))
     report.say(strategy.describe())
     start = guard.start(strategy, dataset_shape(dataset), data.steps_per_epoch, steps, report.say)
+    agree(comm, error_of(report.continue_from, start.step))
 
     step, epoch, position = start.step, start.epoch, start.position
     while step < steps:
-        started, loss_sum, kept_steps, epoch_steps = time.perf_counter(), 0.0, 0, 0
+        started, epoch_steps, sums = time.perf_counter(), 0, guard.epoch_sums
         counters, waited = strategy.counters(), strategy.wait_seconds()
         for x, y in batches.epoch(epoch, min(data.steps_per_epoch, position + steps - step), start=position):
             step_loss = strategy.forward_backward(x, y)
             keep = guard.keep_step(step_loss, strategy.grads, batches.bad_input)
             strategy.update(schedule(config.schedule, config.lr, step, steps, config.warmup_steps), keep)
             if keep:
-                loss_sum += step_loss
-                kept_steps += 1
+                sums["loss_sum"] += step_loss
+                sums["kept_steps"] += 1
             step += 1
             position += 1
             epoch_steps += 1
@@ -103,7 +106,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "loss": comm.allreduce(loss_sum, op=MPI.SUM) / max(kept_steps * config.batch_size, 1),
+            "loss": comm.allreduce(sums["loss_sum"], op=MPI.SUM) / max(sums["kept_steps"] * config.batch_size, 1),
             "samples_per_s": epoch_steps * config.batch_size / elapsed if elapsed > 0 else 0.0,
             "world_size": comm.size,
             **strategy.layout_metrics(),
@@ -114,6 +117,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
         report.epoch(record)
         if position == data.steps_per_epoch:
             epoch, position = epoch + 1, 0
+            guard.epoch_sums = {"loss_sum": 0.0, "kept_steps": 0}
         guard.boundary(step, epoch, position)
 
     guard.finish(step, epoch, position)

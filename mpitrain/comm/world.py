@@ -13,7 +13,11 @@ from mpitrain.errors import MpitrainError
 
 @lru_cache(maxsize=None)
 def world() -> MPI.Intracomm:
-    """The library's default communicator: a clone of COMM_WORLD, made once (collective on first call)."""
+    """The library's default communicator: a clone of COMM_WORLD, made once (collective on first call).
+    MPICH's shared-memory names are removed here, once all ranks have them mapped (mpitrain/shm.py)."""
+    from mpitrain.shm import release_own_segments
+
+    release_own_segments(MPI.COMM_WORLD)
     return MPI.COMM_WORLD.Dup()
 
 

@@ -34,6 +34,7 @@ from mpitrain.errors import MpitrainError, error_of
 from mpitrain.nn.losses import make_loss
 from mpitrain.nn.model import Model, flat_offsets, full_shapes, parse_widths
 from mpitrain.optim import buffer_names, schedule
+from mpitrain.outputs import check_outputs
 from mpitrain.parallel.pipeline import StageLink
 from mpitrain.parallel.ps import (FLAG_BAD_INPUT, FLAG_NONFINITE, FLAG_SIGNAL, Roles, Server, ServerStats, Stop,
                                   WorkerLink, check_config, check_drained, describe, share_parameters)
@@ -160,6 +161,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
     """
     comm = guard.comm
     check_config(config, comm.size)
+    check_outputs(config, comm)
     widths = parse_widths(config.model)
     n_params = sum(int(np.prod(shape)) for shape in full_shapes(widths).values())
     roles = Roles(comm.rank, comm.size - config.servers, tuple(chunk_bounds(n_params, config.servers)))
@@ -192,6 +194,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
     agree(comm, error_of(report.start, worker.backend if worker else CPU, threads))
     report.say(describe(config, roles))
     step = first = guard.start(state, shape, spe, steps, report.say).step
+    agree(comm, error_of(report.continue_from, step))
 
     link = WorkerLink(ps, roles, model) if worker else None
     batches = worker.stream(step // spe, step % spe) if worker else None
