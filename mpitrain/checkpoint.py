@@ -213,7 +213,7 @@ def prune_checkpoints(folder: str, keep: int, written: str | None = None) -> lis
     others = [path for _, path in list_checkpoints(folder) if written is None or not _same(path, written)]
     deleted = others[:max(len(others) - (keep - 1 if written else keep), 0)]
     deleted += [os.path.join(folder, name) for name in os.listdir(folder)
-                if name.startswith(".ckpt-") and name.endswith(".tmp")]
+                if name.startswith(".ckpt-") and ".tmp" in name]
     for path in deleted:
         try:
             os.unlink(path)

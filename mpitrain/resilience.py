@@ -188,6 +188,8 @@ class Resilience:
         return position
 
     def _restore_epoch_sums(self, path: str, meta: dict, position: Position) -> None:
+        """This rank's loss sum of the saved partial epoch (all of it on rank 0 when the world size
+        changed); nothing at an epoch's start or from a checkpoint written before sums were saved."""
         saved = meta.get("partial_epoch") if position.position else None
         if saved is None:
             return
