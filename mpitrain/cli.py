@@ -258,7 +258,9 @@ def run_synth(args: argparse.Namespace) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> None:
-    from mpitrain.comm import tune, world
+    from mpitrain.comm import agree, tune, world
+    from mpitrain.errors import error_of
+    from mpitrain.outputs import check_file
 
     comm = world()
     if comm.size == 1:
@@ -266,6 +268,7 @@ def run_tune(args: argparse.Namespace) -> None:
     if args.max_mb * (1 << 20) < 8 or args.trials < 1:
         raise MpitrainError(f"--max-mb {args.max_mb} --trials {args.trials}: need at least 8 bytes and one trial")
     path = args.out or tune.cache_path()
+    agree(comm, error_of(check_file, path, True) if comm.rank == 0 else None)  # before minutes of timing
     key, table = tune.tune(comm, int(args.max_mb * (1 << 20)), args.trials, path)
     if comm.rank == 0:
         bands = ", ".join(f"below {bound} B {name}" if bound else f"then {name}" for bound, name in table)
@@ -279,12 +282,15 @@ def run_model_file(args: argparse.Namespace) -> None:
     from mpitrain.data import tools
     from mpitrain.comm import agree, world
     from mpitrain.errors import error_of
+    from mpitrain.outputs import check_file
 
     comm = world()
     if args.batch_rows < 1:
         raise MpitrainError(f"--batch-rows {args.batch_rows}: must be at least 1")
     if args.command == "predict":
         agree(comm, error_of(tools.refuse_overwrite, args.out, args.force) if comm.rank == 0 else None)
+    output = args.out if args.command == "predict" else args.metrics
+    agree(comm, error_of(check_file, output) if comm.rank == 0 and output else None)
     xp = select_backend(args.device, comm).xp
     model = evaluate.open_model(args.model_file, xp, comm)
     y_key = args.y_key if args.command == "eval" else None

@@ -115,7 +115,13 @@ def probe_folder(folder: str, path: str) -> None:
     discard(probe)
 
 
-def check_file(path: str) -> None:
+def check_file(path: str, make_folder: bool = False) -> None:
+    """path can be written: not a folder, in a writable folder (made first with make_folder)."""
+    if make_folder:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as exc:
+            raise write_error(path, exc) from None
     if os.path.isdir(path):
         raise MpitrainError(f"cannot write {path}: {os.strerror(errno.EISDIR)}")
     probe_folder(os.path.dirname(os.path.abspath(path)) or ".", path)

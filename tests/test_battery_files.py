@@ -26,6 +26,7 @@ from mpi4py import MPI
 
 from harness import mpitrain_argv, run_on_root, write_on_root
 from mpitrain import outputs
+from mpitrain.cli import run as run_cli
 from mpitrain.checkpoint import (Checkpoint, checkpoint_name, list_checkpoints, load_parameters, prune_checkpoints,
                                  save_checkpoint, save_parameters)
 from mpitrain.comm import tune
@@ -166,6 +167,23 @@ def test_missing_save_folder_as_a_job_exits_2_at_once(comm, dataset, shared_dir)
     assert "epoch 1" not in run["stdout"]
 
 
+@pytest.mark.parametrize("command", ["predict --out", "eval --metrics", "tune --out", "data synth --out"])
+def test_other_commands_check_their_output_before_the_work(comm, dataset, shared_dir, command):
+    if command.startswith("tune") and comm.size < 2:
+        pytest.skip("tune needs two ranks")
+    model = os.path.join(shared_dir, "m.h5")
+    train(config(data=dataset, steps=0, save=model), comm)
+    on_root(comm, lambda: open(os.path.join(shared_dir, "plain"), "w").close())
+    bad = os.path.join(shared_dir, "plain", "out.h5")
+    words = command.split()
+    argv = {"predict": ["--model-file", model, "--data", dataset], "eval": ["--model-file", model, "--data", dataset],
+            "tune": ["--max-mb", "64", "--trials", "50"], "data": ["--samples", "10", "--features", "2"]}[words[0]]
+    started = time.monotonic()
+    with pytest.raises(MpitrainError, match=f"cannot write {bad}: (folder .* is not a folder|Not a directory|File exists)"):
+        run_cli([*words[:-1], *argv, words[-1], bad])
+    assert time.monotonic() - started < 10
+
+
 def job_args(data: str, *extra: str) -> list[str]:
     return ["train", "--data", data, "--model", f"{FEATURES}-16-{CLASSES}", "--batch-size", "36", "--steps", "30",
             "--device", "cpu", "--no-progress", "--seed", "5", *extra]
@@ -304,6 +322,29 @@ def test_resumed_metrics_equal_the_uninterrupted_runs(comm, dataset, shared_dir,
                               resume=os.path.join(folder, checkpoint_name(resume_step))), comm)
     expected, got = on_root(comm, records, full), on_root(comm, records, cut)
     assert [r["epoch"] for r in got] == [r["epoch"] for r in expected]
+    for mine, theirs in zip(got, expected):
+        assert {k: mine.get(k) for k in ARITHMETIC} == {k: theirs.get(k) for k in ARITHMETIC}
+
+
+FAULTS = os.path.join(os.path.dirname(__file__), "faults.py")
+
+
+def test_kill_9_then_resume_auto_leaves_the_uninterrupted_metrics(comm, dataset, shared_dir):
+    """The issue's example as jobs: rank 1 is SIGKILLed in step 29 of 30, after the epoch 2 record
+    (step 24) and the checkpoint of step 18; `--resume auto` ends with the metrics file of a run
+    that was never stopped."""
+    full, cut = os.path.join(shared_dir, "full.jsonl"), os.path.join(shared_dir, "cut.jsonl")
+    checkpointing = ("--checkpoint-dir", os.path.join(shared_dir, "ck"), "--checkpoint-every", "9",
+                     "--sampler", "global")
+    argv = mpitrain_argv(2, *job_args(dataset, *checkpointing, "--metrics", cut))
+    at = argv.index("-m")
+    runs = [run_on_root(comm, mpitrain_argv(2, *job_args(dataset, "--sampler", "global", "--metrics", full)), 90),
+            run_on_root(comm, argv[:at] + [FAULTS, "kill", "29", "1", "--"] + argv[at + 2:], 90),
+            run_on_root(comm, mpitrain_argv(2, *job_args(dataset, *checkpointing, "--metrics", cut,
+                                                         "--resume", "auto")), 90)]
+    assert [run["returncode"] != 0 for run in runs] == [False, True, False], runs
+    expected, got = on_root(comm, records, full), on_root(comm, records, cut)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] == [1, 2, 3, 3]
     for mine, theirs in zip(got, expected):
         assert {k: mine.get(k) for k in ARITHMETIC} == {k: theirs.get(k) for k in ARITHMETIC}
 
@@ -471,7 +512,8 @@ from mpi4py import MPI
 from mpitrain.comm import world
 world()
 lines = [l.split(None, 5)[5].strip() for l in open("/proc/self/maps") if "/dev/shm/mpich_" in l]
-print("SEGMENTS", sorted(set(lines)), flush=True)
+with open(f"{sys.argv[1]}.{MPI.COMM_WORLD.rank}", "w") as out:
+    out.write(repr(sorted(set(lines))))
 MPI.COMM_WORLD.Barrier()
 if MPI.COMM_WORLD.rank == 1:
     os.kill(os.getpid(), signal.SIGKILL)
@@ -484,9 +526,9 @@ def test_a_job_killed_hard_leaves_no_segment(comm, shared_dir):
     script = os.path.join(shared_dir, "segments.py")
     on_root(comm, lambda: open(script, "w").write(SEGMENTS_JOB))
     mpirun = mpitrain_argv(2)[:3]
-    run = run_on_root(comm, [*mpirun, sys.executable, script], timeout=60)
-    mapped = [ast.literal_eval(line.split(" ", 1)[1]) for line in run["stdout"].splitlines() if line.startswith("SEGMENTS")]
-    assert run["returncode"] != 0 and len(mapped) == 2, run
+    run = run_on_root(comm, [*mpirun, sys.executable, script, script], timeout=60)
+    mapped = on_root(comm, lambda: [ast.literal_eval(open(f"{script}.{rank}").read()) for rank in (0, 1)])
+    assert run["returncode"] != 0 and all(mapped), (run, mapped)
     names = {name.replace(" (deleted)", "") for lines in mapped for name in lines}
     assert all(line.endswith("(deleted)") for lines in mapped for line in lines), mapped
     assert on_root(comm, lambda: [n for n in names if os.path.exists(n)]) == []

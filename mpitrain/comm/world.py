@@ -17,8 +17,9 @@ def world() -> MPI.Intracomm:
     MPICH's shared-memory names are removed here, once all ranks have them mapped (mpitrain/shm.py)."""
     from mpitrain.shm import release_own_segments
 
-    release_own_segments(MPI.COMM_WORLD)
-    return MPI.COMM_WORLD.Dup()
+    comm = MPI.COMM_WORLD.Dup()
+    release_own_segments(comm)
+    return comm
 
 
 def emulated_ranks_per_node() -> int | None:
