@@ -193,9 +193,10 @@ class Resilience:
         saved = meta.get("partial_epoch") if position.position else None
         if saved is None:
             return
-        sums, kept = saved.get("loss_sums") if isinstance(saved, dict) else None, saved.get("kept_steps")
+        sums, kept = (saved.get("loss_sums"), saved.get("kept_steps")) if isinstance(saved, dict) else (None, None)
         if (not isinstance(sums, list) or len(sums) != meta["world_size"] or not isinstance(kept, int)
-                or not all(isinstance(v, float) and math.isfinite(v) for v in sums) or not 0 <= kept <= position.position):
+                or not 0 <= kept <= position.position
+                or not all(isinstance(v, float) and math.isfinite(v) for v in sums)):
             raise MpitrainError(f"{path}: checkpoint metadata 'partial_epoch' is malformed")
         mine = sums[self.comm.rank] if len(sums) == self.comm.size else (sum(sums) if self.comm.rank == 0 else 0.0)
         self.epoch_sums = {"loss_sum": mine, "kept_steps": kept}

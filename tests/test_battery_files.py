@@ -27,8 +27,8 @@ from mpi4py import MPI
 from harness import mpitrain_argv, run_on_root, write_on_root
 from mpitrain import outputs
 from mpitrain.cli import run as run_cli
-from mpitrain.checkpoint import (Checkpoint, checkpoint_name, list_checkpoints, load_parameters, prune_checkpoints,
-                                 save_checkpoint, save_parameters)
+from mpitrain.checkpoint import (Checkpoint, checkpoint_name, list_checkpoints, load_checkpoint, load_parameters,
+                                 prune_checkpoints, save_checkpoint, save_parameters)
 from mpitrain.comm import tune
 from mpitrain.config import TrainConfig, validate
 from mpitrain.data import cache, synth, tools
@@ -324,6 +324,34 @@ def test_resumed_metrics_equal_the_uninterrupted_runs(comm, dataset, shared_dir,
     assert [r["epoch"] for r in got] == [r["epoch"] for r in expected]
     for mine, theirs in zip(got, expected):
         assert {k: mine.get(k) for k in ARITHMETIC} == {k: theirs.get(k) for k in ARITHMETIC}
+
+
+@pytest.mark.parametrize("bad", [{"loss_sums": [0.5] * 9, "kept_steps": 6}, {"loss_sums": "0.5", "kept_steps": 6},
+                                 {"loss_sums": [float("nan")] * 8, "kept_steps": 6}, "sums",
+                                 {"kept_steps": -1}, {"kept_steps": 7}, {"kept_steps": 2.5}],
+                         ids=["sums of 9 ranks", "not a list", "NaN", "not a table", "kept -1", "kept past position",
+                              "kept not an integer"])
+def test_malformed_partial_epoch_sums_are_refused_in_one_line(comm, dataset, shared_dir, bad):
+    """A checkpoint whose partial-epoch sums (digest recomputed) cannot be this run's: exit 2, naming the field."""
+    folder = os.path.join(shared_dir, "ck")
+    settings = config(data=dataset, steps=6, checkpoint_dir=folder)
+    train(settings, comm)
+    path = os.path.join(folder, checkpoint_name(6))
+
+    def damage():
+        saved = load_checkpoint(path)
+        partial = saved.meta["partial_epoch"]
+        if isinstance(bad, dict):
+            partial.update(bad)
+            if len(partial["loss_sums"]) == 8:
+                partial["loss_sums"] = partial["loss_sums"][:comm.size]
+        else:
+            saved.meta["partial_epoch"] = bad
+        save_checkpoint(path, saved)
+
+    on_root(comm, damage)
+    with pytest.raises(MpitrainError, match="ckpt-00000006.h5: checkpoint metadata 'partial_epoch' is malformed"):
+        train(dataclasses.replace(settings, steps=12, resume=path, checkpoint_dir=os.path.join(shared_dir, "b")), comm)
 
 
 FAULTS = os.path.join(os.path.dirname(__file__), "faults.py")
