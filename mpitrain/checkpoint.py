@@ -7,8 +7,9 @@ state (`optimizer/m/0/weight`, ...), all unsliced whatever the layout that wrote
 config, with a SHA-256 digest over all of it. Because every array is unsliced, any layout can
 read the slices it needs (parallel/state.py) from a checkpoint that any other layout wrote.
 
-A write goes to a temporary name in the same folder, is flushed and fsynced, then renamed over
-the target (and the folder fsynced), so a crash mid-write never destroys what was saved before.
+A write goes to an exclusive temporary with an unguessable name in the same folder, is flushed
+and fsynced, then renamed over the target (and the folder fsynced), so a crash mid-write never
+destroys what was saved before (mpitrain/outputs.py).
 Loading reads plain numeric datasets and parses JSON: nothing from a file is ever unpickled or
 evaluated.
 """
@@ -24,34 +25,13 @@ import numpy as np
 
 from mpitrain.errors import MpitrainError
 from mpitrain.h5 import open_read
+from mpitrain.outputs import atomic_write
 
 
 def atomic_h5_write(path: str, write) -> None:
-    """Call write(h5py.File) on a temporary file next to `path`, fsync it, then rename it to `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MpitrainError(f"{path}: folder {folder} does not exist")
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with h5py.File(temporary, "w") as handle:
-            write(handle)
-            handle.flush()
-        with open(temporary, "rb") as raw:
-            os.fsync(raw.fileno())
-        os.replace(temporary, path)
-        _fsync_folder(folder)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make the rename itself durable: without it a power loss can bring back the old directory entry."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+    """Call write(h5py.File) on an exclusive temporary next to `path`, fsync it, then rename it to
+    `path` (mpitrain/outputs.py, the one writer of every file mpitrain writes)."""
+    atomic_write(path, write)
 
 
 def save_parameters(path: str, named: dict[str, np.ndarray], attrs: dict | None = None) -> None:
@@ -287,15 +267,21 @@ def newest_valid_checkpoint(folder: str, warn, expected=None) -> tuple[str, dict
     return None
 
 
-def prune_checkpoints(folder: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` checkpoints (and temporaries a killed writer left); return
-    the deleted paths."""
-    deleted = [path for _, path in list_checkpoints(folder)[:-keep]]
+def prune_checkpoints(folder: str, keep: int, written: str | None = None) -> list[str]:
+    """Delete all but the newest `keep` checkpoints by step, never `written` (the file just saved,
+    which counts as one of the `keep`), and the temporaries a killed writer left; return the
+    deleted paths."""
+    others = [path for _, path in list_checkpoints(folder) if written is None or not _same(path, written)]
+    deleted = others[:max(len(others) - (keep - 1 if written else keep), 0)]
     deleted += [os.path.join(folder, name) for name in os.listdir(folder)
-                if name.startswith(".ckpt-") and ".h5.tmp" in name]
+                if name.startswith(".ckpt-") and ".tmp" in name]
     for path in deleted:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
     return deleted
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)

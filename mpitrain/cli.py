@@ -1,4 +1,4 @@
-"""The `mpitrain` command: `train`, `tune` and `data synth`, long flags, an optional TOML file.
+"""The `mpitrain` command: `train`, `tune`, `data`, `eval`, `predict` and `doctor`, long flags, an optional TOML file.
 
     mpitrain train --steps 100                         # one process
     mpirun -n 4 mpitrain train --config run.toml       # flags override the file
@@ -9,6 +9,7 @@
     mpitrain data inspect 'shards/*.h5'                # datasets, chunks, labels, and the keys to use
     mpitrain data import train.csv --out train.h5 --shards 4
     mpitrain data split all.h5 --train train.h5 --test test.h5 --test-fraction 0.2 --stratify
+    mpitrain doctor --clean-shm                        # shared memory left in /dev/shm by killed jobs
 
 An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
 A run stopped by SIGUSR1/SIGTERM after writing its checkpoint exits 75 (see mpitrain/preempt.py).
@@ -221,7 +222,30 @@ def make_parser() -> argparse.ArgumentParser:
     commands.choices["predict"].add_argument("--out", required=True, metavar="FILE.h5",
                                              help="predictions: class and probabilities (ce) or outputs (mse)")
     commands.choices["predict"].add_argument("--force", action="store_true", help="overwrite an existing --out")
+    doctor = commands.add_parser("doctor", help="find and fix what crashed jobs left on this machine",
+                                 description="--clean-shm removes MPICH shared-memory segments of dead jobs: "
+                                 "regular files of yours in the folder, older than --min-age, that no live "
+                                 "process maps or holds open. Run it once per node, outside any MPI job.")
+    doctor.add_argument("--clean-shm", action="store_true", help="remove stale mpich_shm_*/mpich_vci_* segments")
+    doctor.add_argument("--shm-dir", default="/dev/shm", metavar="DIR", help="(default /dev/shm)")
+    doctor.add_argument("--min-age", type=float, default=60.0, metavar="S",
+                        help="only segments unchanged for S seconds: a starting job may not have mapped "
+                        "its segment yet (default 60)")
     return parser
+
+
+def run_doctor(args: argparse.Namespace) -> None:
+    from mpitrain import shm
+
+    if not args.clean_shm:
+        raise MpitrainError("doctor: nothing to do; --clean-shm removes stale shared-memory segments")
+    try:
+        removed, kept = shm.clean_stale(args.shm_dir, args.min_age)
+    except OSError as exc:
+        raise MpitrainError(f"{args.shm_dir}: {exc.strerror}") from None
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} stale segment(s) removed from {args.shm_dir}; {len(kept)} in use, recent or not yours kept")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -249,7 +273,9 @@ def run_synth(args: argparse.Namespace) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> None:
-    from mpitrain.comm import tune, world
+    from mpitrain.comm import agree, tune, world
+    from mpitrain.errors import error_of
+    from mpitrain.outputs import check_file
 
     comm = world()
     if comm.size == 1:
@@ -257,6 +283,7 @@ def run_tune(args: argparse.Namespace) -> None:
     if args.max_mb * (1 << 20) < 8 or args.trials < 1:
         raise MpitrainError(f"--max-mb {args.max_mb} --trials {args.trials}: need at least 8 bytes and one trial")
     path = args.out or tune.cache_path()
+    agree(comm, error_of(check_file, path, True) if comm.rank == 0 else None)  # before minutes of timing
     key, table = tune.tune(comm, int(args.max_mb * (1 << 20)), args.trials, path)
     if comm.rank == 0:
         bands = ", ".join(f"below {bound} B {name}" if bound else f"then {name}" for bound, name in table)
@@ -270,12 +297,15 @@ def run_model_file(args: argparse.Namespace) -> None:
     from mpitrain.data import tools
     from mpitrain.comm import agree, world
     from mpitrain.errors import error_of
+    from mpitrain.outputs import check_file
 
     comm = world()
     if args.batch_rows < 1:
         raise MpitrainError(f"--batch-rows {args.batch_rows}: must be at least 1")
     if args.command == "predict":
         agree(comm, error_of(tools.refuse_overwrite, args.out, args.force) if comm.rank == 0 else None)
+    output = args.out if args.command == "predict" else args.metrics
+    agree(comm, error_of(check_file, output) if comm.rank == 0 and output else None)
     xp = select_backend(args.device, comm).xp
     model = evaluate.open_model(args.model_file, xp, comm)
     y_key = args.y_key if args.command == "eval" else None
@@ -292,17 +322,10 @@ def run_model_file(args: argparse.Namespace) -> None:
     if comm.rank == 0:
         print("\n".join(evaluate.describe_metrics(metrics)))
     if args.metrics:
-        def write():
-            with open(args.metrics, "w") as handle:
-                json.dump({"model_file": args.model_file, "data": args.data, **metrics}, handle, indent=1)
-        agree(comm, error_of(_as_error, write, args.metrics) if comm.rank == 0 else None)
+        from mpitrain.outputs import atomic_write
 
-
-def _as_error(write, path):
-    try:
-        write()
-    except OSError as exc:
-        raise MpitrainError(f"--metrics {path}: {exc.strerror}") from None
+        text = json.dumps({"model_file": args.model_file, "data": args.data, **metrics}, indent=1).encode()
+        agree(comm, error_of(atomic_write, args.metrics, lambda out: out.write(text), True) if comm.rank == 0 else None)
 
 
 def run(argv: list[str] | None) -> None:
@@ -321,6 +344,8 @@ def dispatch(args: argparse.Namespace) -> None:
         text = trace_summary.run(args.trace_file, args.top)  # on every rank, so a bad file fails on all alike
         if MPI.COMM_WORLD.rank == 0:
             print(text)
+    if args.command == "doctor":
+        run_doctor(args)
         return
     if args.command in ("eval", "predict"):
         run_model_file(args)

@@ -10,7 +10,6 @@ has the ranks write their blocks into one file in turn, so no rank ever holds mo
 """
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,10 +23,11 @@ from mpitrain.data import normalize
 from mpitrain.data.hdf5 import H5Dataset
 from mpitrain.data.labels import label_format
 from mpitrain.data.partition import uniform
-from mpitrain.errors import MpitrainError
+from mpitrain.errors import MpitrainError, error_of
 from mpitrain.h5 import open_read
 from mpitrain.nn.losses import MeanSquaredError, SoftmaxCrossEntropy
 from mpitrain.nn.model import Model, parse_widths
+from mpitrain.outputs import create_temporary, discard, publish, write_error
 
 BATCH_ROWS = 4096
 
@@ -197,17 +197,16 @@ def describe_metrics(metrics: dict) -> list[str]:
 # ---------------------------------------------------------------------------- predict
 
 
-def _create_output(path: str, model: ModelFile, n_rows: int, batch_rows: int, source: str) -> None:
+def _create_output(f: h5py.File, model: ModelFile, n_rows: int, batch_rows: int, source: str) -> None:
     chunk = (min(batch_rows, n_rows),)
-    with h5py.File(path, "w") as f:
-        if model.loss == "ce":
-            f.create_dataset("class", shape=(n_rows,), dtype=np.int64, chunks=chunk)
-            f.create_dataset("probabilities", shape=(n_rows, model.widths[-1]), dtype=model.dtype,
-                             chunks=chunk + (model.widths[-1],))
-        else:
-            f.create_dataset("outputs", shape=(n_rows, model.widths[-1]), dtype=model.dtype,
-                             chunks=chunk + (model.widths[-1],))
-        f.attrs["source"] = source
+    if model.loss == "ce":
+        f.create_dataset("class", shape=(n_rows,), dtype=np.int64, chunks=chunk)
+        f.create_dataset("probabilities", shape=(n_rows, model.widths[-1]), dtype=model.dtype,
+                         chunks=chunk + (model.widths[-1],))
+    else:
+        f.create_dataset("outputs", shape=(n_rows, model.widths[-1]), dtype=model.dtype,
+                         chunks=chunk + (model.widths[-1],))
+    f.attrs["source"] = source
 
 
 def _write_own_rows(path: str, model: ModelFile, dataset: H5Dataset, xp, comm, batch_rows: int) -> None:
@@ -231,29 +230,29 @@ def predict(model: ModelFile, dataset: H5Dataset, out: str, xp, comm: MPI.Intrac
     `class` (N,) and `probabilities` (N, C) for ce, `outputs` (N, K) for mse. Rank 0 creates the file
     under a temporary name; the ranks then write their blocks one after the other (one open file
     at a time, one block in memory), and rank 0 renames it into place. Collective on comm."""
-    folder, name = os.path.split(os.path.abspath(out))
-    temporary = os.path.join(folder, f".{name}.tmp")
-    error = None
+    temporary, error = None, None
     if comm.rank == 0:
         try:
-            _create_output(temporary, model, dataset.n_rows, batch_rows, dataset.path)
-        except OSError as exc:
-            error = MpitrainError(f"--out {out}: cannot write ({str(exc).splitlines()[0]})")
+            temporary = create_temporary(out, lambda f: _create_output(f, model, dataset.n_rows, batch_rows,
+                                                                         dataset.path))
+        except MpitrainError as exc:
+            error = MpitrainError(f"--out {exc}")
+    temporary = comm.bcast(temporary, root=0)
     agree(comm, error)
     for turn in range(comm.size):
         if turn == comm.rank and error is None:
             try:
                 _write_own_rows(temporary, model, dataset, xp, comm, batch_rows)
-            except (MpitrainError, OSError) as exc:
-                error = MpitrainError(f"--out {out}: {str(exc).splitlines()[0]}")
+            except MpitrainError as exc:
+                error = MpitrainError(f"--out {out}: {exc}")
+            except OSError as exc:
+                error = write_error(out, exc)
         # HDF5 files are not opened by two writers at once: the next rank waits for this one to close.
         comm.Barrier()
     try:
         agree(comm, error)
     except MpitrainError:
-        if comm.rank == 0 and os.path.exists(temporary):
-            os.unlink(temporary)
+        if comm.rank == 0:
+            discard(temporary)
         raise
-    if comm.rank == 0:
-        os.replace(temporary, out)
-    comm.Barrier()
+    agree(comm, error_of(publish, temporary, out) if comm.rank == 0 else None)

@@ -10,6 +10,7 @@ import numpy as np
 from mpitrain.backend import Backend
 from mpitrain.config import TrainConfig
 from mpitrain.errors import MpitrainError
+from mpitrain.outputs import atomic_write
 
 
 @dataclass
@@ -28,6 +29,18 @@ def validation_metrics(totals: np.ndarray, config: TrainConfig) -> dict:
     if config.loss == "ce":
         result["val_accuracy"] = totals[1] / totals[2]
     return result
+
+
+def _kept(line: bytes, step: int) -> bool:
+    """Whether a metrics line stays when a run resumes at `step` (a line that is not a record stays)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return True
+    if not isinstance(record, dict):
+        return True
+    saved = record.get("step")
+    return not (isinstance(saved, (int, float)) and saved > step) and not record.get("final")
 
 
 class Reporter:
@@ -56,6 +69,22 @@ class Reporter:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.steps, unit="step", dynamic_ncols=True, leave=False)
+
+    def continue_from(self, step: int) -> None:
+        """A resumed run's metrics file keeps only the records up to the checkpoint's `step`: the
+        epochs an interrupted run wrote after it are run again, and a final record is not final."""
+        if self.metrics is None or not self.config.resume:
+            return
+        self.metrics.close()
+        try:
+            with open(self.config.metrics, "rb") as handle:
+                lines = handle.read().splitlines(keepends=True)
+        except OSError as exc:
+            raise MpitrainError(f"--metrics {self.config.metrics}: {exc.strerror}") from None
+        kept = [line for line in lines if _kept(line, step)]
+        if len(kept) != len(lines):
+            atomic_write(self.config.metrics, lambda out: out.writelines(kept), binary=True)
+        self.metrics = open(self.config.metrics, "a")
 
     def say(self, line: str) -> None:
         """Print a line on rank 0 (above the progress bar); other ranks say nothing."""

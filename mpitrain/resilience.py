@@ -46,6 +46,7 @@ from mpitrain.config import TrainConfig, as_dict
 from mpitrain.errors import MpitrainError
 from mpitrain.h5 import open_read
 from mpitrain.nn.model import full_shapes, parse_widths
+from mpitrain.outputs import write_error
 from mpitrain.parallel.state import gather_pieces, load_pieces
 from mpitrain.preempt import Preempted, PreemptionFlag
 
@@ -80,6 +81,9 @@ class Resilience:
         self.stop_reason: str | None = None
         self.say = self.warn = lambda line: None
         self._flags = np.zeros(3, dtype=np.int64)
+        # The current epoch's loss sum (this rank's) and kept steps: the loop adds to them, a
+        # checkpoint carries them, so a resumed epoch reports what the uninterrupted one does.
+        self.epoch_sums = {"loss_sum": 0.0, "kept_steps": 0}
         self._written: tuple[int, str] | None = None
         self._step = 0
 
@@ -119,6 +123,7 @@ class Resilience:
         error = None
         try:
             position = self._restore(path, meta)
+            self._restore_epoch_sums(path, meta, position)
         except MpitrainError as exc:
             error, position = exc, None
         except OSError as exc:
@@ -194,6 +199,20 @@ class Resilience:
                       f"continuing at the start of epoch {position.epoch + 2}")
             position = Position(position.step, position.epoch + 1, 0)
         return position
+
+    def _restore_epoch_sums(self, path: str, meta: dict, position: Position) -> None:
+        """This rank's loss sum of the saved partial epoch (all of it on rank 0 when the world size
+        changed); nothing at an epoch's start or from a checkpoint written before sums were saved."""
+        saved = meta.get("partial_epoch") if position.position else None
+        if saved is None:
+            return
+        sums, kept = (saved.get("loss_sums"), saved.get("kept_steps")) if isinstance(saved, dict) else (None, None)
+        if (not isinstance(sums, list) or len(sums) != meta["world_size"] or not isinstance(kept, int)
+                or not 0 <= kept <= position.position
+                or not all(isinstance(v, float) and math.isfinite(v) for v in sums)):
+            raise MpitrainError(f"{path}: checkpoint metadata 'partial_epoch' is malformed")
+        mine = sums[self.comm.rank] if len(sums) == self.comm.size else (sum(sums) if self.comm.rank == 0 else 0.0)
+        self.epoch_sums = {"loss_sum": mine, "kept_steps": kept}
 
     # ------------------------------------------------------------------------ every step
 
@@ -288,16 +307,17 @@ class Resilience:
                              np.dtype(self.config.dtype), self.comm)
         t = strategy.optimizer_t()
         rng_states = self.comm.gather(_rng_state(), root=0)
+        loss_sums = self.comm.gather(float(self.epoch_sums["loss_sum"]), root=0)
         error = None
         if self.comm.rank == 0:
             try:
                 os.makedirs(folder, exist_ok=True)
-                save_checkpoint(path, self._snapshot(position, full, rng_states, t))
-                prune_checkpoints(folder, self.config.keep_checkpoints)
+                save_checkpoint(path, self._snapshot(position, full, rng_states, t, loss_sums))
+                prune_checkpoints(folder, self.config.keep_checkpoints, path)
             except MpitrainError as exc:
                 error = exc
             except (OSError, ValueError) as exc:
-                error = MpitrainError(f"{path}: cannot write the checkpoint ({exc})")
+                error = write_error(path, exc)
             if error is None:
                 size = os.path.getsize(path) / 1e6
                 self.say(f"checkpoint: step {position.step} -> {path} ({size:.1f} MB in "
@@ -306,7 +326,7 @@ class Resilience:
         self._written = (position.step, path)
         return path
 
-    def _snapshot(self, position: Position, full: dict, rng_states: list, t: int) -> Checkpoint:
+    def _snapshot(self, position: Position, full: dict, rng_states: list, t: int, loss_sums: list) -> Checkpoint:
         arrays = {f"model/{name}": value for name, value in full["param"].items()}
         for buffer, named in full.items():
             if buffer != "param":
@@ -321,6 +341,7 @@ class Resilience:
             "world_size": self.comm.size,
             "layout": self.strategy.layout_metrics(),
             "skipped_steps": self.skipped,
+            "partial_epoch": {"loss_sums": loss_sums, "kept_steps": self.epoch_sums["kept_steps"]},
             "model": {"widths": config.model, "activation": config.activation, "dtype": config.dtype},
             "optimizer": {"kind": config.optimizer, "t": int(t)},
             "sampler": {"kind": config.sampler, "partition": config.partition, "seed": config.seed,

@@ -31,6 +31,7 @@ from mpitrain.errors import error_of
 from mpitrain.memory import check_memory
 from mpitrain.nn.model import parse_widths
 from mpitrain.optim import schedule
+from mpitrain.preflight import check_outputs
 from mpitrain.parallel import ps_train
 from mpitrain.parallel.state import full_parameters, init_from
 from mpitrain.parallel.strategy import GridStrategy
@@ -74,6 +75,7 @@ def train(config: TrainConfig, comm: MPI.Intracomm) -> TrainResult:
 def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_strategy) -> TrainResult:
     """The loop on the ranks of comm, with the layout's strategy make_strategy(config, comm, widths,
     backend). Collective on comm."""
+    check_outputs(config, comm)
     widths = parse_widths(config.model)
     check_memory(config, widths, comm)
     backend = select_backend(config.device, comm)
@@ -95,10 +97,11 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
     agree(comm, error_of(report.start, backend, threads))
     report.say(strategy.describe())
     start = guard.start(strategy, dataset_shape(dataset), data.steps_per_epoch, steps, report.say)
+    agree(comm, error_of(report.continue_from, start.step))
 
     step, epoch, position = start.step, start.epoch, start.position
     while step < steps:
-        started, loss_sum, kept_steps, epoch_steps = time.perf_counter(), 0.0, 0, 0
+        started, epoch_steps, sums = time.perf_counter(), 0, guard.epoch_sums
         counters, waited = strategy.counters(), strategy.wait_seconds()
         fetched = time.perf_counter()
         for x, y in batches.epoch(epoch, min(data.steps_per_epoch, position + steps - step), start=position):
@@ -114,8 +117,8 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
             if TRACE.active:
                 TRACE.span("optimizer", "update", updating, kept=bool(keep))
             if keep:
-                loss_sum += step_loss
-                kept_steps += 1
+                sums["loss_sum"] += step_loss
+                sums["kept_steps"] += 1
             step += 1
             position += 1
             epoch_steps += 1
@@ -135,7 +138,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "loss": comm.allreduce(loss_sum, op=MPI.SUM) / max(kept_steps * config.batch_size, 1),
+            "loss": comm.allreduce(sums["loss_sum"], op=MPI.SUM) / max(sums["kept_steps"] * config.batch_size, 1),
             "samples_per_s": epoch_steps * config.batch_size / elapsed if elapsed > 0 else 0.0,
             "world_size": comm.size,
             **strategy.layout_metrics(),
@@ -146,6 +149,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
         report.epoch(record)
         if position == data.steps_per_epoch:
             epoch, position = epoch + 1, 0
+            guard.epoch_sums = {"loss_sum": 0.0, "kept_steps": 0}
         guard.boundary(step, epoch, position)
 
     guard.finish(step, epoch, position)

@@ -276,7 +276,8 @@ JOB_LAYOUTS = {"tp": (2, ["--tp", "2"]), "ps-sync": (3, ["--sync", "ps"]),
 
 @pytest.mark.parametrize("name", JOB_LAYOUTS)
 def test_a_signalled_job_exits_75_and_resumes(comm, small_classification, shared_dir, name):
-    """`mpirun -n W mpitrain train` with SIGUSR1 to rank 0 in its step 4: exit 75 with a checkpoint;
+    """`mpirun -n W mpitrain train` with SIGUSR1 to rank 0 in its first step (the only one an
+    asynchronous worker is sure to compute): exit 75 with a checkpoint;
     `--resume auto` finishes (exit 0), on the uninterrupted run's bits where the layout repeats."""
     from harness import mpitrain_argv, run_on_root
 
@@ -288,7 +289,7 @@ def test_a_signalled_job_exits_75_and_resumes(comm, small_classification, shared
     faults = os.path.join(os.path.dirname(__file__), "faults.py")
     signalled = mpitrain_argv(ranks, *args, "--checkpoint-dir", folder)
     at = signalled.index("-m")
-    signalled = signalled[:at] + [faults, "signal", "4", "0", "--"] + signalled[at + 2:]
+    signalled = signalled[:at] + [faults, "signal", "1", "0", "--"] + signalled[at + 2:]
     runs = [run_on_root(comm, mpitrain_argv(ranks, *args, "--save", reference), timeout=90),
             run_on_root(comm, signalled, timeout=90),
             run_on_root(comm, mpitrain_argv(ranks, *args, "--checkpoint-dir", folder, "--resume", "auto",

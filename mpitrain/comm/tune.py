@@ -7,7 +7,6 @@ that `auto` reads (comm/thresholds.py).
 
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -18,6 +17,7 @@ from mpitrain.comm.hier import node_group
 from mpitrain.comm.thresholds import (CANDIDATES, DEFAULTS, ENV_FILE, FORMAT, MiB, Thresholds, cache_path,
                                       check_table, choose, default_table, layout_key, load_table, read_file)
 from mpitrain.errors import MpitrainError
+from mpitrain.outputs import atomic_write, write_error
 
 __all__ = ["CANDIDATES", "DEFAULTS", "ENV_FILE", "FORMAT", "Thresholds", "cache_path", "check_table", "choose",
            "default_table", "fit", "layout_key", "load_table", "measure", "read_file", "save", "tune"]
@@ -83,7 +83,7 @@ def fit(sizes: list[int], seconds: dict[str, list[float]]) -> list:
 
 
 def save(path: str, key: str, table: list, sizes: list[int], seconds: dict) -> None:
-    """Merge this layout's entry into the cache file, written to a temporary name and renamed."""
+    """Merge this layout's entry into the cache file, written atomically (mpitrain/outputs.py)."""
     contents = read_file(path) or {"format": FORMAT}
     contents["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
     contents.setdefault("layouts", {})[key] = {
@@ -91,15 +91,11 @@ def save(path: str, key: str, table: list, sizes: list[int], seconds: dict) -> N
         "measured": {"bytes": sizes, "seconds": seconds},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(handle, "w") as out:
-            json.dump(contents, out, indent=1)
-        os.replace(temporary, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as exc:
-        raise MpitrainError(f"{path}: cannot write the tuning file ({exc.strerror})") from None
+        raise write_error(path, exc) from None
+    atomic_write(path, lambda out: out.write(json.dumps(contents, indent=1).encode()), binary=True)
 
 
 def tune(comm: MPI.Intracomm, max_bytes: int = 64 * MiB, trials: int = 5, path: str | None = None) -> tuple[str, list]:

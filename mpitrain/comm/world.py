@@ -13,8 +13,13 @@ from mpitrain.errors import MpitrainError
 
 @lru_cache(maxsize=None)
 def world() -> MPI.Intracomm:
-    """The library's default communicator: a clone of COMM_WORLD, made once (collective on first call)."""
-    return MPI.COMM_WORLD.Dup()
+    """The library's default communicator: a clone of COMM_WORLD, made once (collective on first call).
+    MPICH's shared-memory names are removed here, once all ranks have them mapped (mpitrain/shm.py)."""
+    from mpitrain.shm import release_own_segments
+
+    comm = MPI.COMM_WORLD.Dup()
+    release_own_segments(comm)
+    return comm
 
 
 def emulated_ranks_per_node() -> int | None:

@@ -19,30 +19,38 @@ from mpi4py import MPI
 from mpitrain.backend import Backend
 from mpitrain.comm import agree, node_comm
 from mpitrain.config import TrainConfig
-from mpitrain.data import normalize, partition, synth
+from mpitrain.data import cache, normalize, partition, synth
 from mpitrain.data.hdf5 import H5Dataset
 from mpitrain.data.labels import label_format
 from mpitrain.data.sampler import GlobalSampler, ShardSampler, local_steps
 from mpitrain.errors import MpitrainError, error_of
+from mpitrain.outputs import write_error
 
 
-def synthetic_path(config: TrainConfig, features: int, classes: int) -> str:
-    """Where the default synthetic set lives: a node-local cache keyed by its parameters."""
+def synthetic_path(config: TrainConfig, features: int, classes: int, folder: str | None = None) -> str:
+    """Where the default synthetic set lives: a node-local cache keyed by its parameters, in this
+    user's private folder of the temp folder (data/cache.py)."""
     name = f"mpitrain-synth-{config.synth_samples}x{features}-c{classes}-s{config.seed}.h5"
-    return os.path.join(tempfile.gettempdir(), name)
+    return os.path.join(folder or cache.private_folder(), name)
 
 
 def ensure_synthetic(config: TrainConfig, widths: list[int], comm: MPI.Intracomm) -> str:
-    """Write the synthetic classification set once per node (if missing); collective on comm."""
-    path = synthetic_path(config, widths[0], widths[-1])
+    """The synthetic classification set, written once per node unless a trusted copy is cached
+    (data/cache.py: ours, private, digest checked); collective on comm."""
     node = node_comm(comm)
-    error = None
-    if node.rank == 0 and not os.path.exists(path):
+    path, error = None, None
+    if node.rank == 0:
         try:
-            x, y = synth.make_classification(config.synth_samples, widths[0], widths[-1], config.seed)
-            synth.write_h5(path, x, y)
-        except (OSError, MpitrainError) as exc:
-            error = MpitrainError(f"{path}: cannot write the synthetic set ({exc})")
+            path = synthetic_path(config, widths[0], widths[-1])
+            if not cache.trusted(path):
+                x, y = synth.make_classification(config.synth_samples, widths[0], widths[-1], config.seed)
+                synth.write_h5(path, x, y)
+                cache.seal(path)
+        except MpitrainError as exc:
+            error = exc
+        except OSError as exc:
+            error = write_error(path or tempfile.gettempdir(), exc)
+    path = node.bcast(path, root=0)
     node.Free()
     agree(comm, error)
     return path

@@ -10,9 +10,7 @@ temporary name and are renamed into place, and an existing output is kept unless
 """
 
 import argparse
-import contextlib
 import os
-import secrets
 
 import h5py
 import numpy as np
@@ -23,6 +21,7 @@ from mpitrain.data.keys import KEY_PAIRS, numeric_datasets, suggest_keys
 from mpitrain.data.labels import label_format, to_model
 from mpitrain.data.partition import uniform
 from mpitrain.errors import MpitrainError
+from mpitrain.outputs import atomic_write, write_error
 
 # Row reads fetch whole chunks: chunks of about this many bytes keep a scattered row read cheap
 # (a 784-float32 row gives 20 rows per chunk) while compression still sees enough data.
@@ -149,26 +148,23 @@ def chunk_rows_for(row_shape: tuple, dtype, n_rows: int) -> int:
 def write_rows(path: str, x, y, chunk_rows: int | None = None, compression: str | None = None) -> None:
     """Write x (n, ...) and y (n, ...) (arrays or memory maps) to `path` atomically, BLOCK_ROWS at a
     time; chunked by chunk_rows rows (and compressed) when either is given, contiguous otherwise."""
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     chunked = chunk_rows is not None or compression not in (None, "none")
     compression = None if compression in (None, "none") else compression
-    try:
-        with h5py.File(temporary, "x") as f:
-            for key, array in (("x", x), ("y", y)):
-                rows = chunk_rows or chunk_rows_for(array.shape[1:], array.dtype, len(array))
-                layout = dict(chunks=(max(1, min(rows, len(array))),) + array.shape[1:],
-                              compression=compression) if chunked and len(array) else {}
-                out = f.create_dataset(key, shape=array.shape, dtype=array.dtype, **layout)
-                for a in range(0, len(array), BLOCK_ROWS):
-                    out[a:a + BLOCK_ROWS] = array[a:a + BLOCK_ROWS]
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise MpitrainError(f"{path}: cannot write ({str(exc).splitlines()[0]})") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+
+    def write(f):
+        for key, array in (("x", x), ("y", y)):
+            rows = chunk_rows or chunk_rows_for(array.shape[1:], array.dtype, len(array))
+            layout = dict(chunks=(max(1, min(rows, len(array))),) + array.shape[1:],
+                          compression=compression) if chunked and len(array) else {}
+            out = f.create_dataset(key, shape=array.shape, dtype=array.dtype, **layout)
+            for a in range(0, len(array), BLOCK_ROWS):
+                out[a:a + BLOCK_ROWS] = array[a:a + BLOCK_ROWS]
+
+    atomic_write(path, write)
 
 
 def write_shards(path: str, x, y, shards: int, chunk_rows=None, compression=None) -> None:

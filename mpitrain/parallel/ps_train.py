@@ -35,6 +35,7 @@ from mpitrain.memory import check_memory
 from mpitrain.nn.losses import make_loss
 from mpitrain.nn.model import Model, flat_offsets, full_shapes, parse_widths
 from mpitrain.optim import buffer_names, schedule
+from mpitrain.preflight import check_outputs
 from mpitrain.parallel.pipeline import StageLink
 from mpitrain.parallel.ps import (FLAG_BAD_INPUT, FLAG_NONFINITE, FLAG_SIGNAL, Roles, Server, ServerStats, Stop,
                                   WorkerLink, check_config, check_drained, describe, share_parameters)
@@ -169,6 +170,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
     """
     comm = guard.comm
     check_config(config, comm.size)
+    check_outputs(config, comm)
     widths = parse_widths(config.model)
     check_memory(config, widths, comm)
     n_params = sum(int(np.prod(shape)) for shape in full_shapes(widths).values())
@@ -204,6 +206,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
     step = first = guard.start(state, shape, spe, steps, report.say).step
     if server:
         server.skipped = guard.skipped  # a resumed run goes on counting
+    agree(comm, error_of(report.continue_from, step))
 
     if server and TRACE.active:  # a server has no steps of its own: --trace-steps counts the workers' pushes
         TRACE.window = None
