@@ -29,6 +29,7 @@ from mpi4py import MPI
 from mpitrain.comm.failure import BEFORE_ABORT, agree
 from mpitrain.comm.fingerprint import world_ranks
 from mpitrain.errors import MpitrainError
+from mpitrain.outputs import atomic_write
 
 # Track ids, in the order Perfetto shows them.
 KINDS = {"step": 1, "data": 2, "compute": 3, "gradient all-reduce": 4, "tensor-parallel": 5, "pipeline": 6,
@@ -195,6 +196,6 @@ def write(path: str, ranks: list[tuple]) -> None:
                 if phase == "f":
                     flow["bp"] = "e"  # bind to the span that encloses the receive
                 events.append(flow)
-    with open(path, "w") as handle:
-        json.dump({"traceEvents": events, "displayTimeUnit": "ms",
-                   "otherData": {"producer": "mpitrain", "dropped_events": dropped}}, handle)
+    document = {"traceEvents": events, "displayTimeUnit": "ms",
+                "otherData": {"producer": "mpitrain", "dropped_events": dropped}}
+    atomic_write(path, lambda handle: handle.write(json.dumps(document).encode()), binary=True)

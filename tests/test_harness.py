@@ -78,7 +78,9 @@ def test_exception_in_a_fixture_is_printed_while_the_other_waits(comm, tmp_path)
 
 
 def test_a_hang_prints_the_stacks_of_every_rank(comm, tmp_path):
-    timeout = 4.0
+    # Long enough that the later rank's dump (its test may start a second or two after rank 0's on a
+    # loaded machine) comes before the first rank's timeout ends the job.
+    timeout = 10.0
     done, _ = run_nested(comm, tmp_path, "test_hangs", timeout)
     assert done["returncode"] not in (0, None), done
     dump_at = timeout - min(3.0, timeout / 4)
