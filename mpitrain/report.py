@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+from mpi4py import MPI
 
 from mpitrain.backend import Backend
 from mpitrain.config import TrainConfig
@@ -19,6 +20,20 @@ class TrainResult:
 
     parameters: dict[str, np.ndarray]
     history: list[dict] = field(default_factory=list)
+
+
+def busiest_rank(comm: MPI.Intracomm, traffic: np.ndarray, wait: float, memory: np.ndarray) -> dict:
+    """Per-step bytes sent and per-rank memory of the busiest rank (MAX over ranks), in the record
+    fields of every layout: traffic is (tp, pp, dp) bytes per step, memory (params, grads, optimizer
+    state, activations) bytes. What bounds a layout is its most loaded rank. Collective on comm."""
+    mine = np.concatenate([traffic, [traffic.sum(), wait], memory])
+    worst = np.empty_like(mine)
+    comm.Allreduce(mine, worst, op=MPI.MAX)
+    tp, pp, dp, total, wait, params, grads, optimizer, activations = worst.tolist()
+    return {"tp_bytes_per_step": int(tp), "pp_bytes_per_step": int(pp), "dp_bytes_per_step": int(dp),
+            "sent_bytes_per_step": int(total), "pipeline_wait_fraction": wait,
+            "param_bytes_per_rank": int(params), "grad_bytes_per_rank": int(grads),
+            "optimizer_bytes_per_rank": int(optimizer), "activation_bytes_per_rank": int(activations)}
 
 
 def validation_metrics(totals: np.ndarray, config: TrainConfig) -> dict:

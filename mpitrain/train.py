@@ -35,7 +35,7 @@ from mpitrain.preflight import check_outputs
 from mpitrain.parallel import ps_train
 from mpitrain.parallel.state import full_parameters, init_from
 from mpitrain.parallel.strategy import GridStrategy
-from mpitrain.report import Reporter, TrainResult, validation_metrics
+from mpitrain.report import Reporter, TrainResult, busiest_rank, validation_metrics
 from mpitrain.resilience import Resilience, dataset_shape
 from mpitrain.trace import TRACE
 
@@ -142,7 +142,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
             "samples_per_s": epoch_steps * config.batch_size / elapsed if elapsed > 0 else 0.0,
             "world_size": comm.size,
             **strategy.layout_metrics(),
-            **_worst_over_ranks(comm, traffic, wait, strategy.memory()),
+            **busiest_rank(comm, traffic, wait, strategy.memory()),
             **validation_metrics(strategy.evaluate(val_x, val_y), config),
             **guard.metrics(),
         }
@@ -160,19 +160,6 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
     dataset.close()
     strategy.close()
     return result
-
-
-def _worst_over_ranks(comm: MPI.Intracomm, traffic: np.ndarray, wait: float, memory: np.ndarray) -> dict:
-    """Per-step bytes sent and per-rank memory of the busiest rank (MAX over ranks): what bounds a
-    layout is its most loaded rank. Collective."""
-    mine = np.concatenate([traffic, [traffic.sum(), wait], memory])
-    worst = np.empty_like(mine)
-    comm.Allreduce(mine, worst, op=MPI.MAX)
-    tp, pp, dp, total, wait, params, grads, optimizer, activations = worst.tolist()
-    return {"tp_bytes_per_step": int(tp), "pp_bytes_per_step": int(pp), "dp_bytes_per_step": int(dp),
-            "sent_bytes_per_step": int(total), "pipeline_wait_fraction": wait,
-            "param_bytes_per_rank": int(params), "grad_bytes_per_rank": int(grads),
-            "optimizer_bytes_per_rank": int(optimizer), "activation_bytes_per_rank": int(activations)}
 
 
 def save_model(config: TrainConfig, result: TrainResult, comm: MPI.Intracomm) -> None:

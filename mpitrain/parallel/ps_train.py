@@ -42,7 +42,7 @@ from mpitrain.parallel.ps import (FLAG_BAD_INPUT, FLAG_NONFINITE, FLAG_SIGNAL, R
 from mpitrain.parallel.stage import Stage
 from mpitrain.parallel.state import init_from
 from mpitrain.preempt import Preempted
-from mpitrain.report import Reporter, TrainResult, validation_metrics
+from mpitrain.report import Reporter, TrainResult, busiest_rank, validation_metrics
 from mpitrain.resilience import Position, all_finite, dataset_shape, signal_reason
 from mpitrain.trace import TRACE
 
@@ -290,15 +290,10 @@ def _usage(config: TrainConfig, roles: Roles, model: Model, server: Server | Non
         a, b = roles.bounds[roles.server_index]
         sent = roles.n_workers * (b - a) * itemsize
         optimizer = sum(buffer.nbytes for buffer in server.optimizer.buffers.values())
-        mine = [server.params.nbytes, server.grads.nbytes, optimizer, 0, sent]
+        memory = [server.params.nbytes, server.grads.nbytes, optimizer, 0]
     else:
-        mine = [model.params.nbytes, model.grads.nbytes, 0, model.peak_bytes, model.params.nbytes]
-    worst = np.empty(5)
-    comm.Allreduce(np.array(mine, dtype=np.float64), worst, op=MPI.MAX)
-    params, grads, optimizer, activations, sent = (int(v) for v in worst)
-    return {"tp_bytes_per_step": 0, "pp_bytes_per_step": 0, "dp_bytes_per_step": sent, "sent_bytes_per_step": sent,
-            "pipeline_wait_fraction": 0.0, "param_bytes_per_rank": params, "grad_bytes_per_rank": grads,
-            "optimizer_bytes_per_rank": optimizer, "activation_bytes_per_rank": activations}
+        sent, memory = model.params.nbytes, [model.params.nbytes, model.grads.nbytes, 0, model.peak_bytes]
+    return busiest_rank(comm, np.array([0, 0, sent], dtype=np.float64), 0.0, np.array(memory, dtype=np.float64))
 
 
 def epoch_records(per_worker: list[list[dict]], final_val: dict, world: int, start: int = 0,
