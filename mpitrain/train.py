@@ -110,7 +110,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
                 begun = TRACE.now()
                 TRACE.span("data", "batch", fetched, begun)
             step_loss = strategy.forward_backward(x, y)
-            keep = guard.keep_step(step_loss, strategy.grads, batches.bad_input)
+            keep = guard.keep_step(step_loss, strategy.grads_to_check, batches.bad_input)
             if TRACE.active:
                 updating = TRACE.now()
             strategy.update(schedule(config.schedule, config.lr, step, steps, config.warmup_steps), keep)

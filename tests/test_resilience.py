@@ -169,14 +169,15 @@ NAN_STEPS = (4, 9)
 
 
 def nan_in_gradient(monkeypatch) -> None:
-    """The last rank of whichever communicator trains puts a NaN into its summed gradient in
-    steps NAN_STEPS (a test-only patch of the trainer's gradient sync)."""
+    """A NaN in the summed gradient in steps NAN_STEPS (a test-only patch of the trainer's gradient
+    sync). The sum is the same on every rank, so every rank gets it; each rank checks only its
+    1/dp block, so here one rank finds it and every rank must act on it."""
     wait, calls = GradientSync.wait, [0]
 
     def poisoned(sync):
         wait(sync)
         calls[0] += 1
-        if calls[0] in NAN_STEPS and sync.comm.rank == sync.comm.size - 1:
+        if calls[0] in NAN_STEPS:
             sync.views[0][0] = np.nan
 
     monkeypatch.setattr(GradientSync, "wait", poisoned)

@@ -14,6 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm.buckets import GradientSync
+from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
 from mpitrain.nn.losses import make_loss
 from mpitrain.nn.model import Model
@@ -61,8 +62,12 @@ class GridStrategy:
         return loss_sum if self.reports_loss else 0.0
 
     @property
-    def grads(self):
-        return self.model.grads
+    def grads_to_check(self):
+        """This rank's block of the summed gradient for the NaN/Inf check: 1/dp of the flat
+        gradient. After the sum every rank of a data-parallel group holds the same gradient, so
+        each reads only its block and the agreement's MAX over the world covers the whole."""
+        start, stop = chunk_bounds(self.model.grads.size, self.grid.dp_comm.size)[self.grid.dp_comm.rank]
+        return self.model.grads[start:stop]
 
     def update(self, lr: float, keep: bool = True) -> None:
         """Apply the summed gradient (keep=False: the agreed NaN policy drops this step)."""
