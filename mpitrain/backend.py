@@ -6,9 +6,12 @@ Each rank binds GPU `local_rank % gpu_count`, the local rank coming from an MPI 
 split; several ranks may share one GPU.
 """
 
+import ctypes
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from types import ModuleType
 
 import numpy as np
@@ -29,20 +32,115 @@ class Backend:
     gpu_id: int | None = None
 
     def synchronize(self) -> None:
-        """Wait for queued GPU work; a no-op on the CPU."""
+        """Wait for queued GPU work; a no-op on the CPU (counted on both)."""
+        HOST.syncs += 1
         if self.device == "gpu":
             self.xp.cuda.get_current_stream().synchronize()
 
     def describe(self) -> str:
-        return "cpu (numpy)" if self.device == "cpu" else f"gpu {self.gpu_id} (cupy)"
+        """'cpu (numpy)', or the GPU with its name and the CuPy and CUDA versions in use."""
+        if self.device == "cpu":
+            return "cpu (numpy)"
+        cuda = self.xp.cuda
+        name = cuda.runtime.getDeviceProperties(self.gpu_id)["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        runtime = cuda.runtime.runtimeGetVersion()
+        aware = "CUDA-aware MPI" if cuda_aware_mpi() else "MPI staged through pinned host memory"
+        return (f"gpu {self.gpu_id} ({name}; CuPy {self.xp.__version__}, CUDA runtime "
+                f"{runtime // 1000}.{runtime % 1000 // 10}; {aware})")
 
 
 CPU = Backend("cpu", np)
 
 
+# ---------------------------------------------------------------------------- host reads, counted
+
+
+@dataclass
+class HostReads:
+    """Device-to-host reads (each waits for the device's queued work) and explicit stream
+    synchronizations made so far in this process. Counted with NumPy too, through the same calls,
+    so a CPU test can assert how many a training step makes on a GPU."""
+
+    reads: int = 0
+    syncs: int = 0
+
+
+HOST = HostReads()
+
+
+def read_scalar(value) -> float:
+    """A 0-d NumPy or CuPy value as a Python float: one counted device-to-host read."""
+    HOST.reads += 1
+    return float(value)
+
+
 def to_host(array) -> np.ndarray:
-    """A NumPy view or copy of a NumPy or CuPy array (synchronizes a device array)."""
+    """A NumPy view or copy of a NumPy or CuPy array (synchronizes a device array; counted)."""
+    HOST.reads += 1
     return array if isinstance(array, np.ndarray) else array.get()
+
+
+# ---------------------------------------------------------------------------- device buffers and MPI
+
+
+@lru_cache(maxsize=1)
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library in use reads and writes GPU memory itself.
+
+    MPITRAIN_CUDA_AWARE=1 or 0 forces the answer. Otherwise MPIX_Query_cuda_support() of the
+    loaded MPI library decides (MPICH >= 4.0 and Open MPI >= 4.0 export it; mpi4py 4.1 has no
+    binding, so it is looked up with ctypes in the libmpi this process has mapped); a library
+    without it is taken as not CUDA-aware. The PyPI MPICH wheel answers 0.
+    Raises MpitrainError for another value of MPITRAIN_CUDA_AWARE."""
+    forced = os.environ.get("MPITRAIN_CUDA_AWARE")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise MpitrainError(f"MPITRAIN_CUDA_AWARE={forced!r}: expected 0 or 1")
+        return forced == "1"
+    query = _mpi_symbol("MPIX_Query_cuda_support")
+    return bool(query()) if query is not None else False
+
+
+def _mpi_symbol(name: str):
+    """`name` from the libmpi mapped into this process (through mpi4py), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libmpi" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(paths) or [None]:  # None: the process's global symbols
+        try:
+            function = getattr(ctypes.CDLL(path), name, None)
+        except OSError:
+            continue
+        if function is not None:
+            function.restype = ctypes.c_int
+            return function
+    return None
+
+
+def for_mpi(array):
+    """The buffer MPI may read `array` from: NumPy arrays as they are; a CuPy array itself when
+    the MPI is CUDA-aware, after a stream synchronize so that MPI never reads memory the GPU is
+    still writing; else a host copy (keep it alive until the send completes). NumPy arrays are
+    counted as the copy a GPU would make without a CUDA-aware MPI (see HostReads)."""
+    if isinstance(array, np.ndarray):
+        HOST.reads += 1
+        return array
+    if cuda_aware_mpi():
+        HOST.syncs += 1
+        sys.modules["cupy"].cuda.get_current_stream().synchronize()
+        return array
+    return to_host(array)
+
+
+def receive_buffer(xp, shape, dtype):
+    """An empty buffer for MPI to receive into: on the device when xp is CuPy and the MPI is
+    CUDA-aware, else on the host (bring it to the device with xp.asarray)."""
+    if xp is not np and cuda_aware_mpi():
+        return xp.empty(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
 
 
 def _import_cupy() -> ModuleType | None:
@@ -100,6 +198,7 @@ def staged_on_host(device_buffer):
     if host is None:
         host = cupyx.empty_pinned(device_buffer.shape, dtype=device_buffer.dtype)
         _pinned[key] = host
+    HOST.reads += 1
     device_buffer.get(out=host)
     yield host
     device_buffer.set(host)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import to_host
+from mpitrain.backend import read_scalar, to_host
 from mpitrain.comm import agree
 from mpitrain.data import normalize
 from mpitrain.data.hdf5 import H5Dataset
@@ -157,7 +157,7 @@ def evaluate(model: ModelFile, dataset: H5Dataset, xp, comm: MPI.Intracomm, batc
             x, y = dataset.read(rows)
             out = model.forward(xp.asarray(x))
             if model.loss == "ce":
-                sums[0] += loss.forward(out, xp.asarray(y))
+                sums[0] += read_scalar(loss.forward(out, xp.asarray(y)))
                 predicted = to_host(xp.argmax(out, axis=1))
                 confusion += np.bincount(y * classes + predicted, minlength=classes * classes).reshape(classes, -1)
             else:

@@ -29,6 +29,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain import __version__
+from mpitrain.backend import read_scalar
 from mpitrain.checkpoint import (
     Checkpoint,
     CorruptCheckpoint,
@@ -226,7 +227,7 @@ class Resilience:
         same step. A bad input row stops the run on every rank with the message naming its file
         and row (MpitrainError): it is a fault of the data, which no policy should train through.
         """
-        nonfinite = not math.isfinite(loss_value) or not all_finite(grads)
+        nonfinite = not step_finite(loss_value, grads)
         signum = self.flag.signum if self.flag is not None else 0
         self._flags[0], self._flags[1], self._flags[2] = nonfinite, signum, bad_input is not None
         if self.comm.size > 1:
@@ -238,7 +239,7 @@ class Resilience:
             self.stop_reason = signal_reason(self.comm, signum)
         if not self._flags[0]:
             return True
-        bad_loss = [rank for rank, bad in enumerate(self.comm.allgather(not math.isfinite(loss_value))) if bad]
+        bad_loss = [rank for rank, bad in enumerate(self.comm.allgather(not math.isfinite(read_scalar(loss_value)))) if bad]
         where = f"loss on rank(s) {_compact(bad_loss)}" if bad_loss else "all-reduced gradient"
         if self.config.on_nan == "abort":
             raise MpitrainError(f"step {self._step + 1}: NaN or Inf in the {where}; "
@@ -308,7 +309,7 @@ class Resilience:
                              np.dtype(self.config.dtype), self.comm)
         t = strategy.optimizer_t()
         rng_states = self.comm.gather(_rng_state(), root=0)
-        loss_sums = self.comm.gather(float(self.epoch_sums["loss_sum"]), root=0)
+        loss_sums = self.comm.gather(read_scalar(self.epoch_sums["loss_sum"]), root=0)
         error = None
         if self.comm.rank == 0:
             try:
@@ -364,20 +365,26 @@ def signal_reason(comm: MPI.Intracomm, signum: int) -> str:
     return f"{'/'.join(names)} on rank(s) {_compact(ranks)}"
 
 
-def all_finite(array) -> bool:
-    """No NaN or Inf anywhere in `array` (NumPy or CuPy, any shape; one host sync).
+def step_finite(loss, grads) -> bool:
+    """No NaN or Inf in a step's loss (a float or a 0-d NumPy/CuPy value) nor in `grads` (NumPy
+    or CuPy, any shape). One counted device-to-host read in the common case.
 
-    The common case costs one BLAS dot product, a single read of the array with no temporary (a
-    NaN or an Inf makes the sum of squares non-finite), about half the time of isfinite().all(),
-    which also writes a byte per element. A non-finite dot product may also be an overflow of
-    finite values (|g| above ~1e19 in float32), so only the exact elementwise test says no."""
-    xp = np if isinstance(array, np.ndarray) else sys.modules["cupy"]
-    flat = array.reshape(-1)
+    The common case costs one BLAS dot product, a single read of the gradient with no temporary
+    (a NaN or an Inf makes loss + sum of squares non-finite), about half the time of
+    isfinite().all(), which also writes a byte per element. A non-finite result may also be an
+    overflow of finite values (|g| above ~1e19 in float32), so only the exact test says no."""
+    xp = np if isinstance(grads, np.ndarray) else sys.modules["cupy"]
+    flat = grads.reshape(-1)
     if flat.dtype in (np.float32, np.float64):
         with np.errstate(over="ignore", invalid="ignore"):
-            if bool(xp.isfinite(xp.dot(flat, flat))):
+            if read_scalar(xp.isfinite(loss + xp.dot(flat, flat))):
                 return True
-    return bool(xp.isfinite(flat).all())
+    return math.isfinite(read_scalar(loss)) and bool(read_scalar(xp.isfinite(flat).all()))
+
+
+def all_finite(array) -> bool:
+    """No NaN or Inf anywhere in `array` (NumPy or CuPy, any shape); see step_finite."""
+    return step_finite(0.0, array)
 
 
 def dataset_shape(dataset) -> dict:

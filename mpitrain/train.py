@@ -22,7 +22,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain import checkpoint
-from mpitrain.backend import limit_blas_threads, select_backend
+from mpitrain.backend import limit_blas_threads, read_scalar, select_backend
 from mpitrain.comm import agree, fingerprint
 from mpitrain.config import TrainConfig, as_dict
 from mpitrain.data import normalize
@@ -117,7 +117,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
             if TRACE.active:
                 TRACE.span("optimizer", "update", updating, kept=bool(keep))
             if keep:
-                sums["loss_sum"] += step_loss
+                sums["loss_sum"] = sums["loss_sum"] + step_loss  # on the device; read once per epoch
                 sums["kept_steps"] += 1
             step += 1
             position += 1
@@ -138,7 +138,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "loss": comm.allreduce(sums["loss_sum"], op=MPI.SUM) / max(sums["kept_steps"] * config.batch_size, 1),
+            "loss": comm.allreduce(read_scalar(sums["loss_sum"]), op=MPI.SUM) / max(sums["kept_steps"] * config.batch_size, 1),
             "samples_per_s": epoch_steps * config.batch_size / elapsed if elapsed > 0 else 0.0,
             "world_size": comm.size,
             **strategy.layout_metrics(),

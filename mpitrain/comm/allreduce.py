@@ -9,7 +9,9 @@ the first ranks), so `reduce_scatter` then `allgather` is an all-reduce. Each is
 call it on every rank of comm with buffers of the same length and dtype.
 
 Host (NumPy) buffers go straight to MPI. Device (CuPy) buffers are synchronized and staged
-through a pinned host copy: the MPICH wheel is not CUDA-aware.
+through a pinned host copy (allocated once per size), since the hand-written algorithms add
+chunks on the host and the MPICH wheel is not CUDA-aware; with a CUDA-aware MPI
+(backend.cuda_aware_mpi) the `mpi` algorithm takes the device buffer itself.
 
 Algorithms: `ring` (pipelined ring, bandwidth-optimal), `rd` (recursive doubling, fewest
 messages), `hier` (shared memory within a node, ring across node leaders), `mpi` (MPI
@@ -77,7 +79,11 @@ def allreduce_schedule(buf, comm: MPI.Intracomm, algorithm: str = "auto"):
     if isinstance(buf, np.ndarray):
         yield from schedule(buf, comm)
         return
-    from mpitrain.backend import staged_on_host
+    from mpitrain.backend import cuda_aware_mpi, for_mpi, staged_on_host
+
+    if name == "mpi" and cuda_aware_mpi():  # the hand-written algorithms add chunks on the host
+        yield from schedule(for_mpi(buf), comm)
+        return
 
     with staged_on_host(buf) as host:
         yield from schedule(host, comm)

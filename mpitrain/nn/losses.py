@@ -1,5 +1,9 @@
 """Losses that return the SUM over the local batch, and the gradient of scale * sum.
 
+forward returns a 0-d array of the array backend (on a GPU it stays there): reading it on the
+host would wait for the device every step; the trainer adds the step losses on the device and
+reads the sum once per epoch.
+
 Summing (not averaging) lets ranks with unequal local batches combine exactly: the trainer passes
 scale = 1/global_batch, so the all-reduced gradient is the gradient of the global-batch mean.
 """
@@ -13,7 +17,7 @@ class SoftmaxCrossEntropy:
     def __init__(self, xp):
         self.xp = xp
 
-    def forward(self, logits, labels) -> float:
+    def forward(self, logits, labels):
         xp = self.xp
         # Subtracting the row max makes exp() overflow-free without changing the softmax.
         shifted = logits - xp.max(logits, axis=1, keepdims=True)
@@ -21,7 +25,7 @@ class SoftmaxCrossEntropy:
         self.rows = xp.arange(len(labels))
         self.labels = labels
         self.probs = xp.exp(log_probs)
-        return -float(xp.sum(log_probs[self.rows, labels]))
+        return -xp.sum(log_probs[self.rows, labels])
 
     def backward(self, scale: float):
         """d(scale * L)/dz = scale * (softmax(z) - onehot(y)), shape (B, C)."""
@@ -31,8 +35,8 @@ class SoftmaxCrossEntropy:
         return grad
 
     def correct(self, logits, labels) -> int:
-        """Number of rows whose argmax logit is the label."""
-        return int(self.xp.sum(self.xp.argmax(logits, axis=1) == labels))
+        """Number of rows whose argmax logit is the label (a 0-d array of the backend)."""
+        return self.xp.sum(self.xp.argmax(logits, axis=1) == labels)
 
 
 class MeanSquaredError:
@@ -41,7 +45,7 @@ class MeanSquaredError:
     def __init__(self, xp):
         self.xp = xp
 
-    def forward(self, pred, target) -> float:
+    def forward(self, pred, target):
         if target.ndim == 1:
             target = target.reshape(-1, 1)
         # Checked because (B, 1) - (B,) would silently broadcast to (B, B).
@@ -51,7 +55,7 @@ class MeanSquaredError:
                 f"prediction shape {tuple(pred.shape)}"
             )
         self.diff = pred - target
-        return float(self.xp.sum(self.diff * self.diff)) / pred.shape[1]
+        return self.xp.sum(self.diff * self.diff) / pred.shape[1]
 
     def backward(self, scale: float):
         """d(scale * L)/dp = scale * 2 (p - t) / K, shape (B, K)."""

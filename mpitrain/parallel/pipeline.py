@@ -22,7 +22,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import to_host
+from mpitrain.backend import for_mpi, receive_buffer
 from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.comm.watchdog import waiting
@@ -124,8 +124,9 @@ class StageLink:
         self.wait_s = 0.0
 
     def _send(self, array, dest: int, tag: int) -> None:
-        # The host copy must outlive the non-blocking send, so it is kept with its request.
-        host = np.ascontiguousarray(to_host(array))
+        # The buffer (a host copy, or the device array with a CUDA-aware MPI) must outlive the
+        # non-blocking send, so it is kept with its request.
+        host = for_mpi(self.xp.ascontiguousarray(array))
         if CHECK.active:
             CHECK.send(self.comm, host, dest, tag, depth=2)
         if TRACE.active:
@@ -137,7 +138,7 @@ class StageLink:
                           f"{dest}", started, host.nbytes, micro=tag // 2)
 
     def _recv(self, shape, dtype, source: int, tag: int):
-        host = np.empty(shape, dtype=dtype)
+        host = receive_buffer(self.xp, shape, dtype)
         started = time.perf_counter()
         if CHECK.active:
             CHECK.recv(self.comm, host, source, tag, depth=2)

@@ -18,14 +18,13 @@ bit for bit (every update is the sum, in worker order, of the same gradients on 
 from the saved θ, optimizer state and global step but does not repeat the interrupted run.
 """
 
-import math
 import time
 from types import SimpleNamespace
 
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import CPU, limit_blas_threads, select_backend
+from mpitrain.backend import CPU, limit_blas_threads, read_scalar, select_backend
 from mpitrain.comm import agree
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
@@ -43,7 +42,7 @@ from mpitrain.parallel.stage import Stage
 from mpitrain.parallel.state import init_from
 from mpitrain.preempt import Preempted
 from mpitrain.report import Reporter, TrainResult, busiest_rank, validation_metrics
-from mpitrain.resilience import Position, all_finite, dataset_shape, signal_reason
+from mpitrain.resilience import Position, dataset_shape, signal_reason, step_finite
 from mpitrain.trace import TRACE
 
 
@@ -95,7 +94,7 @@ class Worker:
         if current["pushes"]:
             self.epochs.append({"pushes": current["pushes"], "samples": current["samples"],
                                 "kept_samples": current["kept_samples"],
-                                "loss_sum": current["loss_sum"], "seconds": time.perf_counter() - current["started"],
+                                "loss_sum": read_scalar(current["loss_sum"]), "seconds": time.perf_counter() - current["started"],
                                 "val": self.evaluate(MPI.COMM_SELF), "val_rows": len(self.val_x)})
         current["pushes"] = 0
 
@@ -109,7 +108,7 @@ def work(worker: Worker, batches, link: WorkerLink, scale: float, signalled, rep
         x, y = next(batches)
         loss = worker.stage.forward_backward(x, y, scale)
         flags = 0
-        if not math.isfinite(loss) or not all_finite(worker.model.grads):
+        if not step_finite(loss, worker.model.grads):
             flags |= FLAG_NONFINITE
         if worker.batches.bad_input:
             flags |= FLAG_BAD_INPUT
@@ -121,7 +120,7 @@ def work(worker: Worker, batches, link: WorkerLink, scale: float, signalled, rep
         current["pushes"] += 1
         current["samples"] += len(x)
         if not flags & FLAG_NONFINITE:  # as every layout: a skipped step's loss is not averaged
-            current["loss_sum"] += loss
+            current["loss_sum"] = current["loss_sum"] + loss  # on the device; read once per segment
             current["kept_samples"] += len(x)
         report.advance()
 

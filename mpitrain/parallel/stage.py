@@ -10,6 +10,7 @@ global-batch mean.
 
 import numpy as np
 
+from mpitrain.backend import read_scalar
 from mpitrain.parallel.pipeline import StageLink, micro_batch_bounds
 
 
@@ -25,9 +26,10 @@ class Stage:
         # Gradients are final after the step's last backward: only it reports finished layers.
         self.last_backward = max(i for i, (action, _) in enumerate(actions) if action == "B")
 
-    def forward_backward(self, x, y, scale: float, on_layer_done=None) -> float:
+    def forward_backward(self, x, y, scale: float, on_layer_done=None):
         """Run one step's schedule; gradients of the local shards end up in model.grads.
-        Returns the summed loss of this rank's samples on the last stage, else 0.
+        Returns the summed loss of this rank's samples on the last stage (a 0-d array of the
+        backend, left on the device: nothing here waits for the GPU), else 0.0.
 
         NumPy's warnings about NaN and overflow are silenced here: a non-finite loss or gradient
         is the --on-nan policy's to report, once, with the step it happened in."""
@@ -47,7 +49,8 @@ class Stage:
                     inputs = link.recv_activation((stop - start, model.input_width), self.dtype, micro)
                 out = model.forward(inputs, micro)
                 if self.last_stage:
-                    loss_sum += float(self.loss.forward(out, y[start:stop]))
+                    # summed in float64 on the device, as the host used to sum its floats
+                    loss_sum = loss_sum + self.loss.forward(out, y[start:stop]).astype(np.float64)
                     output_grads[micro] = self.loss.backward(scale)
                 else:
                     link.send_activation(out, micro)
@@ -77,8 +80,8 @@ class Stage:
         if not self.last_stage:
             link.send_activation(out, 0)
         elif counts:
-            totals[0] = float(self.loss.forward(out, y))
-            totals[1] = float(self.loss.correct(out, y)) if hasattr(self.loss, "correct") else 0.0
+            totals[0] = read_scalar(self.loss.forward(out, y))
+            totals[1] = read_scalar(self.loss.correct(out, y)) if hasattr(self.loss, "correct") else 0.0
             totals[2] = len(x)
         link.finish()
         return totals
