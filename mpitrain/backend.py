@@ -176,7 +176,8 @@ def select_backend(device: str, comm: MPI.Intracomm) -> Backend:
     if count == 0:
         if device == "auto":
             return CPU
-        reason = "CuPy is not installed (pip install 'mpitrain[gpu]')" if cupy is None else "no CUDA device is visible"
+        reason = ("CuPy is not installed (pip install 'mpitrain[gpu-cuda12]' or '[gpu-cuda13]', as nvidia-smi's "
+                  "CUDA Version says)") if cupy is None else "no CUDA device is visible"
         raise MpitrainError(f"--device gpu: {reason}")
     gpu_id = local_rank % count
     cupy.cuda.Device(gpu_id).use()
