@@ -314,3 +314,31 @@ def test_global_sampler_over_large_chunks_warns_once_with_advice(comm, shared_di
     assert "use --sampler shard, raise MPITRAIN_CHUNK_CACHE_MB" in done["stderr"]
     quiet = run_on_root(comm, argv)
     assert "warning" not in quiet["stderr"]
+
+
+@pytest.mark.parametrize("budget_mb", ["512", "0.001"])
+def test_shared_blocks_are_decompressed_once_per_job(comm, shared_dir, data, budget_mb, monkeypatch):
+    """--sampler global: when every chunk fits the budget, the job reads (decompresses) each chunk
+    once in all (each rank its share), every rank then serves any row from memory, equal to the
+    arrays; over budget (or alone) nothing is shared and rows are read as they are needed."""
+    monkeypatch.setenv("MPITRAIN_CHUNK_CACHE_MB", budget_mb)
+    x, y = data
+    path = os.path.join(shared_dir, "gzip.h5")
+    if comm.rank == 0:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=x, chunks=(10, N_FEATURES), compression="gzip")
+            f.create_dataset("y", data=y, chunks=(10,), compression="gzip")
+    comm.Barrier()
+    with H5Dataset(path, rereads=True) as ds:
+        ds.trace = True
+        ds.share_blocks(comm)
+        shared = len(ds.selections)
+        fits = budget_mb == "512" and comm.size > 1  # one rank reads each chunk once anyway
+        assert comm.allreduce(shared) == (2 * -(-N_ROWS // 10) if fits else 0)  # x and y blocks, once each
+        for epoch in range(2):
+            for rows in GlobalSampler(np.arange(N_ROWS), 8, comm.rank, comm.size, seed=epoch).batches(0):
+                got_x, got_y = ds.read(rows)
+                np.testing.assert_array_equal(got_x, x[rows])
+                np.testing.assert_array_equal(got_y, y[rows])
+        if fits:
+            assert len(ds.selections) == shared  # no read after the exchange

@@ -13,6 +13,7 @@ import os
 import h5py
 import numpy as np
 
+from mpitrain.comm.failure import agree
 from mpitrain.data import chunks
 from mpitrain.data.keys import numeric_datasets, suggest_keys
 from mpitrain.data.labels import BadLabel, to_model
@@ -214,27 +215,60 @@ class H5Dataset:
     def _key(self, name):
         return self.x_key if name == "x" else self.y_key
 
+    def _block_rows(self, name: str, file_index: int, block: int) -> slice:
+        """Rows [start, stop) of chunk-row block `block` of a chunked shard's dataset `name`."""
+        dataset = {"x": self._x, "y": self._y}[name][file_index]
+        rows = dataset.chunks[0]
+        return slice(block * rows, min((block + 1) * rows, len(dataset)))
+
+    def _load_block(self, name: str, file_index: int, block: int) -> np.ndarray:
+        """One chunk-row block read (and decompressed) from the file."""
+        dataset = {"x": self._x, "y": self._y}[name][file_index]
+        key = self._block_rows(name, file_index, block)
+        holder = np.empty((key.stop - key.start,) + dataset.shape[1:], dtype=dataset.dtype)
+        self._read_into(file_index, key, np.s_[:], [(name, holder)])
+        return holder
+
     def _read_blocks(self, file_index, local, base, outputs):
         """Rows of a chunked shard gathered from whole chunk-row blocks, each read once (BlockStore)."""
         columns = {"x": self._x, "y": self._y}
         for name, out in outputs:
-            dataset = columns[name][file_index]
-            block_rows = dataset.chunks[0]
-            blocks = local // block_rows
+            blocks = local // columns[name][file_index].chunks[0]
             # local is sorted, so each block's rows are one run of positions
             starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
             stops = np.r_[starts[1:], len(local)]
             for a, b in zip(starts.tolist(), stops.tolist()):
                 block = int(blocks[a])
-                key = slice(block * block_rows, min((block + 1) * block_rows, len(dataset)))
+                rows = self._blocks.get((name, file_index, block),
+                                        lambda block=block, name=name: self._load_block(name, file_index, block))
+                out[base + a:base + b] = rows[local[a:b] - self._block_rows(name, file_index, block).start]
 
-                def load(key=key, name=name):
-                    holder = np.empty((key.stop - key.start,) + dataset.shape[1:], dtype=dataset.dtype)
-                    self._read_into(file_index, key, np.s_[:], [(name, holder)])
-                    return holder
-
-                rows = self._blocks.get((name, file_index, block), load)
-                out[base + a:base + b] = rows[local[a:b] - key.start]
+    def share_blocks(self, comm) -> None:
+        """Decompress each chunk once per job instead of once per rank, where every rank will read
+        rows from every chunk (--sampler global) and all of them fit the budget: rank i % p reads
+        block i, then every block is broadcast from its reader into every rank's BlockStore.
+        Collective on comm; a failed read raises MpitrainError on every rank alike."""
+        if self._blocks is None or comm.size == 1 or self.cache_wanted > self.cache_budget:
+            return
+        keys = [(name, i, block) for i in range(len(self._x)) for name, column in (("x", self._x), ("y", self._y))
+                if column[i] is not None and column[i].chunks is not None
+                for block in range(-(-len(column[i]) // column[i].chunks[0]))]
+        mine, error = {}, None
+        try:
+            for index in range(comm.rank, len(keys), comm.size):
+                mine[keys[index]] = self._load_block(*keys[index])
+        except MpitrainError as exc:
+            error = exc
+        agree(comm, error)
+        for index, key in enumerate(keys):
+            if key in mine:
+                block = mine[key]
+            else:
+                dataset = {"x": self._x, "y": self._y}[key[0]][key[1]]
+                rows = self._block_rows(*key)
+                block = np.empty((rows.stop - rows.start,) + dataset.shape[1:], dtype=dataset.dtype)
+            comm.Bcast(block, root=index % comm.size)
+            self._blocks.get(key, lambda block=block: block)
 
     def _read_windows(self, file_index, local, base, outputs):
         """Rows of a chunked shard read once: windows of whole chunks (WINDOW_BYTES at most) read in

@@ -212,6 +212,7 @@ def open_dataset(config: TrainConfig, widths: list[int], comm: MPI.Intracomm) ->
     except MpitrainError as exc:
         error = exc
     agree(comm, error)
+    dataset.share_blocks(comm)
     if config.sampler == "global" and comm.rank == 0 and MPI.COMM_WORLD.rank == 0:
         local_batch = max(1, config.batch_size // comm.size)
         warning = dataset.reread_warning(local_batch)
