@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpitrain.comm import allreduce, hier
+from mpitrain.comm import allreduce, hier, traffic
+from mpitrain.comm.ring import chunk_bounds
 
 
 @pytest.mark.parametrize("per_node", ["1", "2", "3"])
@@ -59,3 +60,45 @@ def test_dtypes_and_growing_sizes_share_one_window(comm):
         results.append((buf, expected))
     for buf, expected in results:
         np.testing.assert_array_equal(buf, expected)
+
+
+def ring_sends(length: int, size: int, rank: int, itemsize: int) -> int:
+    """Bytes rank sends in a ring all-reduce of `length` elements (comm/ring.py's order: reduce-scatter
+    step k sends chunk rank-k-1, all-gather step k sends chunk rank-k)."""
+    if size == 1 or length == 0:
+        return 0
+    bounds = chunk_bounds(length, size)
+
+    def count(q):
+        return bounds[q % size][1] - bounds[q % size][0]
+
+    return itemsize * sum(count(rank - k - 1) + count(rank - k) for k in range(size - 1))
+
+
+def test_equal_nodes_cross_with_every_local_rank(comm, monkeypatch):
+    """Nodes of two ranks each: every local rank rings its chunk of each block across the nodes
+    (so each sends a ring's bytes for its chunk alone, about 1/L of a leader's), and every rank
+    ends with the same bits, equal to MPI Allreduce's result within rounding."""
+    if comm.size < 4 or comm.size % 2:
+        pytest.skip("needs at least two emulated nodes of two ranks")
+    monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", "2")
+    monkeypatch.setattr(hier, "SLOT_BYTES", 4096)
+    fresh = comm.Dup()
+    buf = np.random.default_rng(comm.rank).standard_normal(1501)
+    expected = buf.copy()
+    comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+    before = traffic.sent()
+    allreduce(buf, fresh, "hier")
+    sent = traffic.sent() - before
+    group = hier.node_group(fresh)
+    two_level, local, nodes = group.cross is not None, group.node.size, group.nodes
+    fresh.Free()
+    assert two_level and local == 2 and nodes == comm.size // 2
+    per_block = hier.block_bytes(buf.nbytes) // buf.itemsize
+    expected_sent = 0
+    for start in range(0, buf.size, per_block):
+        a, b = chunk_bounds(min(per_block, buf.size - start), local)[comm.rank % local]
+        expected_sent += ring_sends(b - a, nodes, comm.rank // local, buf.itemsize)
+    assert sent == expected_sent
+    np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
+    assert comm.allgather(buf.tobytes()) == [buf.tobytes()] * comm.size

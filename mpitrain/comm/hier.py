@@ -9,6 +9,14 @@ barrier, one pass over the slots, no MPI message, which beats MPI Allreduce from
 to a few MiB here. With several nodes the leaders then ring-all-reduce their buffers, publish
 the total in a shared slot, and after a second barrier the other ranks copy it out.
 
+When every node has the same number of ranks L > 1, all of them work across nodes instead of the
+leaders alone (the two-level scheme of NCCL's and Horovod's hierarchical all-reduce): local rank
+j sums chunk j of the node's slots (a reduce-scatter in shared memory, so each rank adds 1/L of
+the block instead of all of it), ring-all-reduces that chunk with the local ranks j of the other
+nodes, and writes the total into the shared slot, from which every rank copies the whole block
+(an all-gather in shared memory). Each rank sends 2(N-1)/N of a chunk across nodes, 1/L of what a
+leader sends, and L rings share the inter-node links.
+
 Slots come in two sets used by alternate blocks: a rank may copy the next block in while a
 slower rank still reads the previous one, so no barrier is needed at the end. Buffers longer
 than SLOT_BYTES go through in slot-sized blocks, so the window stays small. The state (node and
@@ -22,7 +30,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm.ring import ring_schedule
+from mpitrain.comm.ring import chunk_bounds, ring_schedule
 from mpitrain.comm.world import node_comm
 
 SLOT_BYTES = 4 << 20
@@ -41,6 +49,10 @@ class NodeGroup:
         self.node = node_comm(comm)
         self.leaders = comm.Split(0 if self.node.rank == 0 else MPI.UNDEFINED, comm.rank)
         self.nodes = self.node.bcast(self.leaders.size if self.node.rank == 0 else None, root=0)
+        # Local rank j of every node, when all nodes hold as many ranks: one ring per chunk.
+        sizes = set(comm.allgather(self.node.size))
+        two_level = self.nodes > 1 and self.node.size > 1 and len(sizes) == 1
+        self.cross = comm.Split(self.node.rank, comm.rank) if two_level else None
         self.window = None
         self.slot_bytes = 0
         self.raw = None
@@ -83,6 +95,8 @@ class NodeGroup:
         self._free_window()
         if self.leaders != MPI.COMM_NULL:
             self.leaders.Free()
+        if self.cross is not None:
+            self.cross.Free()
         self.node.Free()
 
 
@@ -131,6 +145,28 @@ def _sum_in_node(group: NodeGroup, block: np.ndarray, slots: np.ndarray):
         np.add(block, mine[other], out=block)
 
 
+def _two_level(group: NodeGroup, block: np.ndarray, slots: np.ndarray, tag: int):
+    """Schedule: block <- sum over every rank of every node, all local ranks crossing nodes: chunk
+    j summed in shared memory by local rank j (in local-rank order, the node sum's bits), ring
+    across the nodes' local ranks j, published in the shared total, copied out by every rank."""
+    local, rank = group.node.size, group.node.rank
+    first = (group.blocks % 2) * local
+    mine = slots[first:first + local, :block.size]
+    group.blocks += 1
+    mine[rank] = block
+    yield from group.barrier()
+    start, stop = chunk_bounds(block.size, local)[rank]
+    chunk = block[start:stop]
+    np.add(mine[0, start:stop], mine[1, start:stop], out=chunk)
+    for other in range(2, local):
+        np.add(chunk, mine[other, start:stop], out=chunk)
+    yield from ring_schedule(chunk, group.cross, tag)
+    total = slots[2 * local, :block.size]
+    total[start:stop] = chunk
+    yield from group.barrier()
+    block[...] = total
+
+
 def hier_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
     """Schedule: buf <- sum over ranks, in place: node sum in shared memory, leader ring, copy out."""
     if comm.size == 1 or buf.size == 0:
@@ -144,6 +180,9 @@ def hier_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
     slots = group.slots(buf.dtype, block_size) if local > 1 else None
     for start in range(0, buf.size, per_block):
         block = buf[start:start + per_block]
+        if group.cross is not None:
+            yield from _two_level(group, block, slots, tag)
+            continue
         if local > 1:
             yield from _sum_in_node(group, block, slots)
         if group.nodes == 1:

@@ -2,7 +2,7 @@
 
 Every send of a hand-written collective goes through `isend`, so the count is what the chosen
 algorithm really sends (a ring sends 2(p-1)/p of the buffer, recursive doubling the whole buffer
-per round, the hierarchical all-reduce only its leaders' ring; shared-memory copies are not sends).
+per round, the hierarchical all-reduce only its rings across nodes; shared-memory copies are not sends).
 MPI's own Allreduce hides its algorithm: it is counted as the bandwidth-optimal 2(p-1)/p of the
 buffer, which is what MPICH's reduce-scatter + all-gather sends for large buffers.
 
