@@ -1,4 +1,4 @@
-"""The `mpitrain` command: `train`, `tune`, `data`, `eval`, `predict` and `doctor`, long flags, an optional TOML file.
+"""The `mpitrain` command: `train`, `tune`, `data`, `eval`, `predict`, `plot` and `doctor`, long flags, an optional TOML file.
 
     mpitrain train --steps 100                         # one process
     mpirun -n 4 mpitrain train --config run.toml       # flags override the file
@@ -10,6 +10,7 @@
     mpitrain data import train.csv --out train.h5 --shards 4
     mpitrain data split all.h5 --train train.h5 --test test.h5 --test-fraction 0.2 --stratify
     mpitrain doctor --clean-shm                        # shared memory left in /dev/shm by killed jobs
+    mpitrain plot run.jsonl other.jsonl --out runs.png # curves of --metrics files
 
 An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
 A run stopped by SIGUSR1/SIGTERM/SIGINT after writing its checkpoint exits 75; one stopped by
@@ -216,6 +217,11 @@ def make_parser() -> argparse.ArgumentParser:
     summary.add_argument("trace_file", metavar="FILE.json")
     summary.add_argument("--top", type=int, default=10, metavar="N", help="items of the critical path (default 10)")
 
+    plot = commands.add_parser("plot", help="draw --metrics files: loss, validation, samples/s and learning rate "
+                               "against the step, several runs overlaid (needs the plot extra)")
+    plot.add_argument("metrics_files", nargs="+", metavar="RUN.jsonl")
+    plot.add_argument("--out", required=True, metavar="FILE.png", help="the picture (PNG)")
+
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="TOOL", parser_class=_Parser)
     data_commands.required = True
@@ -380,16 +386,21 @@ def dispatch(args: argparse.Namespace) -> None:
     if args.command in ("eval", "predict"):
         run_model_file(args)
         return
-    if args.command == "data":
+    if args.command in ("data", "plot"):
         from mpi4py import MPI
 
+        from mpitrain import plot
         from mpitrain.data import tools
 
-        # The data tools are one-process jobs: rank 0 works, the others wait for its verdict.
+        # The data tools and plot are one-process jobs: rank 0 works, the others wait for its verdict.
         error = None
         if MPI.COMM_WORLD.rank == 0:
             try:
-                run_synth(args) if args.data_command == "synth" else tools.run(args)
+                if args.command == "plot":
+                    plot.run(args.metrics_files, args.out)
+                    print(f"wrote {args.out}")
+                else:
+                    run_synth(args) if args.data_command == "synth" else tools.run(args)
             except MpitrainError as exc:
                 error = exc
         from mpitrain.comm import agree, world

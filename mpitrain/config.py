@@ -190,6 +190,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         from mpitrain.memory import parse_size
 
         parse_size(config.max_memory)
+    from mpitrain.nn.model import parse_widths
+    from mpitrain.trace import parse_steps
+
+    parse_widths(config.model)
+    parse_steps(config.trace_steps)
     if config.steps is not None and config.steps < 0:
         raise MpitrainError(f"--steps {config.steps}: must be 0 or more")
     if config.partition == "stratified" and config.loss != "ce":

@@ -202,9 +202,9 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
         save_model(config, result.parameters, config.save, comm)
     # A resumed run wrote its best file before the checkpoint, if its best epoch came before it.
     best_written = best_written or bool(config.save_best and tracker.best and os.path.exists(config.save_best))
-    result.summary = summarize(config, report.history, step, start.step, train_seconds, guard.elapsed(),
-                               tracker.best, stopped, written_files(config, guard.last_checkpoint, best_written),
-                               comm.size)
+    summary = summarize(config, report.history, step, start.step, train_seconds, guard.elapsed(), tracker.best,
+                        stopped, written_files(config, guard.last_checkpoint, best_written), comm.size)
+    result.summary = comm.bcast(summary, root=0)  # rank 0's timings, so every rank returns the same result
     report.finish(result.summary)
     dataset.close()
     strategy.close()

@@ -264,8 +264,9 @@ def run(config: TrainConfig, guard) -> TrainResult:
     result = TrainResult(model.state(), report.history)
     if config.save:
         save_model(config, result.parameters, config.save, comm)
-    result.summary = summarize(config, report.history, step, first, train_seconds, guard.elapsed(), guard.tracker.best,
-                               None, written_files(config, guard.last_checkpoint, False), comm.size)
+    summary = summarize(config, report.history, step, first, train_seconds, guard.elapsed(), guard.tracker.best,
+                        None, written_files(config, guard.last_checkpoint, False), comm.size)
+    result.summary = comm.bcast(summary, root=0)
     report.finish(result.summary)
     return result
 
