@@ -126,7 +126,8 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="micro-batches per data-parallel group's share of each step (default 1)")
     group.add_argument("--pipeline-schedule", metavar=_one_of("pipeline_schedule"),
                        help="gpipe: all forwards then all backwards; 1f1b: fewer activations in flight (default 1f1b)")
-    group.add_argument("--init-from", metavar="FILE.h5", help="start from a --save file (any layout)")
+    group.add_argument("--init-from", metavar="FILE.h5", help="start from a --save file or a checkpoint (any "
+                       "layout); without --model, its model")
     group = parser.add_argument_group("parameter server")
     group.add_argument("--sync", metavar=_one_of("sync"),
                        help="allreduce: every rank trains and gradients are summed by --allreduce (default); "
@@ -163,15 +164,16 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="progress bar on stderr (default: only when stderr is a terminal)")
     group = parser.add_argument_group("checkpoints, preemption and failures")
     group.add_argument("--checkpoint-dir", metavar="DIR",
-                       help="write checkpoints here (ckpt-<step>.h5); also turns SIGUSR1/SIGTERM into a "
-                       "checkpoint and exit 75 (requeue)")
+                       help="write checkpoints here (ckpt-<step>.h5); also turns SIGUSR1/SIGTERM and Ctrl-C into "
+                       "a checkpoint and exit 75 (requeue)")
     group.add_argument("--checkpoint-every", type=int, metavar="N",
                        help="checkpoint every N steps (default: only at the end and when signalled)")
     group.add_argument("--keep-checkpoints", type=int, metavar="K",
                        help=f"keep the newest K checkpoints (default {defaults.keep_checkpoints})")
     group.add_argument("--resume", metavar="PATH|auto",
                        help="continue from a checkpoint file, or from the newest valid one in --checkpoint-dir "
-                       "(auto: start at step 0 when there is none)")
+                       "(auto: start at step 0 when there is none), with the settings of its run under those "
+                       "given here")
     group.add_argument("--comm-timeout", type=float, metavar="S",
                        help="abort every rank, naming the operation each waits in, when one communication "
                        "call waits longer than S seconds (default: wait forever)")

@@ -5,7 +5,6 @@ identically on every rank with a one-line message, whether it came from a flag, 
 `TrainConfig(...)` in Python.
 """
 
-import dataclasses
 import math
 import typing
 from dataclasses import dataclass, fields
@@ -234,6 +233,9 @@ def _validate_schedule(config: TrainConfig) -> None:
     watched = [flag for flag, used in (("--early-stop", config.early_stop is not None),
                                        ("--save-best", config.save_best is not None),
                                        ("--schedule plateau", config.schedule == "plateau")) if used]
+    if config.sync == "ps" and config.log_every is not None:
+        raise MpitrainError("--log-every takes step records from the per-step agreement of --sync allreduce; "
+                            "--sync ps has none: its epoch records are all there is")
     if config.sync == "ps" and watched:
         raise MpitrainError(f"{watched[0]} acts on each epoch's validation loss, which --sync ps computes only at "
                             "the end of the run: use --sync allreduce")

@@ -225,9 +225,11 @@ def summarize(config: TrainConfig, history: list[dict], steps: int, first_step: 
                "elapsed_s": elapsed, "train_seconds": train_seconds,
                "samples_per_s": (steps - first_step) * config.batch_size / train_seconds if train_seconds > 0 else 0.0,
                "world_size": world, "stopped": stopped, "written": written})
-    for name in ("loss", "val_loss", "val_accuracy", "lr"):
+    for name in ("loss", "val_loss", "val_accuracy"):
         if name in last:
             summary[f"final_{name}"] = last[name]
+    if "lr" in last:
+        summary["lr"] = last["lr"]  # the rate of the last step, as in every record
     if best:
         summary.update({f"best_{name}": value for name, value in best.items()})
     return summary

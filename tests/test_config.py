@@ -28,6 +28,7 @@ REFUSED = [
     (["--early-stop", "0"], "--early-stop 0"),
     (["--log-every", "0"], "--log-every 0"),
     (["--early-stop", "3", "--sync", "ps"], "--early-stop"),
+    (["--log-every", "5", "--sync", "ps"], "--log-every"),
     (["--save-best", "b.h5", "--val-fraction", "0"], "--save-best"),
     (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
     (["--partition", "stratified", "--loss", "mse"], "--partition stratified"),

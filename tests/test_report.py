@@ -43,6 +43,7 @@ def test_step_and_epoch_records_and_the_summary(comm, small_classification, shar
         assert record["lr"] == pytest.approx(0.01 + (0.001 - 0.01) * (record["step"] - 1) / total)
     for record in epochs:
         assert {"lr", "elapsed_s", "val_loss", "val_accuracy"} <= set(record)
+    assert all("lr" in record and "elapsed_s" in record for record in records)
     assert [r["elapsed_s"] for r in epochs] == sorted(r["elapsed_s"] for r in epochs)
     best = min(epochs, key=lambda r: r["val_loss"])
     assert summary["final"] is True and summary["steps"] == total and summary["epochs"] == len(epochs)
@@ -154,7 +155,9 @@ def test_bar_reaches_the_last_step_with_loss_and_rate(comm, small_classification
             super().close()
 
     monkeypatch.setattr(tqdm, "tqdm", Bar)
-    summary = train(config(data=small_classification, epochs=2, progress=True, **layout), comm).summary
+    result = train(config(data=small_classification, epochs=2, progress=True, **layout), comm)
+    summary = result.summary
+    assert all("lr" in record and "elapsed_s" in record for record in [*result.history, summary])
     if comm.rank == 0:
         n, total, postfix = closed[0]  # tqdm closes again when it is collected
         assert n == total == summary["steps"]

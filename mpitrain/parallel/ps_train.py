@@ -256,6 +256,9 @@ def run(config: TrainConfig, guard) -> TrainResult:
         if records:
             records[-1].update(server_summary(config, outcomes[roles.n_workers:]))
     for record in ps.bcast(records, root=0):
+        # The servers' rate at the record's last step: the fields every layout's epoch record has.
+        record["lr"] = schedule(config.schedule, config.lr, max(record["step"] - 1, 0), steps, config.warmup_steps,
+                                **guard.tracker.schedule_options(spe))
         record["elapsed_s"] = guard.elapsed()
         guard.tracker.observe(record)
         report.epoch(record)
