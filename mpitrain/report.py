@@ -69,12 +69,36 @@ SCALARS = {"step": ("loss", "lr", "step_time_s", "samples_per_s"),
            "epoch": ("loss", "val_loss", "val_accuracy", "lr", "samples_per_s")}
 
 
-def shows_progress(config: TrainConfig, stream=None) -> bool:
+# Processes of MPI launchers between a rank and the user's terminal (names as /proc/PID/comm shows them).
+LAUNCHERS = ("hydra_pmi_proxy", "mpiexec", "mpirun", "mpiexec.hydra", "orted", "prted", "prterun", "slurmstepd")
+
+
+def shows_progress(config: TrainConfig, stream=None, proc: str = "/proc") -> bool:
     """--progress / --no-progress, else a bar only when stderr is a terminal (not in batch logs)."""
     if config.progress is not None:
         return config.progress
     stream = sys.stderr if stream is None else stream
-    return bool(getattr(stream, "isatty", lambda: False)())
+    if getattr(stream, "isatty", lambda: False)():
+        return True
+    return stream is sys.stderr and launcher_has_terminal(os.getpid(), proc)
+
+
+def launcher_has_terminal(pid: int, proc: str = "/proc") -> bool:
+    """Whether the launcher above this process writes to a terminal. Under mpirun a rank's stderr is
+    a pipe to the launcher, which forwards it to its own: the outermost launcher process's stderr
+    is what the user sees (a terminal, or the file of a batch log). Linux /proc; False elsewhere."""
+    decided = None
+    try:
+        for _ in range(8):
+            with open(os.path.join(proc, str(pid), "stat")) as handle:
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(os.path.join(proc, str(pid), "comm")) as handle:
+                if handle.read().strip() not in LAUNCHERS:
+                    break
+            decided = os.readlink(os.path.join(proc, str(pid), "fd", "2"))
+    except (OSError, ValueError, IndexError):
+        return False
+    return decided is not None and decided.startswith(("/dev/pts/", "/dev/tty"))
 
 
 def open_tensorboard(folder: str):

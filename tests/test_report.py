@@ -172,3 +172,28 @@ def test_summary_line_from_a_derived_record():
     line = summary_line(record)
     assert line.startswith("mpitrain: done (early stop): 40 steps in 2.0 s, 1234 samples/s")
     assert "final val_loss 0.5000" in line and "best val_loss 0.2500 (val_accuracy 0.7500) at step 30" in line
+
+
+def fake_proc(root, chain: list[tuple[str, str]]) -> int:
+    """A /proc of processes, each the parent of the next: (comm, where fd 2 points); returns the
+    last one's pid."""
+    for pid, (name, stderr) in enumerate(chain, start=10):
+        folder = root / str(pid)
+        (folder / "fd").mkdir(parents=True)
+        (folder / "stat").write_text(f"{pid} ({name}) S {pid - 1} 0 0")
+        (folder / "comm").write_text(name + "\n")
+        os.symlink(stderr, folder / "fd" / "2")
+    return 10 + len(chain) - 1
+
+
+@pytest.mark.parametrize("launcher_stderr,shown", [("/dev/pts/3", True), ("/scratch/job-17.log", False)])
+def test_under_mpirun_the_launchers_stderr_decides(tmp_path, launcher_stderr, shown):
+    """A rank's stderr is a pipe to hydra's proxy; mpirun's own stderr is what the user sees. A shell
+    above mpirun does not count: its terminal may not be where mpirun writes."""
+    from mpitrain.report import launcher_has_terminal
+
+    rank = fake_proc(tmp_path, [("bash", "/dev/pts/3"), ("mpirun", launcher_stderr),
+                                ("hydra_pmi_proxy", "pipe:[7]"), ("python", "pipe:[8]")])
+    assert launcher_has_terminal(rank, str(tmp_path)) is shown
+    alone = fake_proc(tmp_path / "alone", [("bash", "/dev/pts/3"), ("python", "pipe:[9]")])
+    assert launcher_has_terminal(alone, str(tmp_path / "alone")) is False  # piped into a pager, say
