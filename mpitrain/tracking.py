@@ -89,7 +89,9 @@ class Tracker:
         stopped = state.get("stopped")
         if stopped is not None and not isinstance(stopped, str):
             raise bad("stopped")
-        self.stopped = stopped
+        # Stopped by a patience this run no longer has (--early-stop raised or dropped): go on.
+        patience = self.config.early_stop
+        self.stopped = stopped if patience is not None and numbers["stale_epochs"] >= patience else None
         self.best = best
         self.lr_scale, self.plateau_epochs = numbers["lr_scale"], numbers["plateau_epochs"]
         self.stale_epochs, self.elapsed_before = numbers["stale_epochs"], numbers["elapsed_s"]

@@ -99,6 +99,8 @@ def test_a_run_stopped_early_stays_stopped_on_resume(comm, small_classification,
     again = train(dataclasses.replace(settings, resume="auto"), comm)
     assert again.history == [] and again.summary["steps"] == first.summary["steps"]
     assert again.summary["stopped"] == first.summary["stopped"]
+    patient = train(dataclasses.replace(settings, resume="auto", early_stop=None, epochs=len(first.history) + 1), comm)
+    assert [r["epoch"] for r in patient.history] == [len(first.history) + 1] and patient.summary["stopped"] is None
 
 
 def test_tracking_state_from_a_checkpoint_is_checked():
