@@ -28,6 +28,8 @@ def stored_settings(resume: str, checkpoint_dir: str | None) -> tuple[str, dict]
     'auto': the newest in checkpoint_dir with readable metadata); None when 'auto' finds none.
     Raises MpitrainError naming the file for a missing or unreadable one, or a bad stored value. Local."""
     if resume == "auto":
+        if not checkpoint_dir:
+            return None  # validation names what is missing, with the command line's message
         for _, path in reversed(list_checkpoints(checkpoint_dir)):
             try:
                 return path, _checked(path, read_meta(path))

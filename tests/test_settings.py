@@ -43,6 +43,8 @@ def test_resume_auto_without_a_checkpoint_keeps_the_command_line(comm, shared_di
     folder = os.path.join(shared_dir, "empty")
     given = {"checkpoint_dir": folder, "resume": "auto", "epochs": 7}
     assert complete(given, comm) == given
+    with pytest.raises(MpitrainError, match="--resume auto needs --checkpoint-dir"):
+        run(["train", "--resume", "auto"])
 
 
 def test_init_from_gives_the_model(comm, small_classification, shared_dir):
