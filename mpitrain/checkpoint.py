@@ -151,6 +151,18 @@ def load_checkpoint(path: str, expected=None) -> Checkpoint:
     return Checkpoint(meta, arrays)
 
 
+def read_meta(path: str) -> dict:
+    """A checkpoint's metadata (step, config, ...) without the digest check, which a resume does when
+    it loads the file: enough to learn what run it belongs to. CorruptCheckpoint if it has none."""
+    try:
+        with open_read(path, error=CorruptCheckpoint) as handle:
+            if not is_checkpoint(handle):
+                raise CorruptCheckpoint(f"{path}: not an mpitrain checkpoint")
+            return _parse_meta(_text_attr(handle, "meta", path), path)
+    except OSError as exc:
+        raise CorruptCheckpoint(f"{path}: unreadable or truncated HDF5 file ({str(exc).splitlines()[0]})") from None
+
+
 def is_checkpoint(handle: h5py.File) -> bool:
     """Whether an open HDF5 file says it is an mpitrain checkpoint (any version)."""
     value = handle.attrs.get("format")

@@ -1,4 +1,4 @@
-"""The `mpitrain` command: `train`, `tune`, `data`, `eval`, `predict` and `doctor`, long flags, an optional TOML file.
+"""The `mpitrain` command: `train`, `tune`, `data`, `eval`, `predict`, `plot` and `doctor`, long flags, an optional TOML file.
 
     mpitrain train --steps 100                         # one process
     mpirun -n 4 mpitrain train --config run.toml       # flags override the file
@@ -10,9 +10,11 @@
     mpitrain data import train.csv --out train.h5 --shards 4
     mpitrain data split all.h5 --train train.h5 --test test.h5 --test-fraction 0.2 --stratify
     mpitrain doctor --clean-shm                        # shared memory left in /dev/shm by killed jobs
+    mpitrain plot run.jsonl other.jsonl --out runs.png # curves of --metrics files
 
 An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
-A run stopped by SIGUSR1/SIGTERM after writing its checkpoint exits 75 (see mpitrain/preempt.py).
+A run stopped by SIGUSR1/SIGTERM/SIGINT after writing its checkpoint exits 75; one stopped by
+Ctrl-C without --checkpoint-dir exits 130 (see mpitrain/preempt.py).
 """
 
 import argparse
@@ -23,7 +25,7 @@ import time
 from mpitrain import __version__
 from mpitrain.config import CHOICES, TrainConfig, build, load_toml
 from mpitrain.errors import MpitrainError
-from mpitrain.preempt import EXIT_PREEMPTED, Preempted
+from mpitrain.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 from mpitrain.presets import PRESETS
 
 EXIT_USAGE = 2
@@ -42,6 +44,12 @@ class _Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
+def _one_of(name: str) -> str:
+    """The metavar of a setting with fixed values. The values are checked by config.validate, not by
+    argparse, so a flag, a TOML key and TrainConfig(...) are refused with the same message."""
+    return "{" + ",".join(CHOICES[name]) + "}"
+
+
 def _train_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     add = parser.add_argument
@@ -51,7 +59,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--x-key", metavar="NAME", help="dataset of inputs, (rows, d1, d2, ...) read flattened; "
                        "a path inside a group works, like train/images (default x)")
     group.add_argument("--y-key", metavar="NAME", help="dataset of labels or targets (default y)")
-    group.add_argument("--normalize", choices=CHOICES["normalize"],
+    group.add_argument("--normalize", metavar=_one_of("normalize"),
                        help="standard: (x - mean) / std, minmax: (x - min) / (max - min), per feature over the "
                        "training rows of all ranks; saved with --save and applied again by eval and predict "
                        "(default none)")
@@ -59,26 +67,37 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"fraction of rows held out for validation (default {defaults.val_fraction})")
     group.add_argument("--synth-samples", type=int, metavar="N",
                        help=f"rows of the synthetic set used without --data (default {defaults.synth_samples})")
-    group.add_argument("--partition", choices=CHOICES["partition"],
+    group.add_argument("--partition", metavar=_one_of("partition"),
                        help="how training rows are split over ranks with --sampler shard: contiguous equal "
                        "blocks, or per-class proportional (default uniform)")
-    group.add_argument("--sampler", choices=CHOICES["sampler"],
+    group.add_argument("--sampler", metavar=_one_of("sampler"),
                        help="shard: each rank shuffles its own rows; global: every step's global batch comes "
                        "from one seeded permutation, identical for any world size (default shard)")
     group = parser.add_argument_group("model")
     group.add_argument("--model", metavar="W0-W1-..-Wn",
                        help=f"layer widths, input first, output last (default {defaults.model})")
-    group.add_argument("--activation", choices=CHOICES["activation"], help="hidden activation (default relu)")
-    group.add_argument("--loss", choices=CHOICES["loss"],
+    group.add_argument("--activation", metavar=_one_of("activation"), help="hidden activation (default relu)")
+    group.add_argument("--loss", metavar=_one_of("loss"),
                        help="ce: softmax cross-entropy on integer labels; mse: mean squared error (default ce)")
-    group.add_argument("--dtype", choices=CHOICES["dtype"], help="parameter and activation dtype (default float32)")
+    group.add_argument("--dtype", metavar=_one_of("dtype"), help="parameter and activation dtype (default float32)")
     group = parser.add_argument_group("optimization")
-    group.add_argument("--optimizer", choices=CHOICES["optimizer"], help="(default adam)")
+    group.add_argument("--optimizer", metavar=_one_of("optimizer"), help="(default adam)")
     group.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
     group.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
     group.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
-    group.add_argument("--schedule", choices=CHOICES["schedule"], help="learning-rate schedule (default constant)")
+    group.add_argument("--schedule", metavar=_one_of("schedule"),
+                       help="learning-rate schedule after the warm-up: cosine and linear fall to --min-lr at the last "
+                       "step; step multiplies the rate by --lr-decay after every epoch; plateau when the validation "
+                       "loss has not improved for --lr-patience epochs (default constant)")
     group.add_argument("--warmup-steps", type=int, metavar="N", help="linear warm-up steps (default 0)")
+    group.add_argument("--lr-decay", type=float, metavar="F",
+                       help=f"factor of each decay of --schedule step and plateau (default {defaults.lr_decay})")
+    group.add_argument("--lr-patience", type=int, metavar="E",
+                       help=f"--schedule plateau: epochs without a better validation loss before a decay "
+                       f"(default {defaults.lr_patience})")
+    group.add_argument("--min-lr", type=float, metavar="LR", help="the rate no schedule goes below (default 0)")
+    group.add_argument("--early-stop", type=int, metavar="PATIENCE",
+                       help="stop when the validation loss has not improved for PATIENCE epochs")
     group.add_argument("--batch-size", type=int, metavar="N",
                        help=f"GLOBAL batch, split over ranks (default {defaults.batch_size})")
     group.add_argument("--epochs", type=int, metavar="N", help=f"(default {defaults.epochs})")
@@ -86,11 +105,11 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="total optimizer steps, overriding --epochs; 0 saves the initial parameters")
     group.add_argument("--seed", type=int, help="seeds init, shuffling and the synthetic set (default 0)")
     group = parser.add_argument_group("parallel and hardware")
-    group.add_argument("--allreduce", choices=CHOICES["allreduce"],
+    group.add_argument("--allreduce", metavar=_one_of("allreduce"),
                        help="gradient sum: auto picks by bucket size from `mpitrain tune`'s thresholds; ring "
                        "(pipelined), rd (recursive doubling), hier (shared memory per node + ring over "
                        "nodes), mpi (MPI Allreduce) (default auto)")
-    group.add_argument("--device", choices=CHOICES["device"],
+    group.add_argument("--device", metavar=_one_of("device"),
                        help="cpu (NumPy), gpu (CuPy, GPU local_rank %% count), auto: gpu if one is visible (default auto)")
     group.add_argument("--max-memory", metavar="SIZE",
                        help="memory one rank may use, like 64G or 512M: a run estimated to need more stops "
@@ -105,16 +124,17 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stages", metavar="N1,N2,..", help="dense layers per pipeline stage instead of balancing")
     group.add_argument("--micro-batches", type=int, metavar="M",
                        help="micro-batches per data-parallel group's share of each step (default 1)")
-    group.add_argument("--pipeline-schedule", choices=CHOICES["pipeline_schedule"],
+    group.add_argument("--pipeline-schedule", metavar=_one_of("pipeline_schedule"),
                        help="gpipe: all forwards then all backwards; 1f1b: fewer activations in flight (default 1f1b)")
-    group.add_argument("--init-from", metavar="FILE.h5", help="start from a --save file (any layout)")
+    group.add_argument("--init-from", metavar="FILE.h5", help="start from a --save file or a checkpoint (any "
+                       "layout); without --model, its model")
     group = parser.add_argument_group("parameter server")
-    group.add_argument("--sync", choices=CHOICES["sync"],
+    group.add_argument("--sync", metavar=_one_of("sync"),
                        help="allreduce: every rank trains and gradients are summed by --allreduce (default); "
                        "ps: the last --servers ranks hold the parameters, the others push gradients and pull them")
     group.add_argument("--servers", type=int, metavar="S",
                        help="server ranks with --sync ps; each holds one contiguous range of the parameters (default 1)")
-    group.add_argument("--ps-mode", choices=CHOICES["ps_mode"],
+    group.add_argument("--ps-mode", metavar=_one_of("ps_mode"),
                        help="sync: one update per step from every worker's gradient; async: each gradient is "
                        "applied as it arrives (default sync)")
     group.add_argument("--staleness", type=int, metavar="K",
@@ -131,21 +151,29 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="start each bucket's all-reduce during backward, as soon as its layers are done "
                        "(default on)")
     group = parser.add_argument_group("output")
-    group.add_argument("--metrics", metavar="FILE.jsonl", help="one JSON object per epoch, and a final one")
+    group.add_argument("--metrics", metavar="FILE.jsonl",
+                       help="one JSON object per epoch (and per --log-every steps), and a final summary")
+    group.add_argument("--log-every", type=int, metavar="N", help="add a step record every N steps to --metrics "
+                       "and --tensorboard")
+    group.add_argument("--tensorboard", metavar="DIR", help="write the records' scalars as TensorBoard event "
+                       "files (needs the tensorboard extra)")
     group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")
-    group.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                       help="no progress bar")
+    group.add_argument("--save-best", metavar="FILE.h5",
+                       help="the parameters of the epoch with the lowest validation loss, as --save writes them")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                       help="progress bar on stderr (default: only when stderr is a terminal)")
     group = parser.add_argument_group("checkpoints, preemption and failures")
     group.add_argument("--checkpoint-dir", metavar="DIR",
-                       help="write checkpoints here (ckpt-<step>.h5); also turns SIGUSR1/SIGTERM into a "
-                       "checkpoint and exit 75 (requeue)")
+                       help="write checkpoints here (ckpt-<step>.h5); also turns SIGUSR1/SIGTERM and Ctrl-C into "
+                       "a checkpoint and exit 75 (requeue)")
     group.add_argument("--checkpoint-every", type=int, metavar="N",
                        help="checkpoint every N steps (default: only at the end and when signalled)")
     group.add_argument("--keep-checkpoints", type=int, metavar="K",
                        help=f"keep the newest K checkpoints (default {defaults.keep_checkpoints})")
     group.add_argument("--resume", metavar="PATH|auto",
                        help="continue from a checkpoint file, or from the newest valid one in --checkpoint-dir "
-                       "(auto: start at step 0 when there is none)")
+                       "(auto: start at step 0 when there is none), with the settings of its run under those "
+                       "given here")
     group.add_argument("--comm-timeout", type=float, metavar="S",
                        help="abort every rank, naming the operation each waits in, when one communication "
                        "call waits longer than S seconds (default: wait forever)")
@@ -156,7 +184,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trace", metavar="FILE.json", help="write a timeline of every rank's compute, messages "
                        "and waits (Chrome/Perfetto trace; env MPITRAIN_TRACE); see `mpitrain trace-summary`")
     group.add_argument("--trace-steps", metavar="A:B", help="trace only steps A..B-1 (counted from 0)")
-    group.add_argument("--on-nan", choices=CHOICES["on_nan"],
+    group.add_argument("--on-nan", metavar=_one_of("on_nan"),
                        help="NaN or Inf in the loss or gradients: stop with an error, or skip the update on "
                        "every rank and count it (default abort)")
     add("--preset", choices=PRESETS, help="start from a named recipe, which the config file and flags override: "
@@ -190,6 +218,11 @@ def make_parser() -> argparse.ArgumentParser:
                                   "the slowest rank's top items")
     summary.add_argument("trace_file", metavar="FILE.json")
     summary.add_argument("--top", type=int, default=10, metavar="N", help="items of the critical path (default 10)")
+
+    plot = commands.add_parser("plot", help="draw --metrics files: loss, validation, samples/s and learning rate "
+                               "against the step, several runs overlaid (needs the plot extra)")
+    plot.add_argument("metrics_files", nargs="+", metavar="RUN.jsonl")
+    plot.add_argument("--out", required=True, metavar="FILE.png", help="the picture (PNG)")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", metavar="TOOL", parser_class=_Parser)
@@ -248,11 +281,16 @@ def run_doctor(args: argparse.Namespace) -> None:
     print(f"{len(removed)} stale segment(s) removed from {args.shm_dir}; {len(kept)} in use, recent or not yours kept")
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
+def train_settings(args: argparse.Namespace) -> dict:
+    """The settings this command line sets: the preset's, the TOML file's over them, the flags given on top."""
     file_values = load_toml(args.config) if args.config else {}
     preset_values = PRESETS[args.preset].values if args.preset else {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "preset")}
-    return build({**preset_values, **file_values}, flags)
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "preset") and v is not None}
+    return {**preset_values, **file_values, **flags}
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return build(train_settings(args), {})
 
 
 def run_synth(args: argparse.Namespace) -> None:
@@ -350,16 +388,21 @@ def dispatch(args: argparse.Namespace) -> None:
     if args.command in ("eval", "predict"):
         run_model_file(args)
         return
-    if args.command == "data":
+    if args.command in ("data", "plot"):
         from mpi4py import MPI
 
+        from mpitrain import plot
         from mpitrain.data import tools
 
-        # The data tools are one-process jobs: rank 0 works, the others wait for its verdict.
+        # The data tools and plot are one-process jobs: rank 0 works, the others wait for its verdict.
         error = None
         if MPI.COMM_WORLD.rank == 0:
             try:
-                run_synth(args) if args.data_command == "synth" else tools.run(args)
+                if args.command == "plot":
+                    plot.run(args.metrics_files, args.out)
+                    print(f"wrote {args.out}")
+                else:
+                    run_synth(args) if args.data_command == "synth" else tools.run(args)
             except MpitrainError as exc:
                 error = exc
         from mpitrain.comm import agree, world
@@ -372,8 +415,11 @@ def dispatch(args: argparse.Namespace) -> None:
     from mpitrain.slurm import check_not_singleton
     from mpitrain.train import train
 
+    from mpitrain.settings import complete
+
     check_not_singleton(MPI.COMM_WORLD.size)
-    config, comm, preset = train_config(args), world(), PRESETS.get(args.preset)
+    comm, preset = world(), PRESETS.get(args.preset)
+    config = build(complete(train_settings(args), comm), {})
     if preset:
         preset.prepare(config, comm)
     result = train(config, comm)
@@ -432,6 +478,11 @@ def main(argv: list[str] | None = None) -> None:
         from mpi4py import MPI
 
         if MPI.COMM_WORLD.rank == 0:
-            print(f"mpitrain: preempted by {stop}; exit {EXIT_PREEMPTED}: run again with --resume auto",
-                  file=sys.stderr, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+            how = "interrupted" if stop.reason.startswith("SIGINT") else "preempted"
+            again = ": run again with --resume auto" if stop.exit_status == EXIT_PREEMPTED else ""
+            print(f"mpitrain: {how} by {stop}; exit {stop.exit_status}{again}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_status)
+    except KeyboardInterrupt:  # a second Ctrl-C (preempt.py), or one before the handler was installed
+        from mpitrain.comm import abort
+
+        abort("mpitrain: interrupted: stopping at once", EXIT_INTERRUPTED)

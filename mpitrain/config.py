@@ -1,10 +1,10 @@
 """Training configuration: one dataclass, filled from defaults, then a TOML file, then flags.
 
-Every value is checked here, before any rank communicates, so a bad value fails identically on
-every rank with a one-line message.
+Every value is checked here, on construction, before any rank communicates, so a bad value fails
+identically on every rank with a one-line message, whether it came from a flag, a TOML file or
+`TrainConfig(...)` in Python.
 """
 
-import dataclasses
 import math
 import typing
 from dataclasses import dataclass, fields
@@ -20,7 +20,7 @@ CHOICES = {
     "activation": ("relu", "tanh"),
     "loss": ("ce", "mse"),
     "optimizer": ("adam", "sgd"),
-    "schedule": ("constant", "cosine"),
+    "schedule": ("constant", "cosine", "linear", "step", "plateau"),
     "partition": ("uniform", "stratified"),
     "sampler": ("shard", "global"),
     "allreduce": ("auto", "ring", "rd", "hier", "mpi"),
@@ -53,6 +53,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup_steps: int = 0
+    # --schedule step and plateau multiply the rate by lr_decay (after every epoch; after lr_patience
+    # epochs without a better validation loss); cosine and linear end at min_lr, none goes below it
+    lr_decay: float = 0.5
+    lr_patience: int = 2
+    min_lr: float = 0.0
+    early_stop: int | None = None
     batch_size: int = 128
     epochs: int = 3
     steps: int | None = None
@@ -64,8 +70,12 @@ class TrainConfig:
     threads: int | None = None
     seed: int = 0
     metrics: str | None = None
+    log_every: int | None = None
+    tensorboard: str | None = None
     save: str | None = None
-    progress: bool = True
+    save_best: str | None = None
+    # None: a progress bar when stderr is a terminal
+    progress: bool | None = None
     # model parallelism (mpitrain.parallel)
     tp: int = 1
     pp: int = 1
@@ -94,12 +104,20 @@ class TrainConfig:
     # memory per rank (mpitrain/memory.py): a size like 64G; None: what the node has available
     max_memory: str | None = None
 
+    def __post_init__(self):
+        # The one validation path of the command line, the TOML file and the Python API: a bad
+        # value never reaches the ranks, whichever way it came in.
+        for name in FIELD_TYPES:
+            setattr(self, name, coerce(name, getattr(self, name), "TrainConfig"))
+        validate(self)
+
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 
 
-def _coerce(name: str, value, where: str):
-    """Check one value against its field's type; ints are accepted where floats are expected."""
+def coerce(name: str, value, where: str):
+    """Check one value against its field's type; ints are accepted where floats are expected (and
+    subclasses, like NumPy's float64, as their base type), booleans never as numbers."""
     kind = FIELD_TYPES[name]
     union = typing.get_args(kind)
     if union and value is None:
@@ -107,9 +125,9 @@ def _coerce(name: str, value, where: str):
     base = union[0] if union else kind
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if type(value) is not base:
-        raise MpitrainError(f"{where}: {name} = {value!r} is not a {base.__name__}")
-    return value
+    if not isinstance(value, base) or (base is not bool and isinstance(value, bool)):
+        raise MpitrainError(f"{where}: {name} = {value!r} is not a{'n' if base is int else ''} {base.__name__}")
+    return base(value)
 
 
 def load_toml(path: str) -> dict:
@@ -143,7 +161,7 @@ def load_toml(path: str) -> dict:
         if name in values:
             raise MpitrainError(f"{path}: {name.replace('_', '-')} is set twice ({first[name]} and "
                                 f"{table_name}{key!r}): keep one")
-        values[name], first[name] = _coerce(name, value, path), f"{table_name}{key!r}"
+        values[name], first[name] = coerce(name, value, path), f"{table_name}{key!r}"
     return values
 
 
@@ -171,6 +189,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         from mpitrain.memory import parse_size
 
         parse_size(config.max_memory)
+    from mpitrain.nn.model import parse_widths
+    from mpitrain.trace import parse_steps
+
+    parse_widths(config.model)
+    parse_steps(config.trace_steps)
     if config.steps is not None and config.steps < 0:
         raise MpitrainError(f"--steps {config.steps}: must be 0 or more")
     if config.partition == "stratified" and config.loss != "ce":
@@ -188,10 +211,36 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise MpitrainError(f"--momentum {config.momentum}: must be below 1 (at 1 or more the velocity never decays)")
     if config.warmup_steps < 0:
         raise MpitrainError(f"--warmup-steps {config.warmup_steps}: must be 0 or more")
+    _validate_schedule(config)
+    for name in ("log_every", "early_stop", "lr_patience"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     _validate_resilience(config)
     if not (math.isfinite(config.bucket_mb) and config.bucket_mb > 0):
         raise MpitrainError(f"--bucket-mb {config.bucket_mb}: must be a positive number of MiB")
     return config
+
+
+def _validate_schedule(config: TrainConfig) -> None:
+    if not (math.isfinite(config.lr_decay) and 0 < config.lr_decay < 1):
+        raise MpitrainError(f"--lr-decay {config.lr_decay}: must be between 0 and 1 (the factor each decay "
+                            "multiplies the rate by)")
+    if not (math.isfinite(config.min_lr) and 0 <= config.min_lr <= config.lr):
+        raise MpitrainError(f"--min-lr {config.min_lr}: must be between 0 and --lr {config.lr}")
+    # The parameter server validates once, at the end of the run (parallel/ps_train.py): nothing
+    # could act on a validation loss while it trains.
+    watched = [flag for flag, used in (("--early-stop", config.early_stop is not None),
+                                       ("--save-best", config.save_best is not None),
+                                       ("--schedule plateau", config.schedule == "plateau")) if used]
+    if config.sync == "ps" and config.log_every is not None:
+        raise MpitrainError("--log-every takes step records from the per-step agreement of --sync allreduce; "
+                            "--sync ps has none: its epoch records are all there is")
+    if config.sync == "ps" and watched:
+        raise MpitrainError(f"{watched[0]} acts on each epoch's validation loss, which --sync ps computes only at "
+                            "the end of the run: use --sync allreduce")
+    if watched and not config.val_fraction:
+        raise MpitrainError(f"{watched[0]} acts on the validation loss: it needs --val-fraction above 0")
 
 
 def _validate_resilience(config: TrainConfig) -> None:
@@ -208,9 +257,9 @@ def _validate_resilience(config: TrainConfig) -> None:
 
 
 def build(file_values: dict, flag_values: dict) -> TrainConfig:
-    """Defaults, overridden by the TOML file's values, overridden by the flags given."""
-    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
-    return validate(dataclasses.replace(TrainConfig(), **merged))
+    """Defaults, overridden by the TOML file's values, overridden by the flags given (validated on
+    construction)."""
+    return TrainConfig(**{**file_values, **{k: v for k, v in flag_values.items() if v is not None}})
 
 
 def as_dict(config: TrainConfig) -> dict:

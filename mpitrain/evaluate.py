@@ -3,6 +3,9 @@
     mpirun -n 4 mpitrain eval --model-file model.h5 --data test.h5 --metrics test.json
     mpirun -n 4 mpitrain predict --model-file model.h5 --data new.h5 --out predictions.h5
 
+    from mpitrain import evaluate
+    metrics = evaluate("model.h5", "test.h5")        # the module is callable: evaluate_file below
+
 A model file (`train --save`) carries its widths, activation, loss, dtype and any --normalize
 statistics, so neither command needs --model. Each rank reads only its contiguous block of rows
 (partition.uniform), a block of --batch-rows at a time; eval sums counts over the ranks, predict
@@ -10,6 +13,8 @@ has the ranks write their blocks into one file in turn, so no rank ever holds mo
 """
 
 import json
+import sys
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,8 +22,8 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import read_scalar, to_host
-from mpitrain.comm import agree
+from mpitrain.backend import read_scalar, select_backend, to_host
+from mpitrain.comm import agree, world
 from mpitrain.data import normalize
 from mpitrain.data.hdf5 import H5Dataset
 from mpitrain.data.labels import label_format
@@ -180,6 +185,24 @@ def evaluate(model: ModelFile, dataset: H5Dataset, xp, comm: MPI.Intracomm, batc
     return regression_metrics(sums[1:1 + classes], sums[1 + classes:], total)
 
 
+def evaluate_file(model_file: str, data: str, x_key: str = "x", y_key: str = "y", comm: MPI.Intracomm | None = None,
+                  batch_rows: int = BATCH_ROWS, device: str = "auto") -> dict:
+    """`mpitrain eval` from Python: the metrics of the saved model `model_file` (a train --save or
+    --save-best file) over every row of `data`, each rank of comm (default: the whole job) reading
+    its block. Collective; every rank returns the same dict (see classification_metrics and
+    regression_metrics); MpitrainError on every rank for a bad file."""
+    comm = world() if comm is None else comm
+    if batch_rows < 1:
+        raise MpitrainError(f"--batch-rows {batch_rows}: must be at least 1")
+    xp = select_backend(device, comm).xp
+    model = open_model(model_file, xp, comm)
+    dataset = open_data(data, model, x_key, y_key, comm)
+    try:
+        return evaluate(model, dataset, xp, comm, batch_rows)
+    finally:
+        dataset.close()
+
+
 def describe_metrics(metrics: dict) -> list[str]:
     """The lines `mpitrain eval` prints: totals, then per class and the confusion matrix."""
     if "accuracy" not in metrics:
@@ -256,3 +279,14 @@ def predict(model: ModelFile, dataset: H5Dataset, out: str, xp, comm: MPI.Intrac
             discard(temporary)
         raise
     agree(comm, error_of(publish, temporary, out) if comm.rank == 0 else None)
+
+
+class _CallableModule(types.ModuleType):
+    """`from mpitrain import evaluate` finds this module (see train.py's note), so calling it
+    calls evaluate_file()."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return evaluate_file(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

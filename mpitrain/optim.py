@@ -125,15 +125,21 @@ class Adam(_FlatOptimizer):
         self.params -= w
 
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear", "step", "plateau")
 
 
-def schedule(kind: str, base_lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
+def schedule(kind: str, base_lr: float, step: int, total_steps: int, warmup_steps: int, *, min_lr: float = 0.0,
+             decay: float = 0.5, steps_per_epoch: int = 1, scale: float = 1.0) -> float:
     """Learning rate for 0-based `step`.
 
-    Warm-up: base_lr * (step+1) / warmup_steps for step < warmup_steps (ends at base_lr).
-    Then constant base_lr, or cosine: base_lr * (1 + cos(pi * progress)) / 2 with
-    progress = (step - warmup_steps) / (total_steps - warmup_steps), reaching 0 at step = total_steps.
+    Warm-up: base_lr * (step+1) / warmup_steps for step < warmup_steps (ends at base_lr). Then, with
+    progress p = (step - warmup_steps) / (total_steps - warmup_steps) in [0, 1]:
+      constant  base_lr
+      cosine    min_lr + (base_lr - min_lr) * (1 + cos(pi p)) / 2     (min_lr at step = total_steps)
+      linear    base_lr + (min_lr - base_lr) * p
+      step      max(min_lr, base_lr * decay^e), e = step // steps_per_epoch: one decay per finished epoch
+      plateau   max(min_lr, base_lr * scale), scale the product of the decays the validation loss
+                called for so far (tracking.py keeps it)
     """
     if kind not in SCHEDULES:
         raise MpitrainError(f"lr schedule '{kind}': expected one of {', '.join(SCHEDULES)}")
@@ -141,10 +147,18 @@ def schedule(kind: str, base_lr: float, step: int, total_steps: int, warmup_step
         raise MpitrainError(f"warm-up of {warmup_steps} steps: expected between 0 and {total_steps} (all steps)")
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    if kind == "constant" or total_steps == warmup_steps:
+    if kind == "constant":
+        return base_lr
+    if kind == "step":
+        return max(min_lr, base_lr * decay ** (step // steps_per_epoch))
+    if kind == "plateau":
+        return max(min_lr, base_lr * scale)
+    if total_steps == warmup_steps:
         return base_lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return base_lr + (min_lr - base_lr) * progress
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def buffer_names(config) -> list[str]:

@@ -8,6 +8,7 @@ The training loop calls these hooks, and nothing else of this module:
     if guard.keep_step(loss, grads): ...   # after the gradient all-reduce: NaN/Inf and signals agreed
     guard.boundary(step, epoch, position)  # after each step and epoch: periodic checkpoint, preemption
     guard.finish(step, epoch, position)    # final checkpoint
+    guard.tracker                          # best validation, plateau, patience (tracking.py): checkpointed
     guard.close()                          # watchdog stopped, signal handlers restored
 
 A resumed run equals an uninterrupted one bit for bit on the same layout and world size: the
@@ -50,13 +51,16 @@ from mpitrain.nn.model import full_shapes, parse_widths
 from mpitrain.outputs import write_error
 from mpitrain.parallel.state import gather_pieces, load_pieces
 from mpitrain.preempt import Preempted, PreemptionFlag
+from mpitrain.tracking import Tracker
 
 # Fields that may differ between ranks (per-node core counts, rank 0's progress bar).
 RANK_LOCAL_FIELDS = ("threads", "progress")
-# Fields that do not change the arithmetic of a run: a resume may change them without a warning.
+# Fields that do not change the arithmetic of a run: a resume that changes only these repeats the
+# uninterrupted run.
 NON_TRAJECTORY_FIELDS = RANK_LOCAL_FIELDS + ("metrics", "save", "device", "checkpoint_dir", "checkpoint_every",
                                              "keep_checkpoints", "resume", "comm_timeout", "on_nan", "max_memory",
-                                             "check_collectives", "trace", "trace_steps")
+                                             "check_collectives", "trace", "trace_steps", "log_every", "tensorboard",
+                                             "save_best")
 
 
 @dataclass
@@ -77,7 +81,11 @@ class Resilience:
         self.config = config
         self.watchdog = Watchdog(config.comm_timeout, comm.rank) if config.comm_timeout else None
         self.comm = watch(comm, self.watchdog) if self.watchdog else comm
-        self.flag = PreemptionFlag() if config.checkpoint_dir else None
+        self.flag = PreemptionFlag(checkpoints=config.checkpoint_dir is not None)
+        self.tracker = Tracker(config)
+        self.started = time.perf_counter()
+        # The --data the run was given: the synthetic set's cache path, filled in later, is not a setting.
+        self.data_given = config.data
         self.skipped = 0
         self.stop_reason: str | None = None
         self.say = self.warn = lambda line: None
@@ -125,6 +133,7 @@ class Resilience:
         try:
             position = self._restore(path, meta)
             self._restore_epoch_sums(path, meta, position)
+            self.tracker.load_state(meta.get("tracking"), path)
         except MpitrainError as exc:
             error, position = exc, None
         except OSError as exc:
@@ -169,14 +178,19 @@ class Resilience:
         _field(meta, "config", dict, path)
 
     def _warn_changes(self, path: str, meta: dict) -> None:
-        """Warn about settings that change the arithmetic: the run will not repeat an uninterrupted one."""
-        saved, now = meta["config"], as_dict(self.config)
-        changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in now.items()
-                   if name not in NON_TRAJECTORY_FIELDS and saved.get(name) != value]
+        """Name every setting that differs from the checkpoint's (old -> new), and say whether the
+        run will still repeat an uninterrupted one (only settings of NON_TRAJECTORY_FIELDS changed)."""
+        saved, now = meta["config"], {**as_dict(self.config), "data": self.data_given}
+        differ = [name for name, value in now.items()
+                  if name not in RANK_LOCAL_FIELDS + ("resume",) and name in saved and saved[name] != value]
+        changed = [f"{name} {saved[name]!r} -> {now[name]!r}" for name in differ]
         if meta["world_size"] != self.comm.size:
             changed.append(f"world size {meta['world_size']} -> {self.comm.size}")
-        if changed:
-            self.warn(f"{path}: resuming with {', '.join(changed)}: the run will not repeat an uninterrupted one")
+        if not changed:
+            return
+        repeats = meta["world_size"] == self.comm.size and all(name in NON_TRAJECTORY_FIELDS for name in differ)
+        self.warn(f"{path}: resuming with {', '.join(changed)}: "
+                  + ("the training itself is unchanged" if repeats else "the run will not repeat an uninterrupted one"))
 
     def _restore(self, path: str, meta: dict) -> Position:
         """Every rank reads its own pieces (parameters and optimizer state) and, on the same world
@@ -260,11 +274,24 @@ class Resilience:
         if position == self.steps_per_epoch or step >= self.total_steps:
             return
         if self.stop_reason is not None:
-            path = self.write(Position(step, epoch, position))
-            raise Preempted(step, path, self.stop_reason)
+            self.stop(Position(step, epoch, position), self.stop_reason)
         every = self.config.checkpoint_every
         if every and step % every == 0:
             self.write(Position(step, epoch, position))
+
+    def stop(self, position: Position, reason: str) -> None:
+        """The agreed stop of a signal: write the checkpoint of `position` when checkpointing, then
+        raise Preempted on every rank. Collective."""
+        path = self.write(position) if self.config.checkpoint_dir else None
+        raise Preempted(position.step, path, reason)
+
+    def elapsed(self) -> float:
+        """Seconds of this run, those before the checkpoint it resumed from included."""
+        return self.tracker.elapsed_before + time.perf_counter() - self.started
+
+    @property
+    def last_checkpoint(self) -> str | None:
+        return self._written[1] if self._written else None
 
     def finish(self, step: int, epoch: int, position: int) -> None:
         """Write the final checkpoint (if checkpointing), so `--resume auto` of a finished run is a no-op."""
@@ -291,7 +318,7 @@ class Resilience:
     # ------------------------------------------------------------------------ writing
 
     def signalled(self) -> bool:
-        """Whether this rank received SIGUSR1/SIGTERM (only watched with --checkpoint-dir)."""
+        """Whether this rank received SIGINT, or SIGUSR1/SIGTERM (only watched with --checkpoint-dir)."""
         return bool(self.flag is not None and self.flag.signum)
 
     def write(self, position: Position) -> str:
@@ -348,7 +375,8 @@ class Resilience:
             "optimizer": {"kind": config.optimizer, "t": int(t)},
             "sampler": {"kind": config.sampler, "partition": config.partition, "seed": config.seed,
                         "order": "permutation seeded by (seed, epoch[, rank]); `position` batches taken"},
-            "config": as_dict(config),
+            "config": {**as_dict(config), "data": self.data_given},
+            "tracking": self.tracker.state(self.elapsed()),
             "mpitrain": __version__,
         }
         return Checkpoint(meta, arrays)

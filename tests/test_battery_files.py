@@ -246,7 +246,7 @@ def test_resumed_metrics_equal_the_uninterrupted_runs(comm, dataset, shared_dir,
     train(dataclasses.replace(settings, metrics=cut, checkpoint_dir=os.path.join(shared_dir, "again"),
                               resume=os.path.join(folder, checkpoint_name(resume_step))), comm)
     expected, got = on_root(comm, records, full), on_root(comm, records, cut)
-    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected]
+    assert [r.get("epoch") for r in got] == [r.get("epoch") for r in expected]
     for mine, theirs in zip(got, expected):
         assert {k: mine.get(k) for k in ARITHMETIC} == {k: theirs.get(k) for k in ARITHMETIC}
 
@@ -297,6 +297,6 @@ def test_kill_9_then_resume_auto_leaves_the_uninterrupted_metrics(comm, dataset,
                                                          "--resume", "auto")), 90)]
     assert [run["returncode"] != 0 for run in runs] == [False, True, False], runs
     expected, got = on_root(comm, records, full), on_root(comm, records, cut)
-    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] == [1, 2, 3, 3]
+    assert [r.get("epoch") for r in got] == [r.get("epoch") for r in expected] == [1, 2, 3, None]
     for mine, theirs in zip(got, expected):
         assert {k: mine.get(k) for k in ARITHMETIC} == {k: theirs.get(k) for k in ARITHMETIC}

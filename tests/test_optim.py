@@ -183,7 +183,26 @@ def test_cosine_endpoints():
 
 
 def test_schedule_rejects_bad_arguments():
-    with pytest.raises(MpitrainError, match="'linear'"):
-        schedule("linear", 0.1, 0, 10, 0)
+    with pytest.raises(MpitrainError, match="'exponential'"):
+        schedule("exponential", 0.1, 0, 10, 0)
     with pytest.raises(MpitrainError, match="warm-up of 11 steps"):
         schedule("cosine", 0.1, 0, 10, 11)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "step", "plateau"])
+def test_each_schedule_follows_its_closed_form(kind):
+    """Every step's rate after the warm-up against the formula written out here, min_lr included."""
+    base, floor, total, warmup, per_epoch, decay, scale = 0.4, 0.01, 50, 5, 7, 0.5, 0.25
+
+    def expected(step):
+        p = (step - warmup) / (total - warmup)
+        return {"cosine": floor + (base - floor) * (1 + math.cos(math.pi * p)) / 2,
+                "linear": base - (base - floor) * p,
+                "step": max(floor, base * decay ** (step // per_epoch)),
+                "plateau": max(floor, base * scale)}[kind]
+
+    got = [schedule(kind, base, s, total, warmup, min_lr=floor, decay=decay, steps_per_epoch=per_epoch, scale=scale)
+           for s in range(total + 1)]
+    assert np.allclose(got[:warmup], base * np.arange(1, warmup + 1) / warmup)
+    assert np.allclose(got[warmup:], [expected(s) for s in range(warmup, total + 1)], rtol=1e-12)
+    assert min(got[warmup:]) >= floor and (kind == "plateau" or math.isclose(min(got[warmup:]), floor)), got

@@ -79,7 +79,7 @@ def test_flags_and_toml_keys_fill_the_model_parallel_config(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [(["--tp", "0"], "--tp 0: must be at least 1"),
                                            (["--micro-batches", "0"], "--micro-batches 0: must be at least 1"),
-                                           (["--pipeline-schedule", "zb"], "invalid choice: 'zb'")])
+                                           (["--pipeline-schedule", "zb"], "--pipeline-schedule 'zb': expected one of 1f1b, gpipe")])
 def test_bad_model_parallel_flags_are_refused(flags, message):
     from mpitrain.cli import make_parser, train_config
 

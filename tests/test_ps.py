@@ -204,7 +204,7 @@ def test_metrics_report_the_servers_counts(comm, small_classification, shared_di
     assert len(final["updates_per_worker"]) == final["workers"] == comm.size - 1
     assert final["servers"] == 1 and final["ps_mode"] == "async"
     assert final["max_staleness"] == len(final["staleness_counts"]) - 1
-    assert "val_accuracy" in final and "loss" in records[0]
+    assert "final_val_accuracy" in final and "loss" in records[0]
 
 
 # ---------------------------------------------------------------------------- layouts and failures

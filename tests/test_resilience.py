@@ -49,10 +49,10 @@ def signal_in_step(monkeypatch, comm, step: int) -> None:
     """The last rank sends itself SIGUSR1 during `step` (counted from 1), as Slurm would."""
     schedule = mpitrain.train.schedule
 
-    def scheduled(kind, base_lr, index, total, warmup):
+    def scheduled(kind, base_lr, index, total, warmup, **options):
         if index + 1 == step and comm.rank == comm.size - 1:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return schedule(kind, base_lr, index, total, warmup)
+        return schedule(kind, base_lr, index, total, warmup, **options)
 
     monkeypatch.setattr(mpitrain.train, "schedule", scheduled)
 

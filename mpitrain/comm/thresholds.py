@@ -128,6 +128,26 @@ def load_table(world_size: int, nodes: int) -> list:
     return default_table(world_size, nodes) if entry is None else entry["thresholds"]
 
 
+def describe_source(comm: MPI.Intracomm) -> str:
+    """Which thresholds `auto` uses on comm, for the start-up line: 'tuned thresholds from PATH
+    (p4-n1)' or 'built-in thresholds for p4-n1 (none tuned in PATH)'. Collective on comm; raises
+    MpitrainError on every rank for an unreadable tuning file, as the first all-reduce would."""
+    nodes = node_group(comm).nodes
+    text, error = None, None
+    if comm.rank == 0:
+        path, key = cache_path(), layout_key(comm.size, nodes)
+        try:
+            tuned = key in read_file(path).get("layouts", {})
+            text = f"tuned thresholds from {path} ({key})" if tuned else \
+                f"built-in thresholds for {key} (none tuned in {path})"
+        except MpitrainError as exc:
+            error = str(exc)
+    text, error = comm.bcast((text, error), root=0)
+    if error is not None:
+        raise MpitrainError(error)
+    return text
+
+
 _KEYVAL = MPI.Comm.Create_keyval()
 
 

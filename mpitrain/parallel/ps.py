@@ -243,8 +243,9 @@ class Server:
     """
 
     def __init__(self, comm: MPI.Intracomm, roles: Roles, config: TrainConfig, params: np.ndarray, steps: int,
-                 signalled=lambda: False):
+                 signalled=lambda: False, steps_per_epoch: int = 1):
         self.comm, self.roles, self.config, self.steps = comm, roles, config, steps
+        self.steps_per_epoch = steps_per_epoch
         self.params = params
         self.grads = np.zeros_like(params)
         self.optimizer = make_optimizer(config, self.params, self.grads)
@@ -292,7 +293,9 @@ class Server:
         return message, status.Get_source(), status.Get_tag()
 
     def learning_rate(self, step: int) -> float:
-        return schedule(self.config.schedule, self.config.lr, step, self.steps, self.config.warmup_steps)
+        config = self.config  # --schedule plateau is refused with --sync ps: nothing here rescales the rate
+        return schedule(config.schedule, config.lr, step, self.steps, config.warmup_steps, min_lr=config.min_lr,
+                        decay=config.lr_decay, steps_per_epoch=self.steps_per_epoch)
 
     def _receive_limit(self, message: MPI.Message) -> int:
         limit = np.empty(1, dtype=np.int64)

@@ -39,9 +39,8 @@ from mpitrain.parallel.pipeline import StageLink
 from mpitrain.parallel.ps import (FLAG_BAD_INPUT, FLAG_NONFINITE, FLAG_SIGNAL, Roles, Server, ServerStats, Stop,
                                   WorkerLink, check_config, check_drained, describe, share_parameters)
 from mpitrain.parallel.stage import Stage
-from mpitrain.parallel.state import init_from
-from mpitrain.preempt import Preempted
-from mpitrain.report import Reporter, TrainResult, busiest_rank, validation_metrics
+from mpitrain.parallel.state import init_from, save_model
+from mpitrain.report import Reporter, TrainResult, busiest_rank, summarize, validation_metrics, written_files
 from mpitrain.resilience import Position, dataset_shape, signal_reason, step_finite
 from mpitrain.trace import TRACE
 
@@ -165,7 +164,8 @@ def run(config: TrainConfig, guard) -> TrainResult:
     rank returns the same result, whose last history record holds the servers' counts. Collective.
 
     Raises MpitrainError on every rank for bad input, a non-finite step under --on-nan abort, or a
-    non-finite input row, and Preempted on every rank when a signal stopped the run at a checkpoint.
+    non-finite input row, and Preempted on every rank when a signal stopped the run (at a
+    checkpoint when checkpointing).
     """
     comm = guard.comm
     check_config(config, comm.size)
@@ -195,7 +195,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
     server = None
     if roles.is_server:
         a, b = roles.bounds[roles.server_index]
-        server = Server(ps, roles, config, model.params[a:b], steps, guard.signalled)
+        server = Server(ps, roles, config, model.params[a:b], steps, guard.signalled, spe)
     state = ServerState(config, widths, roles, server, comm)
     if config.init_from:
         init_from(config.init_from, state.pieces(), widths, comm)
@@ -213,6 +213,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
     link = WorkerLink(ps, roles, model) if worker else None
     batches = worker.stream(step // spe, step % spe) if worker else None
     every = config.checkpoint_every
+    looped = time.perf_counter()
     while step < steps:
         end = min(steps, (step // every + 1) * every) if every else steps
         if server:
@@ -233,6 +234,7 @@ def run(config: TrainConfig, guard) -> TrainResult:
         if config.checkpoint_dir and (step == steps or (every and step % every == 0)):
             guard.write(Position(step, step // spe, step % spe))
 
+    train_seconds = time.perf_counter() - looped
     theta = link.params if link else model.params
     share_parameters(ps, roles, theta)
     final_val = {}
@@ -253,11 +255,21 @@ def run(config: TrainConfig, guard) -> TrainResult:
         if records:
             records[-1].update(server_summary(config, outcomes[roles.n_workers:]))
     for record in ps.bcast(records, root=0):
+        # The servers' rate at the record's last step: the fields every layout's epoch record has.
+        record["lr"] = schedule(config.schedule, config.lr, max(record["step"] - 1, 0), steps, config.warmup_steps,
+                                **guard.tracker.schedule_options(spe))
+        record["elapsed_s"] = guard.elapsed()
+        guard.tracker.observe(record)
         report.epoch(record)
     check_drained(ps)
     ps.Free()
     result = TrainResult(model.state(), report.history)
-    report.finish(result)
+    if config.save:
+        save_model(config, result.parameters, config.save, comm)
+    summary = summarize(config, report.history, step, first, train_seconds, guard.elapsed(), guard.tracker.best,
+                        None, written_files(config, guard.last_checkpoint, False), comm.size)
+    result.summary = comm.bcast(summary, root=0)
+    report.finish(result.summary)
     return result
 
 
@@ -271,9 +283,7 @@ def _raise_on_stop(stop: Stop | None, worker: Worker | None, ps: MPI.Intracomm, 
     if stop.reason == "nan":
         raise MpitrainError(f"step {stop.step + 1}: NaN or Inf in the gradient of worker {stop.worker}; "
                             "--on-nan skip would drop such steps instead")
-    reason = signal_reason(ps, guard.flag.signum if guard.flag else 0)
-    path = guard.write(Position(step, step // spe, step % spe))
-    raise Preempted(step, path, reason)
+    guard.stop(Position(step, step // spe, step % spe), signal_reason(ps, guard.flag.signum if guard.flag else 0))
 
 
 # ---------------------------------------------------------------------------- reporting

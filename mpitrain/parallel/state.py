@@ -10,6 +10,7 @@ them into unsliced arrays: a file written under --tp 2 --pp 2 is the file a one-
 writes. Loading goes the other way: every rank reads only its pieces' hyperslabs.
 """
 
+import json
 from types import SimpleNamespace
 
 import h5py
@@ -17,9 +18,11 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.backend import to_host
-from mpitrain.checkpoint import CorruptCheckpoint, expected_datasets, is_checkpoint, verify_checkpoint
+from mpitrain.checkpoint import CorruptCheckpoint, expected_datasets, is_checkpoint, save_parameters, verify_checkpoint
 from mpitrain.comm import agree
-from mpitrain.errors import MpitrainError
+from mpitrain.config import as_dict
+from mpitrain.data import normalize
+from mpitrain.errors import MpitrainError, error_of
 from mpitrain.h5 import open_read
 from mpitrain.nn.model import full_shapes
 from mpitrain.optim import buffer_names
@@ -98,6 +101,18 @@ def full_parameters(strategy, widths: list[int], dtype, comm: MPI.Intracomm) -> 
     for name in names:
         comm.Bcast(params[name], root=0)
     return params
+
+
+def save_model(config, parameters: dict[str, np.ndarray] | None, path: str, comm: MPI.Intracomm) -> None:
+    """Rank 0 writes `parameters` ({name: unsliced host array}; only rank 0's are read) to the model
+    file `path` (--save, --save-best), with the model's attributes, its config as JSON and the
+    --normalize statistics, atomically; every rank learns whether the write worked. Collective."""
+    error = None
+    if comm.rank == 0:
+        attrs = {"model": config.model, "activation": config.activation, "config": json.dumps(as_dict(config))}
+        stats, stats_attrs = normalize.file_entries(normalize.attached(config))
+        error = error_of(save_parameters, path, {**parameters, **stats}, {**attrs, **stats_attrs})
+    agree(comm, error)
 
 
 def load_pieces(pieces, source, buffers: dict[str, str]) -> None:
