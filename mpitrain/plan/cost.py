@@ -1,0 +1,255 @@
+"""The cost model of one layout: bytes per rank (exact), memory per rank, and step time.
+
+    spec = Spec("grid", dp=2, tp=2, pp=1, algorithm="ring")
+    traffic, memory = busiest(list(grid_ranks(spec, config, widths, ranks_per_node, auto_chooser())))
+    prediction = timing.predict(spec, config, widths, ranks_per_node=4, profile=profile)
+
+Bytes and memory are computed for every rank from the same rules the code follows (the tensor-group
+sums of parallel/mappings.py, the stage links of parallel/pipeline.py, the gradient buckets of
+comm/buckets.py, the parameter server's ranges) and reported like the metrics: the busiest rank of
+each field. Time per step, on the busiest stage (units: seconds):
+
+    compute     GEMMs (2 r in out FLOPs each: forward, weight gradient, input gradient but on the
+                first layer) at the profile's rate for that shape; element-wise work and the loss
+                from the bytes they stream at the rank's memory bandwidth; a fixed cost per array call
+    tensor      the ring sums of each column/row pair, per micro-batch (forward and backward)
+    pipeline    the activation and gradient each stage receives per micro-batch
+    bubble      the idle share (P-1)/(M+P-1) of the pipelined part (parallel/pipeline.py)
+    data        the gradient buckets' all-reduces, minus what overlaps with the backward still to run
+    optimizer   its passes over this rank's parameters (1/dp of them from ZeRO stage 1 on)
+    overhead    the fixed per-step cost and the per-step agreement of every rank
+
+ZeRO stages (Rajbhandari et al., "ZeRO", SC 2020) are modelled, not run here: stage 1 keeps 1/dp of
+the optimizer state per rank, stage 2 also 1/dp of the gradients; both sum gradients as a ring
+reduce-scatter + all-gather, the bytes and time of a ring all-reduce.
+"""
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from mpitrain.comm.buckets import plan_buckets
+from mpitrain.comm.ring import chunk_bounds
+from mpitrain.data.sampler import local_batch_sizes
+from mpitrain.nn.model import layer_roles
+from mpitrain.optim import buffer_names
+from mpitrain.parallel.grid import plan_layout
+from mpitrain.parallel.pipeline import micro_batch_bounds, schedule
+from mpitrain.plan.collectives import Group, group_of, hier_sent, mpi_sent_bytes, rd_sent, ring_sent
+
+# Passes over the parameter buffer of one optimizer step and its array calls (optim.py: Adam's
+# 13 in-place operations read and write 30 buffers' worth; SGD multiplies then subtracts).
+OPTIMIZER_PASSES = {"adam": (30, 13), "sgd": (5, 2), "sgd-momentum": (9, 4)}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One candidate: kind 'grid' (dp x tp x pp) or 'ps' (dp workers + servers, tp = pp = 1)."""
+
+    kind: str
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    micro_batches: int = 1
+    schedule: str = "1f1b"
+    zero: int = 0
+    algorithm: str = "ring"
+    servers: int = 0
+
+    @property
+    def world(self) -> int:
+        return self.dp + self.servers if self.kind == "ps" else self.dp * self.tp * self.pp
+
+    def describe(self) -> str:
+        if self.kind == "ps":
+            return f"ps {self.dp} workers + {self.servers} server(s)"
+        parts = [f"dp{self.dp} tp{self.tp} pp{self.pp}"]
+        if self.pp > 1:
+            parts.append(f"m{self.micro_batches} {self.schedule}")
+        if self.dp > 1:
+            parts.append(f"zero{self.zero} {self.algorithm}" if self.zero else self.algorithm)
+        return " ".join(parts)
+
+
+@dataclass
+class Prediction:
+    spec: Spec
+    step_s: float
+    samples_per_s: float
+    terms: dict          # seconds per step by term (see the module docstring)
+    bytes: dict          # tp/pp/dp/sent bytes per step of the busiest rank, as the metrics name them
+    memory: dict         # param/grad/optimizer/activation bytes of the busiest rank, and their max sum
+
+    @property
+    def dominant(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+    def as_dict(self) -> dict:
+        return {"layout": self.spec.describe(), **asdict(self.spec), "step_s": self.step_s,
+                "samples_per_s": self.samples_per_s, "dominant": self.dominant, "terms": self.terms,
+                "bytes": self.bytes, "memory": self.memory}
+
+
+# ---------------------------------------------------------------------------- one rank's layers
+
+
+def local_layers(widths: list[int], tp: int, tp_rank: int, span: tuple[int, int]) -> list[dict]:
+    """This rank's dense layers [start, stop): global index, role, local (in, out), bias length."""
+    roles = layer_roles(len(widths) - 1, tp)
+    out = []
+    for i in range(*span):
+        n_in, n_out = widths[i], widths[i + 1]
+        if roles[i] == "column":
+            a, b = chunk_bounds(n_out, tp)[tp_rank]
+            out.append({"index": i, "role": "column", "in": n_in, "out": b - a, "bias": b - a, "full_in": n_in})
+        elif roles[i] == "row":
+            a, b = chunk_bounds(n_in, tp)[tp_rank]
+            out.append({"index": i, "role": "row", "in": b - a, "out": n_out, "bias": n_out, "full_out": n_out})
+        else:
+            out.append({"index": i, "role": "whole", "in": n_in, "out": n_out, "bias": n_out})
+    return out
+
+
+def n_params(layers: list[dict]) -> int:
+    return sum(layer["in"] * layer["out"] + layer["bias"] for layer in layers)
+
+
+def saved_bytes(layers: list[dict], rows: int, itemsize: int, activation: str, n_dense: int) -> int:
+    """Bytes one micro-batch of `rows` keeps for backward (nn/model.py): every layer's input, and
+    each activation's mask (ReLU, one byte per element) or output (tanh)."""
+    total = 0
+    for layer in layers:
+        total += rows * layer["in"] * itemsize
+        if layer["index"] < n_dense - 1:
+            total += rows * layer["out"] * (1 if activation == "relu" else itemsize)
+    return total
+
+
+def peak_activation_bytes(layers, micro_rows, itemsize, activation, n_dense, kind, stages, stage) -> int:
+    """Most bytes kept at once over one step's schedule on this stage (gpipe: every micro-batch;
+    1f1b: at most P - s in flight)."""
+    live = peak = 0
+    for action, micro in schedule(kind, stages, stage, len(micro_rows)):
+        change = saved_bytes(layers, micro_rows[micro], itemsize, activation, n_dense)
+        live += change if action == "F" else -change
+        peak = max(peak, live)
+    return peak
+
+
+def tensor_sums(layers: list[dict]) -> list[tuple[str, int]]:
+    """(direction, columns) of each ring sum the tensor group runs per micro-batch: a row layer's
+    output forward, a column layer's input gradient backward (not on the model's first layer)."""
+    sums = []
+    for layer in layers:
+        if layer["role"] == "row":
+            sums.append(("forward", layer["full_out"]))
+        elif layer["role"] == "column" and layer["index"] > 0:
+            sums.append(("backward", layer["full_in"]))
+    return sums
+
+
+# ---------------------------------------------------------------------------- bytes and memory per rank
+
+
+def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_rank: int, group: Group, leader_index, choose) -> int:
+    """Bytes this rank sends summing buckets of `counts` elements over its data-parallel group."""
+    total = 0
+    for count in counts:
+        algorithm = "ring" if spec.zero else spec.algorithm
+        if algorithm == "auto":
+            algorithm = choose(count * itemsize, group)
+        if algorithm == "ring":
+            total += ring_sent(count, spec.dp, dp_rank) * itemsize
+        elif algorithm == "rd":
+            total += rd_sent(count, spec.dp, dp_rank) * itemsize
+        elif algorithm == "hier":
+            total += hier_sent(count, itemsize, leader_index, group.nodes) * itemsize
+        else:
+            total += mpi_sent_bytes(count * itemsize, spec.dp)
+    return total
+
+
+def auto_chooser():
+    """What --allreduce auto picks for n bytes over a group: the thresholds `mpitrain tune` saved
+    for that many ranks and nodes, else comm/thresholds.py's defaults."""
+    from mpitrain.comm.thresholds import Thresholds, load_table
+
+    tables = {}
+
+    def choose(nbytes: int, group: Group) -> str:
+        key = (group.size, group.nodes)
+        if key not in tables:
+            tables[key] = Thresholds(load_table(*key))
+        return tables[key](nbytes)
+    return choose
+
+
+def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choose):
+    """Yield (stage, tp_rank, dp_rank, layers, micro_rows, {field: bytes}) for every rank of a grid."""
+    layout = plan_layout(replace(config, tp=spec.tp, pp=spec.pp, micro_batches=spec.micro_batches,
+                                 pipeline_schedule=spec.schedule, stages=None), spec.world, widths)
+    itemsize = np.dtype(config.dtype).itemsize
+    batches = local_batch_sizes(config.batch_size, spec.dp)
+    n_dense = len(widths) - 1
+    for stage, span in enumerate(layout.stages):
+        for tp_rank in range(spec.tp):
+            layers = local_layers(widths, spec.tp, tp_rank, span)
+            slices = np.cumsum([0] + [layer["in"] * layer["out"] + layer["bias"] for layer in layers]).tolist()
+            buckets = plan_buckets(list(zip(slices[:-1], slices[1:])), itemsize, config.bucket_mb)
+            counts = [stop - start for start, stop, _ in buckets]
+            members = [(stage * spec.dp + d) * spec.tp + tp_rank for d in range(spec.dp)]
+            group = group_of(members, ranks_per_node)
+            nodes = [rank // ranks_per_node for rank in members]
+            leaders = {node: i for i, node in enumerate(dict.fromkeys(nodes))}
+            params = n_params(layers)
+            for dp_rank in range(spec.dp):
+                micro_rows = [b - a for a, b in micro_batch_bounds(batches[dp_rank], spec.micro_batches)]
+                first = nodes.index(nodes[dp_rank]) == dp_rank
+                tp_bytes = sum(ring_sent(rows * columns, spec.tp, tp_rank) for rows in micro_rows
+                               for _, columns in tensor_sums(layers)) * itemsize
+                pp_bytes = 0
+                if stage < spec.pp - 1:
+                    pp_bytes += sum(micro_rows) * layers[-1]["out"] * itemsize
+                if stage > 0:
+                    pp_bytes += sum(micro_rows) * layers[0]["in"] * itemsize
+                dp_bytes = dp_sent(counts, itemsize, spec, dp_rank, group,
+                                   leaders[nodes[dp_rank]] if first else None, choose)
+                start, stop = chunk_bounds(params, spec.dp)[dp_rank]
+                shard = stop - start  # ZeRO: this rank's equal block of the stage's parameters
+                fields = {
+                    "param": params * itemsize,
+                    "grad": (shard if spec.zero >= 2 else params) * itemsize,
+                    "optimizer": len(buffer_names(config)) * (shard if spec.zero >= 1 else params) * itemsize,
+                    "activation": peak_activation_bytes(layers, micro_rows, itemsize, config.activation, n_dense,
+                                                        spec.schedule, spec.pp, stage),
+                    "tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes}
+                yield stage, tp_rank, dp_rank, layers, micro_rows, fields
+
+
+def ps_ranks(spec: Spec, config, widths: list[int]):
+    """Yield {field: bytes} of every worker and server of a parameter-server layout (ps_train.py)."""
+    itemsize = np.dtype(config.dtype).itemsize
+    layers = local_layers(widths, 1, 0, (0, len(widths) - 1))
+    params = n_params(layers)
+    for rows in local_batch_sizes(config.batch_size, spec.dp):
+        # A worker keeps the whole model and its gradient and sends all of the gradient each step.
+        yield {"param": params * itemsize, "grad": params * itemsize, "optimizer": 0,
+               "activation": saved_bytes(layers, rows, itemsize, config.activation, len(widths) - 1),
+               "tp": 0, "pp": 0, "dp": params * itemsize}
+    for a, b in chunk_bounds(params, spec.servers):
+        yield {"param": (b - a) * itemsize, "grad": (b - a) * itemsize,
+               "optimizer": len(buffer_names(config)) * (b - a) * itemsize, "activation": 0,
+               "tp": 0, "pp": 0, "dp": spec.dp * (b - a) * itemsize}
+
+
+def busiest(per_rank: list[dict]) -> tuple[dict, dict]:
+    """(bytes, memory) as the metrics report them: each field's maximum over ranks, the total sent
+    the maximum of each rank's sum; memory also the largest per-rank total."""
+    top = {key: max(rank[key] for rank in per_rank) for key in per_rank[0]}
+    traffic = {"tp_bytes_per_step": top["tp"], "pp_bytes_per_step": top["pp"], "dp_bytes_per_step": top["dp"],
+               "sent_bytes_per_step": max(rank["tp"] + rank["pp"] + rank["dp"] for rank in per_rank)}
+    memory = {"param_bytes_per_rank": top["param"], "grad_bytes_per_rank": top["grad"],
+              "optimizer_bytes_per_rank": top["optimizer"], "activation_bytes_per_rank": top["activation"],
+              "total_bytes_per_rank": max(sum(rank[k] for k in ("param", "grad", "optimizer", "activation"))
+                                          for rank in per_rank)}
+    return traffic, memory

@@ -1,0 +1,198 @@
+"""Step time of one layout on a machine profile (the terms are listed in plan/cost.py).
+
+    prediction = predict(Spec("grid", dp=2, tp=2), config, widths, ranks_per_node=4, profile=profile)
+
+One rank's machine is its share of a node (`Machine`): BLAS threads = cores // ranks on the node,
+and a share of a core below 1 when ranks outnumber cores (every cost, MPI's polling included,
+stretches by cores / ranks). The busiest stage sets the pace of a pipeline; its first rank (the
+most rows and the largest slices) stands for the stage.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpitrain.comm.buckets import plan_buckets
+from mpitrain.data.sampler import local_batch_sizes
+from mpitrain.parallel.pipeline import bubble_fraction
+from mpitrain.plan.collectives import allreduce_time, group_of, p2p_time
+from mpitrain.plan.cost import (OPTIMIZER_PASSES, Prediction, Spec, auto_chooser, busiest, grid_ranks,
+                                local_layers, n_params, ps_ranks, tensor_sums)
+
+
+@dataclass
+class Machine:
+    """What one rank of a node gets of the profile's machine: its share of a core (below 1 when
+    ranks outnumber cores), BLAS threads, GEMM rate lookup and memory bandwidth."""
+
+    profile: dict
+    ranks_on_node: int
+    dtype: str
+
+    def __post_init__(self):
+        cores = self.profile["cores_per_node"]
+        self.threads = max(1, cores // self.ranks_on_node)
+        self.share = min(1.0, cores / self.ranks_on_node)
+        busy = min(self.ranks_on_node, cores)
+        self.bandwidth = self.share * min(self.profile["memory_bandwidth_per_core"],
+                                          self.profile["memory_bandwidth_per_node"] / busy)
+        self.shapes = [e for e in self.profile["gemm"] if e["dtype"] == self.dtype]
+        rates = self.profile["gemm_flops_per_s"]
+        self.default_rate = rates.get(self.dtype) or min(rates.values())
+
+    def gemm(self, m: int, k: int, n: int) -> float:
+        """Seconds of an (m, k) x (k, n) product: 2 m k n FLOPs at the nearest measured shape's rate."""
+        if m * k * n == 0:
+            return self.call()
+        rate = self.default_rate
+        if self.shapes:
+            def distance(e):
+                return abs(math.log(e["m"] / m)) + abs(math.log(e["k"] / k)) + abs(math.log(e["n"] / n))
+            rate = min(self.shapes, key=distance)["flops_per_s"]
+        return 2 * m * k * n / (rate * self.threads * self.share) + self.call()
+
+    def stream(self, nbytes: float, calls: int = 1) -> float:
+        """Seconds of element-wise work that streams nbytes through memory in `calls` array calls."""
+        return nbytes / self.bandwidth + calls * self.call()
+
+    def call(self) -> float:
+        return self.profile["op_overhead_s"] / self.share
+
+
+def layer_times(machine: Machine, layer: dict, rows: int, itemsize: int, last_layer: bool, accumulate: bool):
+    """(forward, backward) compute seconds of one local layer on `rows` rows."""
+    out = rows * layer["out"] * itemsize
+    forward = machine.gemm(rows, layer["in"], layer["out"]) + machine.stream(2 * out)
+    backward = machine.gemm(layer["in"], rows, layer["out"]) + machine.stream(out)
+    if not last_layer:  # activation forward (max, mask) and backward (product with the mask)
+        forward += machine.stream(2 * out + out + rows * layer["out"], 2)
+        backward += machine.stream(3 * out + rows * layer["out"])
+    if layer["index"] > 0:
+        backward += machine.gemm(rows, layer["out"], layer["in"])
+    if accumulate:
+        backward += machine.stream(3 * (layer["in"] * layer["out"] + layer["bias"]) * itemsize, 3)
+    return forward, backward
+
+
+def optimizer_time(machine: Machine, config, count: int, itemsize: int) -> float:
+    key = config.optimizer if config.optimizer == "adam" or not config.momentum else "sgd-momentum"
+    passes, calls = OPTIMIZER_PASSES[key]
+    return machine.stream(passes * count * itemsize, calls)
+
+
+def stage_time(machine, profile, spec, layers, micro_rows, itemsize, n_dense, tp_group, pp_same_node,
+               first_stage, last_stage):
+    """(compute, tensor, pipeline, per-layer backward seconds of the last micro-batch) of one stage."""
+    compute = tensor = pipeline = 0.0
+    last_backward = []
+    for micro, rows in enumerate(micro_rows):
+        backward_layers = []
+        for layer in layers:
+            forward, backward = layer_times(machine, layer, rows, itemsize, layer["index"] == n_dense - 1, micro > 0)
+            compute += forward + backward
+            backward_layers.append(backward)
+        for direction, columns in tensor_sums(layers):
+            seconds = allreduce_time(profile, "ring", rows * columns * itemsize, tp_group, machine.bandwidth,
+                                     machine.share)
+            tensor += seconds
+        if last_stage:  # softmax cross-entropy or squared error: a few passes over the output
+            compute += machine.stream(6 * rows * layers[-1]["out"] * itemsize, 8)
+        else:
+            pipeline += p2p_time(profile, rows * layers[-1]["out"] * itemsize, pp_same_node, machine.share)
+        if not first_stage:
+            pipeline += p2p_time(profile, rows * layers[0]["in"] * itemsize, pp_same_node, machine.share)
+        last_backward = backward_layers
+    return compute, tensor, pipeline, last_backward
+
+
+def exposed_sync(bucket_seconds: list[float], bucket_layers: list[int], backward: list[float], efficiency: float):
+    """Seconds the gradient sum adds after backward. Buckets run one after another, each from the
+    moment backward finishes its layers; the share `efficiency` of the overlap with the backward
+    still to run is realised (comm/buckets.py progresses them only between layers)."""
+    total = sum(bucket_seconds)
+    finish, clock = sum(backward), 0.0
+    done_at = {}
+    for index in reversed(range(len(backward))):
+        clock += backward[index]
+        done_at[index] = clock
+    end = 0.0
+    for seconds, layer in zip(bucket_seconds, bucket_layers):
+        end = max(end, done_at[layer]) + seconds
+    overlapped = max(0.0, end - finish)
+    return efficiency * overlapped + (1 - efficiency) * total
+
+
+def predict(spec: Spec, config, widths: list[int], ranks_per_node: int, profile: dict, choose=None) -> Prediction:
+    """The Prediction of one layout; MpitrainError (from plan_layout) when it does not fit."""
+    choose = choose or auto_chooser()
+    itemsize = np.dtype(config.dtype).itemsize
+    machine = Machine(profile, min(ranks_per_node, spec.world), config.dtype)
+    n_dense = len(widths) - 1
+    if spec.kind == "ps":
+        return _predict_ps(spec, config, widths, ranks_per_node, profile, machine, itemsize, n_dense)
+    per_rank, worst = [], None
+    for stage, tp_rank, dp_rank, layers, micro_rows, fields in grid_ranks(spec, config, widths, ranks_per_node, choose):
+        per_rank.append(fields)
+        if tp_rank != 0 or dp_rank != 0:
+            continue  # time: the first rank of each stage (the most rows, the largest slices)
+        base = stage * spec.dp * spec.tp
+        tp_group = group_of(list(range(base, base + spec.tp)), ranks_per_node)
+        dp_members = [(stage * spec.dp + d) * spec.tp for d in range(spec.dp)]
+        dp_group = group_of(dp_members, ranks_per_node)
+        neighbour = base + spec.dp * spec.tp
+        same_node = spec.pp == 1 or base // ranks_per_node == min(neighbour, spec.world - 1) // ranks_per_node
+        compute, tensor, pipeline, backward = stage_time(machine, profile, spec, layers, micro_rows, itemsize,
+                                                         n_dense, tp_group, same_node, stage == 0,
+                                                         stage == spec.pp - 1)
+        slices = np.cumsum([0] + [layer["in"] * layer["out"] + layer["bias"] for layer in layers]).tolist()
+        buckets = plan_buckets(list(zip(slices[:-1], slices[1:])), itemsize, config.bucket_mb)
+        seconds = []
+        for start, stop, _ in buckets:
+            nbytes = (stop - start) * itemsize
+            algorithm = "ring" if spec.zero else spec.algorithm
+            algorithm = choose(nbytes, dp_group) if algorithm == "auto" else algorithm
+            seconds.append(allreduce_time(profile, algorithm, nbytes, dp_group, machine.bandwidth, machine.share))
+        efficiency = profile["overlap_efficiency"] if config.overlap else 0.0
+        data = exposed_sync(seconds, [first for _, _, first in buckets], backward, efficiency)
+        count = n_params(layers)
+        count = -(-count // spec.dp) if spec.zero else count
+        stage_terms = {"compute": compute, "tensor": tensor, "pipeline": pipeline, "data": data,
+                       "optimizer": optimizer_time(machine, config, count, itemsize)}
+        busy = compute + tensor + pipeline
+        if worst is None or busy > worst[0]:
+            worst = (busy, stage_terms)
+    busy, terms = worst
+    terms["bubble"] = busy * bubble_fraction(spec.pp, spec.micro_batches) / (1 - bubble_fraction(spec.pp, spec.micro_batches))
+    terms["overhead"] = _overhead(profile, machine, spec.world, ranks_per_node)
+    traffic, memory = busiest(per_rank)
+    return _prediction(spec, config, terms, traffic, memory)
+
+
+def _overhead(profile, machine, world, ranks_per_node) -> float:
+    """The fixed per-step cost and the agreement of every rank on the step's flags (an MPI all-reduce)."""
+    world_group = group_of(list(range(world)), ranks_per_node)
+    agreement = allreduce_time(profile, "mpi", 16, world_group, machine.bandwidth, machine.share)
+    return profile["step_overhead_s"] / machine.share + agreement
+
+
+def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, itemsize, n_dense) -> Prediction:
+    """Synchronous parameter server: a worker computes its gradient, then every server takes the
+    W gradients of its range one message at a time, sums them, steps, and answers each worker."""
+    layers = local_layers(widths, 1, 0, (0, n_dense))
+    rows = local_batch_sizes(config.batch_size, spec.dp)[0]
+    compute = sum(sum(layer_times(machine, layer, rows, itemsize, layer["index"] == n_dense - 1, False))
+                  for layer in layers) + machine.stream(6 * rows * widths[-1] * itemsize, 8)
+    share = -(-n_params(layers) // spec.servers)
+    same_node = spec.world <= ranks_per_node
+    message = p2p_time(profile, share * itemsize, same_node, machine.share)
+    server = spec.dp * (2 * message + machine.stream(3 * share * itemsize)) + optimizer_time(machine, config, share, itemsize)
+    terms = {"compute": compute, "tensor": 0.0, "pipeline": 0.0, "bubble": 0.0, "data": server,
+             "optimizer": 0.0, "overhead": profile["step_overhead_s"] / machine.share}
+    traffic, memory = busiest(list(ps_ranks(spec, config, widths)))
+    return _prediction(spec, config, terms, traffic, memory)
+
+
+def _prediction(spec, config, terms, traffic, memory) -> Prediction:
+    step = sum(terms.values())
+    return Prediction(spec, step, config.batch_size / step if step > 0 else math.inf, terms, traffic, memory)
