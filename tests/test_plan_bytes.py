@@ -1,0 +1,59 @@
+"""The plan's bytes and memory per rank equal what a run's metrics report for the same layout.
+
+Each layout trains a tiny model (uneven widths, so slices and chunks differ by rank) for two steps
+on the first ranks of the test's communicator, in this process; the plan computes the same fields
+from the config alone, and every one must match exactly.
+"""
+
+import dataclasses
+
+import pytest
+
+from groups import groups_of
+from mpitrain.comm import local_rank_and_size
+from mpitrain.nn.model import parse_widths
+from mpitrain.plan.cost import Spec, auto_chooser, busiest, grid_ranks, ps_ranks
+from mpitrain.train import train
+from parallel_runs import config
+
+FIELDS = ("tp_bytes_per_step", "pp_bytes_per_step", "dp_bytes_per_step", "sent_bytes_per_step",
+          "param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "activation_bytes_per_rank")
+
+# world size: [(spec, config overrides)]: every grid axis, micro-batching under both schedules,
+# each hand-written all-reduce and MPI's, and the parameter server.
+LAYOUTS = {
+    1: [(Spec("grid", 1), {})],
+    2: [(Spec("grid", 2, algorithm="ring"), {"allreduce": "ring"}),
+        (Spec("grid", 2, algorithm="mpi"), {"allreduce": "mpi", "optimizer": "sgd", "momentum": 0.5}),
+        (Spec("grid", 1, tp=2), {"tp": 2}),
+        (Spec("grid", 1, pp=2, micro_batches=3, schedule="gpipe"),
+         {"pp": 2, "micro_batches": 3, "pipeline_schedule": "gpipe"}),
+        (Spec("ps", 1, servers=1), {"sync": "ps"})],
+    4: [(Spec("grid", 1, tp=2, pp=2, micro_batches=2), {"tp": 2, "pp": 2, "micro_batches": 2}),
+        (Spec("grid", 2, tp=2, algorithm="rd"), {"tp": 2, "allreduce": "rd", "activation": "tanh"}),
+        (Spec("grid", 2, pp=2, micro_batches=2, algorithm="hier"), {"pp": 2, "micro_batches": 2, "allreduce": "hier"}),
+        (Spec("grid", 4, algorithm="auto", zero=0), {"batch_size": 14}),
+        (Spec("ps", 2, servers=2), {"sync": "ps", "servers": 2})],
+}
+
+
+@pytest.mark.parametrize("size", sorted(LAYOUTS))
+def test_predicted_bytes_and_memory_equal_the_metrics(comm, size):
+    with groups_of(comm, size) as group:
+        if group is None:
+            return
+        _, ranks_on_node = local_rank_and_size(group)
+        for spec, overrides in LAYOUTS[size]:
+            run_config = config(steps=2, **overrides)
+            record = train(run_config, group).history[-1]
+            widths = parse_widths(run_config.model)
+            plan_config = dataclasses.replace(run_config)
+            if spec.kind == "ps":
+                per_rank = list(ps_ranks(spec, plan_config, widths))
+            else:
+                per_rank = [fields for *_, fields in grid_ranks(spec, plan_config, widths, ranks_on_node,
+                                                                 auto_chooser())]
+            traffic, memory = busiest(per_rank)
+            predicted = {**traffic, **memory}
+            for field in FIELDS:
+                assert predicted[field] == record[field], (spec.describe(), field)
