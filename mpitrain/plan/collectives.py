@@ -15,8 +15,10 @@ import bisect
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from mpitrain.comm.hier import block_bytes
-from mpitrain.comm.ring import SEGMENT_BYTES, chunk_bounds
+from mpitrain.comm.ring import SEGMENT_BYTES
 from mpitrain.comm.traffic import ring_equivalent
 
 
@@ -40,38 +42,40 @@ def group_of(world_ranks: list[int], ranks_per_node: int) -> Group:
 # ---------------------------------------------------------------------------- bytes (exact)
 
 
-def ring_sent(count: int, size: int, rank: int) -> int:
-    """Elements rank `rank` sends in the ring all-reduce of `count` elements over `size` ranks:
-    every chunk but its own in reduce-scatter, every chunk but its right neighbour's in all-gather,
-    (n - c_r) + (n - c_{r+1}); 2(p-1)/p n when p divides n."""
+def ring_sent(count: int, size: int, rank):
+    """Elements rank `rank` (an int, or a NumPy array of ranks) sends in the ring all-reduce of
+    `count` elements over `size` ranks: every chunk but its own in reduce-scatter, every chunk but
+    its right neighbour's in all-gather, (n - c_r) + (n - c_{r+1}); 2(p-1)/p n when p divides n."""
     if size == 1 or count == 0:
-        return 0
-    bounds = chunk_bounds(count, size)
-    own, right = bounds[rank], bounds[(rank + 1) % size]
-    return 2 * count - (own[1] - own[0]) - (right[1] - right[0])
+        return rank * 0
+    base, extra = divmod(count, size)
+    own, right = base + (rank < extra), base + ((rank + 1) % size < extra)
+    return 2 * count - own - right
 
 
-def rd_sent(count: int, size: int, rank: int) -> int:
-    """Elements rank `rank` sends in recursive doubling: the whole buffer per round, log2 of the
-    largest power of two <= size rounds, one more for the odd ranks that fold a pair (one in all
-    for the even ones)."""
+def rd_sent(count: int, size: int, rank):
+    """Elements rank `rank` (int or array) sends in recursive doubling: the whole buffer per round,
+    log2 of the largest power of two <= size rounds, one more for the odd ranks that fold a pair
+    (one in all for the even ones)."""
     if size == 1 or count == 0:
-        return 0
+        return rank * 0
     pof2 = 1 << (size.bit_length() - 1)
     extra = size - pof2
     rounds = pof2.bit_length() - 1
-    if rank < 2 * extra:
-        return count if rank % 2 == 0 else (rounds + 1) * count
-    return rounds * count
+    folded = rank < 2 * extra
+    return np.where(folded, np.where(rank % 2 == 0, count, (rounds + 1) * count), rounds * count)
 
 
-def hier_sent(count: int, itemsize: int, leader_index: int | None, nodes: int) -> int:
+def hier_sent(count: int, itemsize: int, leader_index, nodes: int):
     """Elements a rank sends in the hierarchical all-reduce: none within a node (shared memory);
-    a node's leader (leader_index among nodes leaders, None for the others) rings each block."""
-    if nodes == 1 or leader_index is None or count == 0:
-        return 0
+    a node's leader (leader_index among the nodes' leaders, -1 for the others; int or array) rings
+    each block over the leaders."""
+    if nodes == 1 or count == 0:
+        return leader_index * 0
     per_block = block_bytes(count * itemsize) // itemsize
-    return sum(ring_sent(min(per_block, count - start), nodes, leader_index) for start in range(0, count, per_block))
+    index = np.maximum(leader_index, 0)
+    sent = sum(ring_sent(min(per_block, count - start), nodes, index) for start in range(0, count, per_block))
+    return np.where(leader_index >= 0, sent, 0)
 
 
 def mpi_sent_bytes(nbytes: int, size: int) -> int:

@@ -151,21 +151,22 @@ def tensor_sums(layers: list[dict]) -> list[tuple[str, int]]:
 # ---------------------------------------------------------------------------- bytes and memory per rank
 
 
-def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_rank: int, group: Group, leader_index, choose) -> int:
-    """Bytes this rank sends summing buckets of `counts` elements over its data-parallel group."""
-    total = 0
+def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group, leader_index, choose):
+    """Bytes each of dp_ranks (an array) sends summing buckets of `counts` elements over its
+    data-parallel group; leader_index: each rank's index among the node leaders, -1 if none."""
+    total = dp_ranks * 0
     for count in counts:
         algorithm = "ring" if spec.zero else spec.algorithm
         if algorithm == "auto":
             algorithm = choose(count * itemsize, group)
         if algorithm == "ring":
-            total += ring_sent(count, spec.dp, dp_rank) * itemsize
+            total = total + ring_sent(count, spec.dp, dp_ranks) * itemsize
         elif algorithm == "rd":
-            total += rd_sent(count, spec.dp, dp_rank) * itemsize
+            total = total + rd_sent(count, spec.dp, dp_ranks) * itemsize
         elif algorithm == "hier":
-            total += hier_sent(count, itemsize, leader_index, group.nodes) * itemsize
+            total = total + hier_sent(count, itemsize, leader_index, group.nodes) * itemsize
         else:
-            total += mpi_sent_bytes(count * itemsize, spec.dp)
+            total = total + mpi_sent_bytes(count * itemsize, spec.dp)
     return total
 
 
@@ -185,45 +186,52 @@ def auto_chooser():
 
 
 def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choose):
-    """Yield (stage, tp_rank, dp_rank, layers, micro_rows, {field: bytes}) for every rank of a grid."""
+    """Yield (stage, tp_rank, layers, micro_rows of data-parallel rank 0, {field: bytes}) for every
+    (stage, tensor rank) of a grid, each field an array over the data-parallel ranks."""
     layout = plan_layout(replace(config, tp=spec.tp, pp=spec.pp, micro_batches=spec.micro_batches,
                                  pipeline_schedule=spec.schedule, stages=None), spec.world, widths)
     itemsize = np.dtype(config.dtype).itemsize
-    batches = local_batch_sizes(config.batch_size, spec.dp)
+    batches = np.array(local_batch_sizes(config.batch_size, spec.dp))
+    dp_ranks = np.arange(spec.dp)
     n_dense = len(widths) - 1
     for stage, span in enumerate(layout.stages):
         for tp_rank in range(spec.tp):
             layers = local_layers(widths, spec.tp, tp_rank, span)
             slices = np.cumsum([0] + [layer["in"] * layer["out"] + layer["bias"] for layer in layers]).tolist()
             buckets = plan_buckets(list(zip(slices[:-1], slices[1:])), itemsize, config.bucket_mb)
-            counts = [stop - start for start, stop, _ in buckets]
-            members = [(stage * spec.dp + d) * spec.tp + tp_rank for d in range(spec.dp)]
-            group = group_of(members, ranks_per_node)
-            nodes = [rank // ranks_per_node for rank in members]
-            leaders = {node: i for i, node in enumerate(dict.fromkeys(nodes))}
+            members = (stage * spec.dp + dp_ranks) * spec.tp + tp_rank
+            group = group_of(members.tolist(), ranks_per_node)
+            nodes = members // ranks_per_node
+            first = np.r_[True, nodes[1:] != nodes[:-1]]  # a node's first rank in the group leads it
+            leader_index = np.where(first, np.cumsum(first) - 1, -1)
             params = n_params(layers)
-            for dp_rank in range(spec.dp):
-                micro_rows = [b - a for a, b in micro_batch_bounds(batches[dp_rank], spec.micro_batches)]
-                first = nodes.index(nodes[dp_rank]) == dp_rank
-                tp_bytes = sum(ring_sent(rows * columns, spec.tp, tp_rank) for rows in micro_rows
-                               for _, columns in tensor_sums(layers)) * itemsize
-                pp_bytes = 0
-                if stage < spec.pp - 1:
-                    pp_bytes += sum(micro_rows) * layers[-1]["out"] * itemsize
-                if stage > 0:
-                    pp_bytes += sum(micro_rows) * layers[0]["in"] * itemsize
-                dp_bytes = dp_sent(counts, itemsize, spec, dp_rank, group,
-                                   leaders[nodes[dp_rank]] if first else None, choose)
-                start, stop = chunk_bounds(params, spec.dp)[dp_rank]
-                shard = stop - start  # ZeRO: this rank's equal block of the stage's parameters
-                fields = {
-                    "param": params * itemsize,
-                    "grad": (shard if spec.zero >= 2 else params) * itemsize,
-                    "optimizer": len(buffer_names(config)) * (shard if spec.zero >= 1 else params) * itemsize,
-                    "activation": peak_activation_bytes(layers, micro_rows, itemsize, config.activation, n_dense,
-                                                        spec.schedule, spec.pp, stage),
-                    "tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes}
-                yield stage, tp_rank, dp_rank, layers, micro_rows, fields
+            # A field that depends on the rows is computed once per distinct local batch size.
+            per_batch = {}
+            for rows in set(batches.tolist()):
+                micro_rows = [b - a for a, b in micro_batch_bounds(rows, spec.micro_batches)]
+                per_batch[rows] = (
+                    sum(ring_sent(r * columns, spec.tp, tp_rank) for r in micro_rows
+                        for _, columns in tensor_sums(layers)) * itemsize,
+                    peak_activation_bytes(layers, micro_rows, itemsize, config.activation, n_dense,
+                                          spec.schedule, spec.pp, stage))
+            pp_bytes = batches * 0
+            if stage < spec.pp - 1:
+                pp_bytes = pp_bytes + batches * layers[-1]["out"] * itemsize
+            if stage > 0:
+                pp_bytes = pp_bytes + batches * layers[0]["in"] * itemsize
+            base, extra = divmod(params, spec.dp)
+            shard = base + (dp_ranks < extra)  # ZeRO: this rank's equal block of the stage's parameters
+            fields = {
+                "param": np.full(spec.dp, params * itemsize),
+                "grad": (shard if spec.zero >= 2 else np.full(spec.dp, params)) * itemsize,
+                "optimizer": len(buffer_names(config)) * (shard if spec.zero >= 1 else np.full(spec.dp, params)) * itemsize,
+                "activation": np.array([per_batch[rows][1] for rows in batches.tolist()]),
+                "tp": np.array([per_batch[rows][0] for rows in batches.tolist()]),
+                "pp": pp_bytes,
+                "dp": dp_sent([stop - start for start, stop, _ in buckets], itemsize, spec, dp_ranks, group,
+                              leader_index, choose)}
+            micro_rows = [b - a for a, b in micro_batch_bounds(int(batches[0]), spec.micro_batches)]
+            yield stage, tp_rank, layers, micro_rows, fields
 
 
 def ps_ranks(spec: Spec, config, widths: list[int]):
@@ -244,12 +252,16 @@ def ps_ranks(spec: Spec, config, widths: list[int]):
 
 def busiest(per_rank: list[dict]) -> tuple[dict, dict]:
     """(bytes, memory) as the metrics report them: each field's maximum over ranks, the total sent
-    the maximum of each rank's sum; memory also the largest per-rank total."""
-    top = {key: max(rank[key] for rank in per_rank) for key in per_rank[0]}
-    traffic = {"tp_bytes_per_step": top["tp"], "pp_bytes_per_step": top["pp"], "dp_bytes_per_step": top["dp"],
-               "sent_bytes_per_step": max(rank["tp"] + rank["pp"] + rank["dp"] for rank in per_rank)}
-    memory = {"param_bytes_per_rank": top["param"], "grad_bytes_per_rank": top["grad"],
-              "optimizer_bytes_per_rank": top["optimizer"], "activation_bytes_per_rank": top["activation"],
-              "total_bytes_per_rank": max(sum(rank[k] for k in ("param", "grad", "optimizer", "activation"))
-                                          for rank in per_rank)}
+    the maximum of each rank's sum; memory also the largest per-rank total. A field's value may be
+    one rank's number or an array over ranks."""
+    def top(values) -> int:
+        return int(max(np.max(value) for value in values))
+
+    traffic = {"tp_bytes_per_step": top(r["tp"] for r in per_rank), "pp_bytes_per_step": top(r["pp"] for r in per_rank),
+               "dp_bytes_per_step": top(r["dp"] for r in per_rank),
+               "sent_bytes_per_step": top(np.add(np.add(r["tp"], r["pp"]), r["dp"]) for r in per_rank)}
+    memory = {f"{name}_bytes_per_rank": top(r[name] for r in per_rank)
+              for name in ("param", "grad", "optimizer", "activation")}
+    memory["total_bytes_per_rank"] = top(np.add(np.add(r["param"], r["grad"]), np.add(r["optimizer"], r["activation"]))
+                                         for r in per_rank)
     return traffic, memory

@@ -132,9 +132,9 @@ def predict(spec: Spec, config, widths: list[int], ranks_per_node: int, profile:
     if spec.kind == "ps":
         return _predict_ps(spec, config, widths, ranks_per_node, profile, machine, itemsize, n_dense)
     per_rank, worst = [], None
-    for stage, tp_rank, dp_rank, layers, micro_rows, fields in grid_ranks(spec, config, widths, ranks_per_node, choose):
+    for stage, tp_rank, layers, micro_rows, fields in grid_ranks(spec, config, widths, ranks_per_node, choose):
         per_rank.append(fields)
-        if tp_rank != 0 or dp_rank != 0:
+        if tp_rank != 0:
             continue  # time: the first rank of each stage (the most rows, the largest slices)
         base = stage * spec.dp * spec.tp
         tp_group = group_of(list(range(base, base + spec.tp)), ranks_per_node)
