@@ -1,4 +1,5 @@
-"""The `mpitrain` command: `train`, `tune`, `data`, `eval`, `predict`, `plot` and `doctor`, long flags, an optional TOML file.
+"""The `mpitrain` command: `train`, `tune`, `plan`, `data`, `eval`, `predict`, `plot` and `doctor`, long flags, an
+optional TOML file.
 
     mpitrain train --steps 100                         # one process
     mpirun -n 4 mpitrain train --config run.toml       # flags override the file
@@ -11,6 +12,8 @@
     mpitrain data split all.h5 --train train.h5 --test test.h5 --test-fraction 0.2 --stratify
     mpitrain doctor --clean-shm                        # shared memory left in /dev/shm by killed jobs
     mpitrain plot run.jsonl other.jsonl --out runs.png # curves of --metrics files
+    mpitrain plan --model 784-4096-4096-10 --batch-size 1024 --ranks 8,64,512,4096 --ranks-per-node 4
+    mpirun -n 4 mpitrain plan --calibrate --model 784-4096-4096-10 --batch-size 1024
 
 An error in input or configuration prints one line, `mpitrain: error: ...`, once, and exits 2.
 A run stopped by SIGUSR1/SIGTERM/SIGINT after writing its checkpoint exits 75; one stopped by
@@ -255,6 +258,9 @@ def make_parser() -> argparse.ArgumentParser:
     commands.choices["predict"].add_argument("--out", required=True, metavar="FILE.h5",
                                              help="predictions: class and probabilities (ce) or outputs (mse)")
     commands.choices["predict"].add_argument("--force", action="store_true", help="overwrite an existing --out")
+    from mpitrain.plan import command as plan_command
+
+    plan_command.add_parser(commands)
     doctor = commands.add_parser("doctor", help="find and fix what crashed jobs left on this machine",
                                  description="--clean-shm removes MPICH shared-memory segments of dead jobs: "
                                  "regular files of yours in the folder, older than --min-age, that no live "
@@ -384,6 +390,11 @@ def dispatch(args: argparse.Namespace) -> None:
             print(text)
     if args.command == "doctor":
         run_doctor(args)
+        return
+    if args.command == "plan":
+        from mpitrain.plan import command as plan_command
+
+        plan_command.run(args)
         return
     if args.command in ("eval", "predict"):
         run_model_file(args)

@@ -1,0 +1,178 @@
+"""`mpitrain plan --calibrate`: measure a machine profile on the current allocation. Collective.
+
+    mpirun -n 4 mpitrain plan --calibrate --model 784-4096-4096-10 --batch-size 1024 --out machine.json
+
+What is measured, every rank at once (as in training, so shared caches and memory are shared):
+  GEMM FLOP/s at the model's shapes: each layer's (rows, in, out) and its weight gradient's
+          (in, rows, out), for rows = the batch, a quarter and a sixteenth of it, and out cut in
+          halves and quarters as tensor groups cut it; one BLAS thread per rank, divided by the
+          rank's share of a core where ranks outnumber cores, so the rate is per core
+  memory bandwidth: one rank alone (per core), then all ranks at once (per node)
+  the fixed cost of one array call, and of one training step (a 16-16-2 model's step)
+  point-to-point alpha and beta: a ping-pong between rank 0 and rank 1 (within a node) and
+          between rank 0 and the first rank of the next node (across nodes, when there is one),
+          fitted by least squares
+  the all-reduce curves of every algorithm at this world size (comm/tune.py's timing)
+A profile already at --out is updated: its curves of other world sizes are kept.
+"""
+
+import contextlib
+import io
+import os
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from mpitrain.backend import available_cores
+from mpitrain.comm import local_rank_and_size
+from mpitrain.comm.hier import node_group
+from mpitrain.comm.tune import measure
+from mpitrain.plan.profile import FORMAT, check
+
+ALLREDUCE_SIZES = [1 << e for e in range(10, 27, 2)]   # 1 KiB .. 64 MiB
+PING_SIZES = [1 << e for e in range(3, 23, 2)]         # 8 B .. 4 MiB
+
+
+def polite_barrier(comm: MPI.Intracomm) -> None:
+    """A barrier that sleeps while it waits: a rank spinning in MPI would steal the core of a rank
+    being timed when ranks outnumber cores."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(0.002)
+
+
+def timed(work, seconds: float = 0.05) -> float:
+    """Median seconds per call of work() over repeats filling about `seconds` (at least 3)."""
+    work()
+    started = time.perf_counter()
+    work()
+    once = max(time.perf_counter() - started, 1e-7)
+    reps = max(3, min(1000, int(seconds / once)))
+    samples = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        work()
+        samples.append(time.perf_counter() - started)
+    return float(np.median(samples))
+
+
+def gemm_shapes(widths: list[int], batch: int, world: int) -> list[tuple[int, int, int]]:
+    shapes = set()
+    for rows in {batch, max(1, batch // 4), max(1, batch // 16), max(1, batch // world)}:
+        for n_in, n_out in zip(widths[:-1], widths[1:]):
+            for cut in (1, 2, 4):
+                out = max(1, n_out // cut)
+                shapes.add((rows, n_in, out))
+                shapes.add((n_in, rows, out))
+    return sorted(shapes)
+
+
+def measure_gemm(comm, widths, batch, dtype, share: float) -> list[dict]:
+    from threadpoolctl import threadpool_limits
+
+    entries = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for m, k, n in gemm_shapes(widths, batch, comm.size):
+            a, b = np.ones((m, k), dtype=dtype), np.ones((k, n), dtype=dtype)
+            out = np.empty((m, n), dtype=dtype)
+            polite_barrier(comm)
+            seconds = comm.allreduce(timed(lambda: np.matmul(a, b, out=out), 0.03), op=MPI.SUM) / comm.size
+            entries.append({"dtype": np.dtype(dtype).name, "m": m, "k": k, "n": n,
+                            "flops_per_s": 2 * m * k * n / seconds / share})
+    return entries
+
+
+def stream_rate(nbytes: int = 32 << 20) -> float:
+    a, b = np.ones(nbytes // 8), np.ones(nbytes // 8)
+    out = np.empty_like(a)
+    return 3 * nbytes / timed(lambda: np.add(a, b, out=out), 0.2)
+
+
+def ping_pong(comm, partner: int, sizes: list[int]) -> tuple[float, float] | None:
+    """(alpha, beta) from one-way times rank 0 <-> partner, least squares; None without a partner."""
+    if partner >= comm.size:
+        return None
+    times = []
+    for nbytes in sizes:
+        buf = np.zeros(nbytes, dtype=np.uint8)
+        polite_barrier(comm)
+        seconds = 0.0
+        if comm.rank in (0, partner):
+            other = partner if comm.rank == 0 else 0
+            reps = 20
+
+            def exchange():
+                for _ in range(reps):
+                    if comm.rank == 0:
+                        comm.Send(buf, other, 7)
+                        comm.Recv(buf, other, 7)
+                    else:
+                        comm.Recv(buf, other, 7)
+                        comm.Send(buf, other, 7)
+            seconds = timed(exchange, 0.05) / (2 * reps)
+        times.append(comm.allreduce(seconds, op=MPI.MAX))
+    beta, alpha = np.polyfit(np.array(sizes, dtype=float), np.array(times), 1)
+    return max(float(alpha), 0.0), max(float(beta), 1e-13)
+
+
+def step_overhead(comm, dtype: str) -> float:
+    """Seconds per training step of a model too small to compute: the loop, checks and agreement."""
+    import dataclasses
+
+    from mpitrain.config import TrainConfig, validate
+    from mpitrain.train import train
+
+    config = validate(dataclasses.replace(TrainConfig(), model="16-16-2", batch_size=comm.size * 4, steps=60,
+                                          synth_samples=comm.size * 4 * 60, val_fraction=0.0, progress=False,
+                                          device="cpu", dtype=dtype, allreduce="mpi"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        record = train(config, comm).history[-1]
+    return config.batch_size / record["samples_per_s"]
+
+
+def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, previous: dict | None) -> dict:
+    """The measured profile (on every rank); `previous` (a profile) keeps its curves of other sizes."""
+    _, ranks_on_node = local_rank_and_size(comm)
+    cores = available_cores()
+    share = min(1.0, cores / ranks_on_node)
+    gemm = measure_gemm(comm, widths, batch, dtype, share)
+    polite_barrier(comm)
+    alone = stream_rate() if comm.rank == 0 else 0.0
+    polite_barrier(comm)
+    together = comm.allreduce(stream_rate(), op=MPI.SUM) / comm.size
+    small_a, small_b = np.ones(16), np.ones(16)
+    op = comm.allreduce(timed(lambda: np.add(small_a, small_b, out=small_a), 0.02), op=MPI.SUM) / comm.size
+    nodes = node_group(comm).nodes
+    intra = ping_pong(comm, 1, PING_SIZES) if ranks_on_node > 1 else None
+    inter = ping_pong(comm, ranks_on_node, PING_SIZES) if nodes > 1 else None
+    link = {"alpha_s": 2e-6, "beta_s_per_byte": 1.0 / together}  # one rank: copies stand in for messages
+    intra = {"alpha_s": intra[0], "beta_s_per_byte": intra[1]} if intra else link
+    curves = []
+    if comm.size > 1:
+        seconds = measure(comm, ALLREDUCE_SIZES, ("ring", "rd", "hier", "mpi"), trials=3)
+        curves = [{"algorithm": name, "ranks": comm.size, "nodes": nodes, "bytes": ALLREDUCE_SIZES,
+                   "seconds": seconds[name]} for name in seconds]
+    overhead = step_overhead(comm, dtype)
+    profile = {
+        "format": FORMAT, "name": os.uname().nodename,
+        "source": f"mpitrain plan --calibrate on {comm.size} rank(s), {ranks_on_node} per node, "
+                  f"{time.strftime('%Y-%m-%d %H:%M')}; {MPI.Get_library_version().splitlines()[0].strip()}",
+        "cores_per_node": cores,
+        "gemm_flops_per_s": {np.dtype(dtype).name: float(np.median([e["flops_per_s"] for e in gemm]))},
+        "gemm": gemm,
+        "memory_bandwidth_per_core": comm.bcast(alone, root=0) / 1.0,
+        "memory_bandwidth_per_node": together * min(ranks_on_node, cores) / share,
+        "op_overhead_s": op * share, "message_overhead_s": 0.0,
+        "step_overhead_s": overhead * share, "overlap_efficiency": 0.0,
+        "links": {"intra": intra, "inter": {"alpha_s": inter[0], "beta_s_per_byte": inter[1]} if inter else intra},
+        "collectives": curves,
+    }
+    if previous:
+        kept = [c for c in previous["collectives"] if (c["algorithm"], c["ranks"], c["nodes"]) not in
+                {(c2["algorithm"], c2["ranks"], c2["nodes"]) for c2 in curves}]
+        profile["collectives"] = kept + curves
+        shapes = {(e["dtype"], e["m"], e["k"], e["n"]) for e in gemm}
+        profile["gemm"] = [e for e in previous["gemm"] if (e["dtype"], e["m"], e["k"], e["n"]) not in shapes] + gemm
+        profile["gemm_flops_per_s"] = {**previous["gemm_flops_per_s"], **profile["gemm_flops_per_s"]}
+    return check(profile, "calibration")
