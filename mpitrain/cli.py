@@ -129,6 +129,12 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                        help="micro-batches per data-parallel group's share of each step (default 1)")
     group.add_argument("--pipeline-schedule", metavar=_one_of("pipeline_schedule"),
                        help="gpipe: all forwards then all backwards; 1f1b: fewer activations in flight (default 1f1b)")
+    group.add_argument("--layout", metavar=_one_of("layout"),
+                       help="auto: the tensor, pipeline and micro-batch sizes and the all-reduce algorithm that "
+                       "`mpitrain plan` predicts fastest for this job's ranks, printed at start (default manual: "
+                       "the flags above)")
+    group.add_argument("--profile", metavar="FILE.json", help="machine profile for --layout auto (default: "
+                       "$MPITRAIN_PROFILE, else the one `mpitrain plan --calibrate` wrote, else built-in)")
     group.add_argument("--init-from", metavar="FILE.h5", help="start from a --save file or a checkpoint (any "
                        "layout); without --model, its model")
     group = parser.add_argument_group("parameter server")

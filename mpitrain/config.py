@@ -31,6 +31,7 @@ CHOICES = {
     "ps_mode": ("sync", "async"),
     "on_nan": ("abort", "skip"),
     "normalize": ("none", "standard", "minmax"),
+    "layout": ("manual", "auto"),
 }
 
 
@@ -83,6 +84,9 @@ class TrainConfig:
     micro_batches: int = 1
     pipeline_schedule: str = "1f1b"
     init_from: str | None = None
+    # manual: --tp/--pp/--micro-batches as given; auto: the layout `mpitrain plan` picks (mpitrain/plan/auto.py)
+    layout: str = "manual"
+    profile: str | None = None
     # parameter server (mpitrain/parallel/ps.py), used with sync = "ps"
     sync: str = "allreduce"
     servers: int = 1
@@ -217,6 +221,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         if value is not None and value < 1:
             raise MpitrainError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     _validate_resilience(config)
+    if config.layout == "auto":
+        given = [f"--{name.replace('_', '-')}" for name, default in (("tp", 1), ("pp", 1), ("micro_batches", 1),
+                 ("stages", None), ("sync", "allreduce")) if getattr(config, name) != default]
+        if given:
+            raise MpitrainError(f"--layout auto chooses the layout itself: leave out {', '.join(given)}")
     if not (math.isfinite(config.bucket_mb) and config.bucket_mb > 0):
         raise MpitrainError(f"--bucket-mb {config.bucket_mb}: must be a positive number of MiB")
     return config

@@ -70,6 +70,12 @@ def train(config: TrainConfig, comm: MPI.Intracomm | None = None, callbacks=()) 
     if callbacks and config.sync == "ps":
         raise MpitrainError("callbacks: --sync ps reports its epochs only at the end of the run; "
                             "use sync='allreduce'")
+    if config.layout == "auto":
+        from mpitrain.plan.auto import choose
+
+        config, chosen = choose(config, comm)  # before anything is built from the layout flags
+        if comm.rank == 0:
+            print(chosen, flush=True)
     if config.check_collectives:
         fingerprint.enable()
     trace_path = config.trace or os.environ.get("MPITRAIN_TRACE")

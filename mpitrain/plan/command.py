@@ -11,6 +11,7 @@ import json
 import os
 
 from mpitrain.errors import MpitrainError
+from mpitrain.plan.profile import default_profile_path, load_profile
 
 DESCRIPTION = """Predict the step time, samples/s, memory per rank and bytes sent per rank per step of
 every layout (data x tensor x pipeline parallel degrees, micro-batches, pipeline schedule, ZeRO
@@ -25,25 +26,6 @@ gemm [{dtype, m, k, n, flops_per_s}] measured shapes; memory_bandwidth_per_core 
 (bytes/s); op_overhead_s, message_overhead_s, step_overhead_s (s); overlap_efficiency (0..1);
 links {intra: {alpha_s, beta_s_per_byte}, inter: {...}}; collectives [{algorithm, ranks, nodes,
 bytes, seconds}]. A hand-written profile needs the first five and links.intra (mpitrain/plan/profile.py)."""
-
-
-def default_profile_path() -> str:
-    """$MPITRAIN_PROFILE, else $XDG_CACHE_HOME/mpitrain/machine-profile.json (~/.cache by default)."""
-    if os.environ.get("MPITRAIN_PROFILE"):
-        return os.environ["MPITRAIN_PROFILE"]
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "mpitrain", "machine-profile.json")
-
-
-def load_profile(path: str | None) -> dict:
-    """--profile, else the calibrated default file when it exists, else the built-in profile."""
-    from mpitrain.plan import profile
-
-    if path is None:
-        path = default_profile_path()
-        if not os.path.exists(path):
-            return profile.builtin()
-    return profile.load(path)
 
 
 def add_parser(commands) -> None:

@@ -32,6 +32,7 @@ memory_bandwidth_per_core, memory_bandwidth_per_node and links.intra; the rest d
 
 import json
 import math
+import os
 
 from mpitrain.errors import MpitrainError
 
@@ -144,3 +145,20 @@ def save(profile: dict, path: str) -> None:
 
     text = json.dumps(check(profile, "profile"), indent=1).encode()
     atomic_write(path, lambda out: out.write(text), binary=True)
+
+
+def default_profile_path() -> str:
+    """$MPITRAIN_PROFILE, else $XDG_CACHE_HOME/mpitrain/machine-profile.json (~/.cache by default)."""
+    if os.environ.get("MPITRAIN_PROFILE"):
+        return os.environ["MPITRAIN_PROFILE"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "mpitrain", "machine-profile.json")
+
+
+def load_profile(path: str | None) -> dict:
+    """--profile, else the calibrated default file when it exists, else the built-in profile."""
+    if path is None:
+        path = default_profile_path()
+        if not os.path.exists(path):
+            return builtin()
+    return load(path)

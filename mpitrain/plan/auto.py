@@ -1,0 +1,46 @@
+"""`mpitrain train --layout auto`: the layout the plan picks for this job's world size. Collective.
+
+Rank 0 reads the profile (--profile, else the calibrated default, else the built-in one) and
+broadcasts it, so every rank searches the same numbers and reaches the same choice without
+further messages; the search itself is pure (plan/search.py).
+"""
+
+import dataclasses
+
+from mpi4py import MPI
+
+from mpitrain.comm import agree, local_rank_and_size
+from mpitrain.errors import MpitrainError
+from mpitrain.nn.model import parse_widths
+from mpitrain.plan.profile import load_profile
+from mpitrain.plan.search import ALGORITHMS, search
+
+
+def choose(config, comm: MPI.Intracomm):
+    """(config with tp, pp, micro_batches, pipeline_schedule and allreduce set by the plan, a line
+    saying what was chosen and why). Collective on comm."""
+    widths = parse_widths(config.model)
+    _, ranks_on_node = local_rank_and_size(comm)
+    profile, error = None, None
+    if comm.rank == 0:
+        try:
+            profile = load_profile(config.profile)
+        except MpitrainError as exc:
+            error = exc
+    agree(comm, error)
+    profile = comm.bcast(profile, root=0)
+    algorithms = ALGORITHMS if config.allreduce == "auto" else (config.allreduce,)
+    ranked, infeasible = search(comm.size, config, widths, ranks_on_node, profile, zero_stages=(0,),
+                                algorithms=algorithms, parameter_server=False)
+    if not ranked:
+        reasons = "; ".join(sorted({entry.reason for entry in infeasible}))
+        raise MpitrainError(f"--layout auto: no layout of {comm.size} rank(s) fits --model {config.model}: {reasons}")
+    best = ranked[0]
+    spec = best.spec
+    chosen = dataclasses.replace(config, tp=spec.tp, pp=spec.pp, micro_batches=spec.micro_batches,
+                                 pipeline_schedule=spec.schedule,
+                                 allreduce=spec.algorithm if spec.dp > 1 else config.allreduce)
+    line = (f"layout auto: {spec.describe()} ({comm.size} rank(s), {ranks_on_node} per node; predicted "
+            f"{best.step_s * 1e3:.3g} ms/step, {best.samples_per_s:.0f} samples/s, dominant term {best.dominant}; "
+            f"profile {profile['name'] or profile['source']})")
+    return chosen, line
