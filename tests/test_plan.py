@@ -1,0 +1,198 @@
+"""The plan's cost model against closed forms, its feasibility rules, the profile format, the
+`mpitrain plan` command and `train --layout auto`. All pure but the last, so every rank runs them alike."""
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from mpitrain.cli import run
+from mpitrain.comm.traffic import ring_equivalent
+from mpitrain.config import TrainConfig, validate
+from mpitrain.errors import MpitrainError
+from mpitrain.parallel.grid import dense_param_counts
+from mpitrain.parallel.pipeline import bubble_fraction
+from mpitrain.plan import collectives, profile
+from mpitrain.plan.cost import Spec, auto_chooser, busiest, grid_ranks
+from mpitrain.plan.search import search
+from mpitrain.plan.timing import predict
+
+WIDTHS = [16, 32, 32, 8]
+
+
+def plan_config(**overrides) -> TrainConfig:
+    base = dict(model="-".join(map(str, WIDTHS)), batch_size=64, device="cpu", progress=False)
+    return validate(dataclasses.replace(TrainConfig(), **{**base, **overrides}))
+
+
+def free_profile(**changes) -> dict:
+    """The built-in profile with the costs a test does not look at set to (almost) nothing."""
+    base = profile.builtin()
+    base.update(op_overhead_s=0.0, message_overhead_s=0.0, step_overhead_s=0.0, **changes)
+    return profile.check(base, "test")
+
+
+# ---------------------------------------------------------------------------- bytes, closed forms
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 8])
+def test_ring_bytes_are_2_p_minus_1_over_p_of_the_buffer(size):
+    count = 24 * size
+    for rank in range(size):
+        assert collectives.ring_sent(count, size, rank) == 2 * (size - 1) * count // size
+    assert collectives.ring_sent(count, size, 0) * 4 == ring_equivalent(count * 4, size)
+    uneven = count + size - 1  # every chunk still leaves each rank p-1 times per phase
+    assert sum(collectives.ring_sent(uneven, size, r) for r in range(size)) == 2 * (size - 1) * uneven
+
+
+def test_recursive_doubling_bytes_fold_the_ranks_above_a_power_of_two():
+    count = 10
+    assert [collectives.rd_sent(count, 8, r) for r in range(8)] == [3 * count] * 8
+    # 6 ranks: 2 extra; ranks 0 and 2 hand over once, ranks 1 and 3 do 2 rounds and hand back.
+    assert [int(collectives.rd_sent(count, 6, r)) for r in range(6)] == [count, 3 * count, count, 3 * count,
+                                                                         2 * count, 2 * count]
+
+
+def test_hierarchical_sends_nothing_within_a_node_and_the_leaders_ring_across():
+    assert collectives.hier_sent(1000, 4, 0, nodes=1) == 0
+    assert collectives.hier_sent(1000, 4, -1, nodes=3) == 0
+    assert collectives.hier_sent(999, 4, 1, nodes=3) == collectives.ring_sent(999, 3, 1)
+
+
+def test_zero_stages_divide_optimizer_state_then_gradients_by_dp():
+    config = plan_config()
+    params = sum(dense_param_counts(WIDTHS))
+    assert params % 4 == 0
+    memory = {zero: busiest([f for *_, f in grid_ranks(Spec("grid", 4, zero=zero), config, WIDTHS, 4,
+                                                       auto_chooser())])[1] for zero in (0, 1, 2)}
+    assert memory[0]["optimizer_bytes_per_rank"] == 2 * params * 4  # Adam: m and v, float32
+    assert memory[1]["optimizer_bytes_per_rank"] == memory[0]["optimizer_bytes_per_rank"] // 4
+    assert memory[1]["grad_bytes_per_rank"] == memory[0]["grad_bytes_per_rank"] == params * 4
+    assert memory[2]["grad_bytes_per_rank"] == params * 4 // 4
+    assert memory[2]["param_bytes_per_rank"] == memory[0]["param_bytes_per_rank"]
+
+
+# ---------------------------------------------------------------------------- time, closed forms
+
+
+def test_alpha_beta_time_of_each_algorithm():
+    alpha, beta, n, bandwidth = 1e-5, 1e-9, 8 << 20, math.inf
+    prof = free_profile(links={"intra": {"alpha_s": alpha, "beta_s_per_byte": beta}})
+    group = collectives.Group(4, 1, 4)
+    segments = math.ceil(n / 4 / (1 << 20))
+    assert collectives.ring_time(prof, n, group, bandwidth) == pytest.approx(
+        2 * 3 * segments * alpha + 2 * 3 / 4 * n * beta)
+    assert collectives.rd_time(prof, n, group, bandwidth) == pytest.approx(2 * (alpha + n * beta))
+    assert collectives.rd_time(prof, n, collectives.Group(6), bandwidth) == pytest.approx(4 * (alpha + n * beta))
+    assert collectives.p2p_time(prof, n, True) == pytest.approx(alpha + n * beta)
+    assert collectives.mpi_time(prof, n, group, bandwidth) == pytest.approx(
+        min(2 * (alpha + n * beta), 2 * 3 * segments * alpha + 2 * 3 / 4 * n * beta))
+    assert collectives.hier_time(prof, n, collectives.Group(4, 1, 4), 1e9) > 0
+    assert collectives.allreduce_time(prof, "ring", n, collectives.Group(1), bandwidth) == 0
+
+
+def test_a_measured_curve_replaces_the_formula_for_its_group():
+    prof = free_profile(collectives=[{"algorithm": "ring", "ranks": 2, "nodes": 1, "bytes": [1000, 4000],
+                                      "seconds": [1e-4, 4e-4]}])
+    assert collectives.allreduce_time(prof, "ring", 2000, collectives.Group(2), 1e9) == pytest.approx(2e-4)
+    assert collectives.allreduce_time(prof, "ring", 8000, collectives.Group(2), 1e9) == pytest.approx(8e-4)
+    assert collectives.allreduce_time(prof, "ring", 2000, collectives.Group(4), 1e9) != pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("stages, micro", [(2, 1), (2, 4), (3, 6)])
+def test_the_bubble_is_p_minus_1_over_m_plus_p_minus_1_of_the_pipelined_step(stages, micro):
+    widths = [16, 32, 32, 8]
+    p = predict(Spec("grid", 1, pp=stages, micro_batches=micro), plan_config(batch_size=60), widths, 8,
+                free_profile())
+    busy = p.terms["compute"] + p.terms["tensor"] + p.terms["pipeline"]
+    assert p.terms["bubble"] / (busy + p.terms["bubble"]) == pytest.approx(bubble_fraction(stages, micro))
+
+
+def test_without_overlap_the_gradient_sum_is_exposed_whole():
+    config = plan_config(overlap=False)
+    hidden = predict(Spec("grid", 4, algorithm="ring"), config, WIDTHS, 4, free_profile(overlap_efficiency=1.0))
+    overlapped = predict(Spec("grid", 4, algorithm="ring"), plan_config(), WIDTHS, 4,
+                         free_profile(overlap_efficiency=1.0))
+    assert hidden.terms["data"] > overlapped.terms["data"]
+
+
+# ---------------------------------------------------------------------------- feasibility and ranking
+
+
+def test_infeasible_layouts_are_listed_with_their_reason():
+    config = plan_config(model="16-2-8", batch_size=4)
+    ranked, infeasible = search(8, config, [16, 2, 8], 8, free_profile(), memory_limit=None)
+    reasons = " | ".join(entry.reason for entry in infeasible)
+    assert "--tp 4 exceeds the width 2" in reasons
+    assert "smaller than the 8 data-parallel groups" in reasons
+    assert "--micro-batches 4 is more than" in reasons
+    assert all(p.spec.world == 8 for p in ranked)
+    assert [p.step_s for p in ranked] == sorted(p.step_s for p in ranked)
+    limit = min(p.memory["total_bytes_per_rank"] for p in ranked)
+    kept, refused = search(8, config, [16, 2, 8], 8, free_profile(), memory_limit=limit)
+    assert all(p.memory["total_bytes_per_rank"] <= limit for p in kept) and kept
+    assert any("over --memory-per-rank" in entry.reason for entry in refused)
+
+
+# ---------------------------------------------------------------------------- the profile
+
+
+def test_profile_round_trip_and_a_bad_field_named(comm, tmp_path):
+    prof = free_profile(gemm=[{"dtype": "float32", "m": 8, "k": 8, "n": 8, "flops_per_s": 1e9}])
+    path = os.path.join(tmp_path, "machine.json")
+    profile.save(prof, path)
+    assert profile.load(path) == prof
+    with open(path, "w") as handle:
+        json.dump({**prof, "links": {"intra": {"alpha_s": -1, "beta_s_per_byte": 1e-9}}}, handle)
+    with pytest.raises(MpitrainError, match="links.intra.alpha_s"):
+        profile.load(path)
+    with pytest.raises(MpitrainError, match="field 'cores_per_node' is missing"):
+        profile.check({"format": 1}, "x")
+
+
+def test_the_gemm_rate_of_the_nearest_measured_shape():
+    slow = free_profile(gemm=[{"dtype": "float32", "m": 64, "k": 16, "n": 32, "flops_per_s": 1e6}])
+    fast = free_profile(gemm=[{"dtype": "float32", "m": 64, "k": 16, "n": 32, "flops_per_s": 1e9}])
+    spec, config = Spec("grid", 1), plan_config()
+    assert predict(spec, config, WIDTHS, 1, slow).terms["compute"] > 100 * predict(spec, config, WIDTHS, 1,
+                                                                                        fast).terms["compute"]
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_plan_command_json_and_bad_input(comm, tmp_path, capsys, monkeypatch):
+    run(["plan", "--model", "16-32-32-8", "--batch-size", "64", "--ranks", "1,4", "--json"])
+    out = capsys.readouterr().out
+    if comm.rank == 0:
+        result = json.loads(out)
+        assert set(result["worlds"]) == {"1", "4"}
+        assert result["worlds"]["4"]["pick"]["step_s"] == min(p["step_s"] for p in result["worlds"]["4"]["ranked"])
+    with pytest.raises(MpitrainError, match="--ranks '2,x'"):
+        run(["plan", "--ranks", "2,x"])
+    with pytest.raises(MpitrainError, match="--zero '3'"):
+        run(["plan", "--zero", "3"])
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(MpitrainError, match=r"mpitrain\[plot\]"):
+        run(["plan", "--plot", os.path.join(tmp_path, "x.png")])
+
+
+def test_layout_auto_refuses_layout_flags_and_runs_the_plans_pick(comm, capsys):
+    with pytest.raises(MpitrainError, match="leave out --tp"):
+        plan_config(layout="auto", tp=2)
+    from mpitrain.plan.auto import choose
+
+    config = plan_config(layout="auto", steps=1)
+    chosen, line = choose(config, comm)
+    ranked, _ = search(comm.size, config, WIDTHS, comm.size, profile.load_profile(None),
+                       zero_stages=(0,), parameter_server=False)
+    assert (chosen.tp, chosen.pp, chosen.micro_batches) == (ranked[0].spec.tp, ranked[0].spec.pp,
+                                                           ranked[0].spec.micro_batches)
+    assert line.startswith(f"layout auto: {ranked[0].spec.describe()}")
+    assert np.isfinite(ranked[0].step_s)
