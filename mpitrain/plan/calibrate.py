@@ -99,18 +99,20 @@ def ping_pong(comm, partner: int, sizes: list[int]) -> tuple[float, float] | Non
         polite_barrier(comm)
         seconds = 0.0
         if comm.rank in (0, partner):
-            other = partner if comm.rank == 0 else 0
-            reps = 20
-
-            def exchange():
-                for _ in range(reps):
+            # Both ranks run the same count of exchanges (a count from each rank's own timing
+            # would differ and leave one waiting): 5 trials of 10 round trips, the median.
+            other, trials = partner if comm.rank == 0 else 0, []
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(10):
                     if comm.rank == 0:
                         comm.Send(buf, other, 7)
                         comm.Recv(buf, other, 7)
                     else:
                         comm.Recv(buf, other, 7)
                         comm.Send(buf, other, 7)
-            seconds = timed(exchange, 0.05) / (2 * reps)
+                trials.append((time.perf_counter() - started) / 20)
+            seconds = float(np.median(trials))
         times.append(comm.allreduce(seconds, op=MPI.MAX))
     beta, alpha = np.polyfit(np.array(sizes, dtype=float), np.array(times), 1)
     return max(float(alpha), 0.0), max(float(beta), 1e-13)
