@@ -1,6 +1,7 @@
 """Predicted against measured step time of the layouts of 1, 2 and 4 ranks, in one run.
 
-    mpirun -n 4 python benchmarks/plan_vs_measured.py --profile machine.json          # the README's table
+    mpirun -n 4 python benchmarks/plan_vs_measured.py --calibrate                     # the README's table
+    mpirun -n 4 python benchmarks/plan_vs_measured.py --profile machine.json          # a profile made before
     mpirun -n 4 python benchmarks/plan_vs_measured.py --profile machine.json --json out.json
     MPITRAIN_RANKS_PER_NODE=2 mpirun -n 4 python benchmarks/plan_vs_measured.py ...   # two emulated hosts
 
@@ -12,6 +13,9 @@ of the timed epochs. The prediction is `mpitrain plan`'s for the same layout on 
 (or of --ranks-per-node) with the given profile. A prediction is within the target when
 predicted / measured is in [0.75, 1.25]; the ranking is right when the fastest predicted layout
 of a world size is the fastest measured, or measured within the runs' spread of it.
+
+--calibrate measures the profile in the same run, just before the layouts (as `mpitrain plan
+--calibrate` does: on 4 ranks, then on 2 for each model, merged), so both see the same machine.
 """
 
 import argparse
@@ -76,9 +80,34 @@ def measure(args, comm, model: str, ranks: int, spec: Spec) -> float | None:
     return comm.bcast(seconds, root=0)
 
 
+def calibrate_here(args, comm) -> dict:
+    """The profile measured on the first 4 ranks (the big model's shapes), then on 2 for each model."""
+    from mpitrain.plan.calibrate import calibrate
+    from mpitrain.plan.profile import save
+
+    models = args.models.split(",")
+    steps = [(4, models[-1])] + [(2, model) for model in models]
+    profile = None
+    for ranks, model in steps:
+        if ranks > comm.size:
+            continue
+        group = comm.Split(0 if comm.rank < ranks else MPI.UNDEFINED, key=comm.rank)
+        if group != MPI.COMM_NULL:
+            with contextlib.redirect_stdout(io.StringIO()):
+                profile = calibrate(group, parse_widths(model), args.batch_size, "float32", profile)
+            group.Free()
+        polite_barrier(comm)
+        profile = comm.bcast(profile, root=0)
+    if comm.rank == 0:
+        save(profile, args.calibrate)
+    return profile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", metavar="FILE.json", help="machine profile (default: as `mpitrain plan`)")
+    parser.add_argument("--calibrate", metavar="OUT.json", help="measure the profile first, in this run, and "
+                        "write it here")
     parser.add_argument("--steps", type=int, default=3, help="steps per epoch, one warm-up and one timed (default 3)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every layout, interleaved (default 3)")
@@ -87,8 +116,8 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the rows and the run's context as JSON")
     args = parser.parse_args()
     comm = world()
-    profile = load_profile(args.profile)
     started = time.perf_counter()
+    profile = calibrate_here(args, comm) if args.calibrate else load_profile(args.profile)
     cases = [(model, ranks, name, spec) for model in args.models.split(",") for ranks, name, spec in LAYOUTS
              if ranks <= comm.size]
     runs = {case[:3]: [] for case in cases}

@@ -32,6 +32,7 @@ from mpitrain.plan.profile import FORMAT, check
 
 ALLREDUCE_SIZES = [1 << e for e in range(10, 27, 2)]   # 1 KiB .. 64 MiB
 PING_SIZES = [1 << e for e in range(3, 23, 2)]         # 8 B .. 4 MiB
+STREAM_SIZES = [3 << e for e in range(14, 25, 2)]      # working sets of 48 KiB .. 48 MiB
 
 
 def polite_barrier(comm: MPI.Intracomm) -> None:
@@ -84,9 +85,10 @@ def measure_gemm(comm, widths, batch, dtype, share: float) -> list[dict]:
 
 
 def stream_rate(nbytes: int = 32 << 20) -> float:
+    """Bytes/s of out = a + b on arrays of nbytes each (reads two, writes one)."""
     a, b = np.ones(nbytes // 8), np.ones(nbytes // 8)
     out = np.empty_like(a)
-    return 3 * nbytes / timed(lambda: np.add(a, b, out=out), 0.2)
+    return 3 * nbytes / timed(lambda: np.add(a, b, out=out), 0.1)
 
 
 def ping_pong(comm, partner: int, sizes: list[int]) -> tuple[float, float] | None:
@@ -143,6 +145,11 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
     alone = stream_rate() if comm.rank == 0 else 0.0
     polite_barrier(comm)
     together = comm.allreduce(stream_rate(), op=MPI.SUM) / comm.size
+    stream = []
+    for working in STREAM_SIZES:
+        polite_barrier(comm)
+        rate = comm.allreduce(stream_rate(working // 3), op=MPI.SUM) / comm.size
+        stream.append({"bytes": working, "bytes_per_s": rate / share})
     small_a, small_b = np.ones(16), np.ones(16)
     op = comm.allreduce(timed(lambda: np.add(small_a, small_b, out=small_a), 0.02), op=MPI.SUM) / comm.size
     nodes = node_group(comm).nodes
@@ -168,7 +175,7 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         "op_overhead_s": op * share, "message_overhead_s": 0.0,
         "step_overhead_s": overhead * share, "overlap_efficiency": 0.0,
         "links": {"intra": intra, "inter": {"alpha_s": inter[0], "beta_s_per_byte": inter[1]} if inter else intra},
-        "collectives": curves,
+        "collectives": curves, "stream": stream,
     }
     if previous:
         kept = [c for c in previous["collectives"] if (c["algorithm"], c["ranks"], c["nodes"]) not in

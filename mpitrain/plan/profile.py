@@ -14,6 +14,9 @@ Fields (every rate is per core: one rank with one BLAS thread; times in seconds,
                                a GEMM takes the rate of the nearest measured shape (log distance)
     memory_bandwidth_per_core  bytes/s one rank streams alone (element-wise work, the optimizer)
     memory_bandwidth_per_node  bytes/s all ranks of a node stream together (the share each gets)
+    stream                     [{bytes, bytes_per_s}]: measured bandwidth per core, every core busy,
+                               by working set (caches make small buffers faster); when present,
+                               element-wise work takes the entry nearest its working set
     op_overhead_s              cost of one array call regardless of its size (Python and dispatch)
     message_overhead_s         cost in Python of one message of a hand-written collective
     step_overhead_s            fixed cost of one training step (batch, checks, loop)
@@ -39,7 +42,7 @@ from mpitrain.errors import MpitrainError
 FORMAT = 1
 REQUIRED = ("cores_per_node", "gemm_flops_per_s", "memory_bandwidth_per_core", "memory_bandwidth_per_node", "links")
 OPTIONAL = {"name": "", "source": "", "gemm": [], "op_overhead_s": 0.0, "message_overhead_s": 0.0,
-            "step_overhead_s": 0.0, "overlap_efficiency": 0.0, "collectives": []}
+            "step_overhead_s": 0.0, "overlap_efficiency": 0.0, "collectives": [], "stream": []}
 
 # Measured with `mpirun -n 2 mpitrain plan --calibrate --model 784-4096-4096-10 --batch-size 1024`
 # on the project's 2-core development machine (MPICH 5 over shared memory); see README.md.
@@ -110,6 +113,13 @@ def check(profile, where: str) -> dict:
             raise MpitrainError(f"{where}: gemm[{i}]: expected {{dtype, m, k, n, flops_per_s}}")
         for key in ("m", "k", "n", "flops_per_s"):
             _positive(entry.get(key), f"{where}: gemm[{i}].{key}")
+    if not isinstance(out["stream"], list):
+        raise MpitrainError(f"{where}: stream: expected a list of {{bytes, bytes_per_s}}")
+    for i, entry in enumerate(out["stream"]):
+        if not isinstance(entry, dict):
+            raise MpitrainError(f"{where}: stream[{i}]: expected {{bytes, bytes_per_s}}")
+        for key in ("bytes", "bytes_per_s"):
+            _positive(entry.get(key), f"{where}: stream[{i}].{key}")
     if not isinstance(out["collectives"], list):
         raise MpitrainError(f"{where}: collectives: expected a list of {{algorithm, ranks, nodes, bytes, seconds}}")
     for i, entry in enumerate(out["collectives"]):

@@ -15,6 +15,7 @@ import numpy as np
 
 from mpitrain.comm.buckets import plan_buckets
 from mpitrain.data.sampler import local_batch_sizes
+from mpitrain.optim import buffer_names
 from mpitrain.parallel.pipeline import bubble_fraction
 from mpitrain.plan.collectives import allreduce_time, group_of, p2p_time
 from mpitrain.plan.cost import (OPTIMIZER_PASSES, Prediction, Spec, auto_chooser, busiest, grid_ranks,
@@ -52,9 +53,19 @@ class Machine:
             rate = min(self.shapes, key=distance)["flops_per_s"]
         return 2 * m * k * n / (rate * self.threads * self.share) + self.call()
 
-    def stream(self, nbytes: float, calls: int = 1) -> float:
-        """Seconds of element-wise work that streams nbytes through memory in `calls` array calls."""
-        return nbytes / self.bandwidth + calls * self.call()
+    def bandwidth_at(self, working: float) -> float:
+        """Bytes/s of element-wise work on a working set of `working` bytes: the measured entry of
+        the nearest size where the profile has a `stream` table, else the per-core/per-node rates."""
+        table = self.profile["stream"]
+        if not table or working <= 0:
+            return self.bandwidth
+        nearest = min(table, key=lambda e: abs(math.log(e["bytes"] / working)))
+        return self.share * nearest["bytes_per_s"]
+
+    def stream(self, nbytes: float, calls: int = 1, working: float | None = None) -> float:
+        """Seconds of element-wise work that streams nbytes through memory in `calls` array calls,
+        touching `working` bytes of distinct arrays (default nbytes)."""
+        return nbytes / self.bandwidth_at(nbytes if working is None else working) + calls * self.call()
 
     def call(self) -> float:
         return self.profile["op_overhead_s"] / self.share
@@ -78,7 +89,9 @@ def layer_times(machine: Machine, layer: dict, rows: int, itemsize: int, last_la
 def optimizer_time(machine: Machine, config, count: int, itemsize: int) -> float:
     key = config.optimizer if config.optimizer == "adam" or not config.momentum else "sgd-momentum"
     passes, calls = OPTIMIZER_PASSES[key]
-    return machine.stream(passes * count * itemsize, calls)
+    # The working set: parameters, gradients, the state buffers and a scratch buffer.
+    working = (3 + len(buffer_names(config))) * count * itemsize
+    return machine.stream(passes * count * itemsize, calls, working)
 
 
 def stage_time(machine, profile, spec, layers, micro_rows, itemsize, n_dense, tp_group, pp_same_node,
@@ -93,7 +106,8 @@ def stage_time(machine, profile, spec, layers, micro_rows, itemsize, n_dense, tp
             compute += forward + backward
             backward_layers.append(backward)
         for direction, columns in tensor_sums(layers):
-            seconds = allreduce_time(profile, "ring", rows * columns * itemsize, tp_group, machine.bandwidth,
+            seconds = allreduce_time(profile, "ring", rows * columns * itemsize, tp_group,
+                                     machine.bandwidth_at(rows * columns * itemsize),
                                      machine.share)
             tensor += seconds
         if last_stage:  # softmax cross-entropy or squared error: a few passes over the output
@@ -152,7 +166,8 @@ def predict(spec: Spec, config, widths: list[int], ranks_per_node: int, profile:
             nbytes = (stop - start) * itemsize
             algorithm = "ring" if spec.zero else spec.algorithm
             algorithm = choose(nbytes, dp_group) if algorithm == "auto" else algorithm
-            seconds.append(allreduce_time(profile, algorithm, nbytes, dp_group, machine.bandwidth, machine.share))
+            seconds.append(allreduce_time(profile, algorithm, nbytes, dp_group, machine.bandwidth_at(nbytes),
+                                          machine.share))
         efficiency = profile["overlap_efficiency"] if config.overlap else 0.0
         data = exposed_sync(seconds, [first for _, _, first in buckets], backward, efficiency)
         count = n_params(layers)
