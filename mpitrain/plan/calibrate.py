@@ -6,8 +6,10 @@ What is measured, every rank at once (as in training, so shared caches and memor
   GEMM FLOP/s at the model's shapes: each layer's (rows, in, out) and its weight gradient's
           (in, rows, out), for rows = the batch, a quarter and a sixteenth of it, and out cut in
           halves and quarters as tensor groups cut it; one BLAS thread per rank, divided by the
-          rank's share of a core where ranks outnumber cores, so the rate is per core
-  memory bandwidth: one rank alone (per core), then all ranks at once (per node)
+          rank's share of a core where ranks outnumber cores, so the rate is per core; and again
+          with every core's thread on rank 0 alone
+  memory bandwidth by working set, measured as an Adam step (the optimizer is most of the
+          element-wise work): one rank alone (per core), then all ranks at once (per node)
   the fixed cost of one array call, and of one training step (a 16-16-2 model's step)
   point-to-point alpha and beta: a ping-pong between rank 0 and rank 1 (within a node) and
           between rank 0 and the first rank of the next node (across nodes, when there is one),
@@ -28,11 +30,12 @@ from mpitrain.backend import available_cores
 from mpitrain.comm import local_rank_and_size
 from mpitrain.comm.hier import node_group
 from mpitrain.comm.tune import measure
+from mpitrain.plan.cost import OPTIMIZER_PASSES
 from mpitrain.plan.profile import FORMAT, check
 
 ALLREDUCE_SIZES = [1 << e for e in range(10, 27, 2)]   # 1 KiB .. 64 MiB
 PING_SIZES = [1 << e for e in range(3, 23, 2)]         # 8 B .. 4 MiB
-STREAM_SIZES = [3 << e for e in range(14, 25, 2)]      # working sets of 48 KiB .. 48 MiB
+STREAM_SIZES = [5 << e for e in range(14, 28, 2)]      # working sets of 80 KiB .. 320 MiB
 
 
 def polite_barrier(comm: MPI.Intracomm) -> None:
@@ -69,26 +72,37 @@ def gemm_shapes(widths: list[int], batch: int, world: int) -> list[tuple[int, in
     return sorted(shapes)
 
 
-def measure_gemm(comm, widths, batch, dtype, share: float) -> list[dict]:
+def measure_gemm(comm, widths, batch, dtype, share: float, cores: int) -> list[dict]:
+    """Each shape with one BLAS thread on every rank at once (per core), then with every core's
+    thread on rank 0 alone (what a rank alone on a node gets: threads rarely scale perfectly)."""
     from threadpoolctl import threadpool_limits
 
     entries = []
-    with threadpool_limits(limits=1, user_api="blas"):
-        for m, k, n in gemm_shapes(widths, batch, comm.size):
-            a, b = np.ones((m, k), dtype=dtype), np.ones((k, n), dtype=dtype)
-            out = np.empty((m, n), dtype=dtype)
-            polite_barrier(comm)
-            seconds = comm.allreduce(timed(lambda: np.matmul(a, b, out=out), 0.03), op=MPI.SUM) / comm.size
-            entries.append({"dtype": np.dtype(dtype).name, "m": m, "k": k, "n": n,
-                            "flops_per_s": 2 * m * k * n / seconds / share})
+    for threads in sorted({1, cores}):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            for m, k, n in gemm_shapes(widths, batch, comm.size):
+                a, b = np.ones((m, k), dtype=dtype), np.ones((k, n), dtype=dtype)
+                out = np.empty((m, n), dtype=dtype)
+                polite_barrier(comm)
+                if threads == 1:
+                    seconds = comm.allreduce(timed(lambda: np.matmul(a, b, out=out), 0.03), op=MPI.SUM) / comm.size
+                    rate = 2 * m * k * n / seconds / share
+                else:
+                    seconds = timed(lambda: np.matmul(a, b, out=out), 0.03) if comm.rank == 0 else 0.0
+                    rate = 2 * m * k * n / comm.bcast(seconds, root=0)
+                entries.append({"dtype": np.dtype(dtype).name, "m": m, "k": k, "n": n, "threads": threads,
+                                "flops_per_s": rate})
     return entries
 
 
-def stream_rate(nbytes: int = 32 << 20) -> float:
-    """Bytes/s of out = a + b on arrays of nbytes each (reads two, writes one)."""
-    a, b = np.ones(nbytes // 8), np.ones(nbytes // 8)
-    out = np.empty_like(a)
-    return 3 * nbytes / timed(lambda: np.add(a, b, out=out), 0.1)
+def stream_rate(working: int) -> float:
+    """Bytes/s of element-wise work on a working set of `working` bytes, measured as the model
+    counts it: one Adam step over float32 buffers (params, grads, m, v, scratch), 30 passes."""
+    from mpitrain.optim import Adam
+
+    count = max(1, working // (5 * 4))
+    optimizer = Adam(np.zeros(count, dtype=np.float32), np.ones(count, dtype=np.float32), lr=1e-3)
+    return OPTIMIZER_PASSES["adam"][0] * count * 4 / timed(lambda: optimizer.step(), 0.1)
 
 
 def ping_pong(comm, partner: int, sizes: list[int]) -> tuple[float, float] | None:
@@ -140,15 +154,15 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
     _, ranks_on_node = local_rank_and_size(comm)
     cores = available_cores()
     share = min(1.0, cores / ranks_on_node)
-    gemm = measure_gemm(comm, widths, batch, dtype, share)
+    gemm = measure_gemm(comm, widths, batch, dtype, share, cores)
     polite_barrier(comm)
-    alone = stream_rate() if comm.rank == 0 else 0.0
+    alone = stream_rate(STREAM_SIZES[-1]) if comm.rank == 0 else 0.0
     polite_barrier(comm)
-    together = comm.allreduce(stream_rate(), op=MPI.SUM) / comm.size
+    together = comm.allreduce(stream_rate(STREAM_SIZES[-1]), op=MPI.SUM) / comm.size
     stream = []
     for working in STREAM_SIZES:
         polite_barrier(comm)
-        rate = comm.allreduce(stream_rate(working // 3), op=MPI.SUM) / comm.size
+        rate = comm.allreduce(stream_rate(working), op=MPI.SUM) / comm.size
         stream.append({"bytes": working, "bytes_per_s": rate / share})
     small_a, small_b = np.ones(16), np.ones(16)
     op = comm.allreduce(timed(lambda: np.add(small_a, small_b, out=small_a), 0.02), op=MPI.SUM) / comm.size
@@ -168,7 +182,8 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         "source": f"mpitrain plan --calibrate on {comm.size} rank(s), {ranks_on_node} per node, "
                   f"{time.strftime('%Y-%m-%d %H:%M')}; {MPI.Get_library_version().splitlines()[0].strip()}",
         "cores_per_node": cores,
-        "gemm_flops_per_s": {np.dtype(dtype).name: float(np.median([e["flops_per_s"] for e in gemm]))},
+        "gemm_flops_per_s": {np.dtype(dtype).name: float(np.median([e["flops_per_s"] for e in gemm
+                                                                      if e["threads"] == 1]))},
         "gemm": gemm,
         "memory_bandwidth_per_core": comm.bcast(alone, root=0) / 1.0,
         "memory_bandwidth_per_node": together * min(ranks_on_node, cores) / share,
@@ -181,7 +196,8 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         kept = [c for c in previous["collectives"] if (c["algorithm"], c["ranks"], c["nodes"]) not in
                 {(c2["algorithm"], c2["ranks"], c2["nodes"]) for c2 in curves}]
         profile["collectives"] = kept + curves
-        shapes = {(e["dtype"], e["m"], e["k"], e["n"]) for e in gemm}
-        profile["gemm"] = [e for e in previous["gemm"] if (e["dtype"], e["m"], e["k"], e["n"]) not in shapes] + gemm
+        shapes = {(e["dtype"], e["m"], e["k"], e["n"], e["threads"]) for e in gemm}
+        profile["gemm"] = [e for e in previous["gemm"]
+                           if (e["dtype"], e["m"], e["k"], e["n"], e.get("threads", 1)) not in shapes] + gemm
         profile["gemm_flops_per_s"] = {**previous["gemm_flops_per_s"], **profile["gemm_flops_per_s"]}
     return check(profile, "calibration")

@@ -10,8 +10,10 @@ Fields (every rate is per core: one rank with one BLAS thread; times in seconds,
     name, source               free text: where the numbers come from (calibration date, a data sheet)
     cores_per_node             cores a node's ranks share (BLAS threads per rank = cores // ranks)
     gemm_flops_per_s           {dtype: FLOP/s}: the rate used for a GEMM shape not in `gemm`
-    gemm                       [{dtype, m, k, n, flops_per_s}]: measured (m, k) x (k, n) products;
-                               a GEMM takes the rate of the nearest measured shape (log distance)
+    gemm                       [{dtype, m, k, n, flops_per_s, threads}]: measured (m, k) x (k, n)
+                               products with `threads` BLAS threads (default 1: per core); a GEMM
+                               takes the rate of the nearest measured shape (log distance) of the
+                               rank's thread count, else of one thread times its threads
     memory_bandwidth_per_core  bytes/s one rank streams alone (element-wise work, the optimizer)
     memory_bandwidth_per_node  bytes/s all ranks of a node stream together (the share each gets)
     stream                     [{bytes, bytes_per_s}]: measured bandwidth per core, every core busy,
@@ -113,6 +115,8 @@ def check(profile, where: str) -> dict:
             raise MpitrainError(f"{where}: gemm[{i}]: expected {{dtype, m, k, n, flops_per_s}}")
         for key in ("m", "k", "n", "flops_per_s"):
             _positive(entry.get(key), f"{where}: gemm[{i}].{key}")
+        entry.setdefault("threads", 1)
+        _positive(entry["threads"], f"{where}: gemm[{i}].threads")
     if not isinstance(out["stream"], list):
         raise MpitrainError(f"{where}: stream: expected a list of {{bytes, bytes_per_s}}")
     for i, entry in enumerate(out["stream"]):

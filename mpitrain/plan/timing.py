@@ -38,7 +38,10 @@ class Machine:
         busy = min(self.ranks_on_node, cores)
         self.bandwidth = self.share * min(self.profile["memory_bandwidth_per_core"],
                                           self.profile["memory_bandwidth_per_node"] / busy)
-        self.shapes = [e for e in self.profile["gemm"] if e["dtype"] == self.dtype]
+        # Shapes measured with this rank's thread count, else the one-thread (per core) ones, scaled.
+        shapes = [e for e in self.profile["gemm"] if e["dtype"] == self.dtype]
+        own = [e for e in shapes if e.get("threads", 1) == self.threads]
+        self.shapes, self.scale = (own, 1) if own else ([e for e in shapes if e.get("threads", 1) == 1], self.threads)
         rates = self.profile["gemm_flops_per_s"]
         self.default_rate = rates.get(self.dtype) or min(rates.values())
 
@@ -46,12 +49,12 @@ class Machine:
         """Seconds of an (m, k) x (k, n) product: 2 m k n FLOPs at the nearest measured shape's rate."""
         if m * k * n == 0:
             return self.call()
-        rate = self.default_rate
+        rate = self.default_rate * self.threads
         if self.shapes:
             def distance(e):
                 return abs(math.log(e["m"] / m)) + abs(math.log(e["k"] / k)) + abs(math.log(e["n"] / n))
-            rate = min(self.shapes, key=distance)["flops_per_s"]
-        return 2 * m * k * n / (rate * self.threads * self.share) + self.call()
+            rate = min(self.shapes, key=distance)["flops_per_s"] * self.scale
+        return 2 * m * k * n / (rate * self.share) + self.call()
 
     def bandwidth_at(self, working: float) -> float:
         """Bytes/s of element-wise work on a working set of `working` bytes: the measured entry of
