@@ -141,14 +141,32 @@ def exposed_sync(bucket_seconds: list[float], bucket_layers: list[int], backward
 
 
 def predict(spec: Spec, config, widths: list[int], ranks_per_node: int, profile: dict, choose=None) -> Prediction:
-    """The Prediction of one layout; MpitrainError (from plan_layout) when it does not fit."""
+    """The Prediction of one layout; MpitrainError (from plan_layout) when it does not fit.
+
+    Where ranks outnumber a node's cores, a rank that waits (in a pipeline bubble, for a server)
+    leaves its core to the others, so the step is the longer of the critical path at a whole
+    core per rank and the node's total work over its cores; the difference is the term
+    "shared cores"."""
     choose = choose or auto_chooser()
-    itemsize = np.dtype(config.dtype).itemsize
     machine = Machine(profile, min(ranks_per_node, spec.world), config.dtype)
+    estimate = _predict_ps if spec.kind == "ps" else _predict_grid
+    terms, work, traffic, memory = estimate(spec, config, widths, ranks_per_node, profile, machine, choose)
+    if machine.share < 1:
+        whole = Machine(profile, profile["cores_per_node"], config.dtype)
+        terms, work, _, _ = estimate(spec, config, widths, ranks_per_node, profile, whole, choose)
+        cpu, waits = work  # computing stretches over the shared cores; messages already took their time
+        node = machine.ranks_on_node / profile["cores_per_node"] * cpu + waits + terms["overhead"]
+        terms["shared cores"] = max(0.0, node - sum(terms.values()))
+    step = sum(terms.values())
+    return Prediction(spec, step, config.batch_size / step if step > 0 else math.inf, terms, traffic, memory)
+
+
+def _predict_grid(spec, config, widths, ranks_per_node, profile, machine, choose):
+    """(terms of the busiest stage, (computing, communicating) seconds of the mean rank, traffic,
+    memory) of a grid layout."""
+    itemsize = np.dtype(config.dtype).itemsize
     n_dense = len(widths) - 1
-    if spec.kind == "ps":
-        return _predict_ps(spec, config, widths, ranks_per_node, profile, machine, itemsize, n_dense)
-    per_rank, worst = [], None
+    per_rank, worst, work = [], None, []
     for stage, tp_rank, layers, micro_rows, fields in grid_ranks(spec, config, widths, ranks_per_node, choose):
         per_rank.append(fields)
         if tp_rank != 0:
@@ -178,13 +196,14 @@ def predict(spec: Spec, config, widths: list[int], ranks_per_node: int, profile:
         stage_terms = {"compute": compute, "tensor": tensor, "pipeline": pipeline, "data": data,
                        "optimizer": optimizer_time(machine, config, count, itemsize)}
         busy = compute + tensor + pipeline
+        work.append((compute + stage_terms["optimizer"], tensor + pipeline + data))
         if worst is None or busy > worst[0]:
             worst = (busy, stage_terms)
     busy, terms = worst
     terms["bubble"] = busy * bubble_fraction(spec.pp, spec.micro_batches) / (1 - bubble_fraction(spec.pp, spec.micro_batches))
     terms["overhead"] = _overhead(profile, machine, spec.world, ranks_per_node)
     traffic, memory = busiest(per_rank)
-    return _prediction(spec, config, terms, traffic, memory)
+    return terms, tuple(np.mean(work, axis=0)), traffic, memory
 
 
 def _overhead(profile, machine, world, ranks_per_node) -> float:
@@ -194,9 +213,11 @@ def _overhead(profile, machine, world, ranks_per_node) -> float:
     return profile["step_overhead_s"] / machine.share + agreement
 
 
-def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, itemsize, n_dense) -> Prediction:
+def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, choose):
     """Synchronous parameter server: a worker computes its gradient, then every server takes the
     W gradients of its range one message at a time, sums them, steps, and answers each worker."""
+    itemsize = np.dtype(config.dtype).itemsize
+    n_dense = len(widths) - 1
     layers = local_layers(widths, 1, 0, (0, n_dense))
     rows = local_batch_sizes(config.batch_size, spec.dp)[0]
     compute = sum(sum(layer_times(machine, layer, rows, itemsize, layer["index"] == n_dense - 1, False))
@@ -204,13 +225,12 @@ def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, itemsize
     share = -(-n_params(layers) // spec.servers)
     same_node = spec.world <= ranks_per_node
     message = p2p_time(profile, share * itemsize, same_node, machine.share)
-    server = spec.dp * (2 * message + machine.stream(3 * share * itemsize)) + optimizer_time(machine, config, share, itemsize)
+    server = (spec.dp * (2 * message + machine.stream(3 * share * itemsize))
+              + optimizer_time(machine, config, share, itemsize))
     terms = {"compute": compute, "tensor": 0.0, "pipeline": 0.0, "bubble": 0.0, "data": server,
              "optimizer": 0.0, "overhead": profile["step_overhead_s"] / machine.share}
+    optimizer = optimizer_time(machine, config, share, itemsize)
+    work = ((spec.dp * compute + spec.servers * optimizer) / spec.world,
+            spec.servers * (server - optimizer) / spec.world)
     traffic, memory = busiest(list(ps_ranks(spec, config, widths)))
-    return _prediction(spec, config, terms, traffic, memory)
-
-
-def _prediction(spec, config, terms, traffic, memory) -> Prediction:
-    step = sum(terms.values())
-    return Prediction(spec, step, config.batch_size / step if step > 0 else math.inf, terms, traffic, memory)
+    return terms, work, traffic, memory
