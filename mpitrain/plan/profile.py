@@ -46,15 +46,23 @@ REQUIRED = ("cores_per_node", "gemm_flops_per_s", "memory_bandwidth_per_core", "
 OPTIONAL = {"name": "", "source": "", "gemm": [], "op_overhead_s": 0.0, "message_overhead_s": 0.0,
             "step_overhead_s": 0.0, "overlap_efficiency": 0.0, "collectives": [], "stream": []}
 
-# Measured with `mpirun -n 2 mpitrain plan --calibrate --model 784-4096-4096-10 --batch-size 1024`
-# on the project's 2-core development machine (MPICH 5 over shared memory); see README.md.
+# The scalars of `mpitrain plan --calibrate` (inside benchmarks/plan_vs_measured.py --calibrate,
+# 2 ranks, 2026-11-30) on the project's 2-core development machine, MPICH 5.0.2 over shared memory,
+# while other jobs shared the machine (see README, Predicted against measured); no GEMM shapes or
+# collective curves, so the alpha-beta formulas stand for them. "inter" is a guess for a 10 Gbit/s
+# link: this machine has no second node. float64 is half the float32 rate, not measured.
 BUILTIN = {
-    "format": FORMAT, "name": "2-core development machine", "source": "mpitrain plan --calibrate, 2 ranks, README",
-    "cores_per_node": 2, "gemm_flops_per_s": {"float32": 6.0e10, "float64": 3.0e10},
-    "memory_bandwidth_per_core": 8.0e9, "memory_bandwidth_per_node": 1.2e10,
-    "op_overhead_s": 3e-6, "message_overhead_s": 2e-5, "step_overhead_s": 2e-4, "overlap_efficiency": 0.0,
-    "links": {"intra": {"alpha_s": 3e-6, "beta_s_per_byte": 2.5e-10},
-              "inter": {"alpha_s": 5e-5, "beta_s_per_byte": 8e-9}},
+    "format": FORMAT, "name": "2-core development machine",
+    "source": "mpitrain plan --calibrate, 2 ranks on 2 cores, 2026-11-30 (README: Predicted against measured)",
+    "cores_per_node": 2, "gemm_flops_per_s": {"float32": 3.22e10, "float64": 1.6e10},
+    "memory_bandwidth_per_core": 3.8e9, "memory_bandwidth_per_node": 8.96e9,
+    "stream": [{"bytes": 81920, "bytes_per_s": 3.24e10}, {"bytes": 327680, "bytes_per_s": 5.09e10},
+               {"bytes": 1310720, "bytes_per_s": 6.01e10}, {"bytes": 5242880, "bytes_per_s": 2.2e10},
+               {"bytes": 20971520, "bytes_per_s": 8.3e9}, {"bytes": 83886080, "bytes_per_s": 5.91e9},
+               {"bytes": 335544320, "bytes_per_s": 4.7e9}],
+    "op_overhead_s": 4.6e-7, "message_overhead_s": 0.0, "step_overhead_s": 1.6e-3, "overlap_efficiency": 0.0,
+    "links": {"intra": {"alpha_s": 6.5e-5, "beta_s_per_byte": 7.3e-10},
+              "inter": {"alpha_s": 5e-5, "beta_s_per_byte": 8e-10}},
 }
 
 
