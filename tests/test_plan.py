@@ -56,10 +56,15 @@ def test_recursive_doubling_bytes_fold_the_ranks_above_a_power_of_two():
                                                                          2 * count, 2 * count]
 
 
-def test_hierarchical_sends_nothing_within_a_node_and_the_leaders_ring_across():
-    assert collectives.hier_sent(1000, 4, 0, nodes=1) == 0
-    assert collectives.hier_sent(1000, 4, -1, nodes=3) == 0
-    assert collectives.hier_sent(999, 4, 1, nodes=3) == collectives.ring_sent(999, 3, 1)
+def test_hierarchical_sends_nothing_within_a_node_and_rings_across():
+    node, local = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 0, 1, 0, 1])
+    assert collectives.hier_sent(1000, 4, node[:2], local[:2], [2]).tolist() == [0, 0]
+    # Nodes of 2 ranks: local rank j rings chunk j (500 elements) with the other nodes' rank j.
+    assert collectives.hier_sent(1000, 4, node, local, [2, 2, 2]).tolist() == [
+        collectives.ring_sent(500, 3, n) for n in node.tolist()]
+    # Unequal nodes: only each node's first rank rings, the whole buffer.
+    node, local = np.array([0, 0, 1]), np.array([0, 1, 0])
+    assert collectives.hier_sent(999, 4, node, local, [2, 1]).tolist() == [999, 0, 999]
 
 
 def test_zero_stages_divide_optimizer_state_then_gradients_by_dp():

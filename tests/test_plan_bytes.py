@@ -39,11 +39,25 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("size", sorted(LAYOUTS))
 def test_predicted_bytes_and_memory_equal_the_metrics(comm, size):
+    compare(comm, size, LAYOUTS[size])
+
+
+@pytest.mark.parametrize("per_node", [2, 3])
+def test_hierarchical_bytes_across_emulated_nodes(comm, monkeypatch, per_node):
+    """Nodes of 2 and 2 ranks: every local rank rings its chunk across the nodes; of 3 and 1: the
+    nodes' first ranks ring the whole buffer."""
+    monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", str(per_node))
+    compare(comm, 4, [(Spec("grid", 4, algorithm="hier"), {"allreduce": "hier", "batch_size": 16})], per_node)
+
+
+def compare(comm, size, layouts, ranks_on_node=None):
+    """Train each (spec, overrides) on `size` ranks of comm and compare the plan's fields with the
+    last record's; ranks_on_node: the plan's ranks per node (default: this node's)."""
     with groups_of(comm, size) as group:
         if group is None:
             return
-        _, ranks_on_node = local_rank_and_size(group)
-        for spec, overrides in LAYOUTS[size]:
+        ranks_on_node = ranks_on_node or local_rank_and_size(group)[1]
+        for spec, overrides in layouts:
             run_config = config(steps=2, **overrides)
             record = train(run_config, group).history[-1]
             widths = parse_widths(run_config.model)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpitrain.comm.hier import block_bytes
-from mpitrain.comm.ring import SEGMENT_BYTES
+from mpitrain.comm.ring import SEGMENT_BYTES, chunk_bounds
 from mpitrain.comm.traffic import ring_equivalent
 
 
@@ -66,16 +66,23 @@ def rd_sent(count: int, size: int, rank):
     return np.where(folded, np.where(rank % 2 == 0, count, (rounds + 1) * count), rounds * count)
 
 
-def hier_sent(count: int, itemsize: int, leader_index, nodes: int):
-    """Elements a rank sends in the hierarchical all-reduce: none within a node (shared memory);
-    a node's leader (leader_index among the nodes' leaders, -1 for the others; int or array) rings
-    each block over the leaders."""
+def hier_sent(count: int, itemsize: int, node_index, local_rank, node_sizes: list[int]):
+    """Elements each rank (node_index, local_rank: arrays over the group's ranks; node_sizes: the
+    group's ranks on each node) sends in the hierarchical all-reduce, block by block: none within
+    a node (shared memory); across nodes of equal size L > 1, local rank j rings chunk j of each
+    block with the local ranks j of the other nodes; otherwise each node's leader rings the block."""
+    nodes = len(node_sizes)
     if nodes == 1 or count == 0:
-        return leader_index * 0
+        return node_index * 0
     per_block = block_bytes(count * itemsize) // itemsize
-    index = np.maximum(leader_index, 0)
-    sent = sum(ring_sent(min(per_block, count - start), nodes, index) for start in range(0, count, per_block))
-    return np.where(leader_index >= 0, sent, 0)
+    blocks = [min(per_block, count - start) for start in range(0, count, per_block)]
+    local = node_sizes[0]
+    if local > 1 and len(set(node_sizes)) == 1:
+        chunks = [[b - a for a, b in chunk_bounds(block, local)] for block in blocks]
+        return np.array([sum(ring_sent(sizes[j], nodes, int(n)) for sizes in chunks)
+                         for n, j in zip(node_index.tolist(), local_rank.tolist())])
+    sent = sum(ring_sent(block, nodes, node_index) for block in blocks)
+    return np.where(local_rank == 0, sent, 0)
 
 
 def mpi_sent_bytes(nbytes: int, size: int) -> int:

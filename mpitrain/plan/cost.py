@@ -151,9 +151,9 @@ def tensor_sums(layers: list[dict]) -> list[tuple[str, int]]:
 # ---------------------------------------------------------------------------- bytes and memory per rank
 
 
-def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group, leader_index, choose):
+def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group, placement, choose):
     """Bytes each of dp_ranks (an array) sends summing buckets of `counts` elements over its
-    data-parallel group; leader_index: each rank's index among the node leaders, -1 if none."""
+    data-parallel group; placement: (node index, local rank, ranks per node) within the group."""
     total = dp_ranks * 0
     for count in counts:
         algorithm = "ring" if spec.zero else spec.algorithm
@@ -164,7 +164,7 @@ def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group
         elif algorithm == "rd":
             total = total + rd_sent(count, spec.dp, dp_ranks) * itemsize
         elif algorithm == "hier":
-            total = total + hier_sent(count, itemsize, leader_index, group.nodes) * itemsize
+            total = total + hier_sent(count, itemsize, *placement) * itemsize
         else:
             total = total + mpi_sent_bytes(count * itemsize, spec.dp)
     return total
@@ -202,8 +202,11 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             members = (stage * spec.dp + dp_ranks) * spec.tp + tp_rank
             group = group_of(members.tolist(), ranks_per_node)
             nodes = members // ranks_per_node
-            first = np.r_[True, nodes[1:] != nodes[:-1]]  # a node's first rank in the group leads it
-            leader_index = np.where(first, np.cumsum(first) - 1, -1)
+            first = np.r_[True, nodes[1:] != nodes[:-1]]  # members are in node order
+            node_index = np.cumsum(first) - 1
+            starts = np.flatnonzero(first)
+            local_rank = dp_ranks - starts[node_index]
+            placement = (node_index, local_rank, np.diff(np.r_[starts, spec.dp]).tolist())
             params = n_params(layers)
             # A field that depends on the rows is computed once per distinct local batch size.
             per_batch = {}
@@ -229,7 +232,7 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
                 "tp": np.array([per_batch[rows][0] for rows in batches.tolist()]),
                 "pp": pp_bytes,
                 "dp": dp_sent([stop - start for start, stop, _ in buckets], itemsize, spec, dp_ranks, group,
-                              leader_index, choose)}
+                              placement, choose)}
             micro_rows = [b - a for a, b in micro_batch_bounds(int(batches[0]), spec.micro_batches)]
             yield stage, tp_rank, layers, micro_rows, fields
 
