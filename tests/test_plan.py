@@ -184,6 +184,8 @@ def test_plan_command_json_and_bad_input(comm, tmp_path, capsys, monkeypatch):
         run(["plan", "--ranks", "2,x"])
     with pytest.raises(MpitrainError, match="--zero '3'"):
         run(["plan", "--zero", "3"])
+    with pytest.raises(MpitrainError, match="--memory-per-rank '12x'"):
+        run(["plan", "--memory-per-rank", "12x"])
     import importlib.util
 
     real = importlib.util.find_spec

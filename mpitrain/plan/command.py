@@ -86,7 +86,13 @@ def run(args) -> None:
     zero = _ints(args.zero, "--zero", 0)
     if max(zero) > 2:
         raise MpitrainError(f"--zero '{args.zero}': stages are 0, 1 and 2")
-    limit = parse_size(args.memory_per_rank) if args.memory_per_rank else None
+    limit = None
+    if args.memory_per_rank:
+        try:
+            limit = parse_size(args.memory_per_rank)
+        except MpitrainError:
+            raise MpitrainError(f"--memory-per-rank {args.memory_per_rank!r}: expected a positive size like 16G, "
+                                "512M or 1000000 (bytes)") from None
     if args.top < 1:
         raise MpitrainError(f"--top {args.top}: must be at least 1")
     if args.ranks_per_node is not None and args.ranks_per_node < 1:
