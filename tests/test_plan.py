@@ -16,7 +16,7 @@ from mpitrain.errors import MpitrainError
 from mpitrain.parallel.grid import dense_param_counts
 from mpitrain.parallel.pipeline import bubble_fraction
 from mpitrain.plan import collectives, profile
-from mpitrain.plan.cost import Spec, auto_chooser, busiest, grid_ranks
+from mpitrain.plan.cost import Spec, usage
 from mpitrain.plan.search import search
 from mpitrain.plan.timing import predict
 
@@ -71,8 +71,7 @@ def test_zero_stages_divide_optimizer_state_then_gradients_by_dp():
     config = plan_config()
     params = sum(dense_param_counts(WIDTHS))
     assert params % 4 == 0
-    memory = {zero: busiest([f for *_, f in grid_ranks(Spec("grid", 4, zero=zero), config, WIDTHS, 4,
-                                                       auto_chooser())])[1] for zero in (0, 1, 2)}
+    memory = {zero: usage(Spec("grid", 4, zero=zero), config, WIDTHS, 4)[1] for zero in (0, 1, 2)}
     assert memory[0]["optimizer_bytes_per_rank"] == 2 * params * 4  # Adam: m and v, float32
     assert memory[1]["optimizer_bytes_per_rank"] == memory[0]["optimizer_bytes_per_rank"] // 4
     assert memory[1]["grad_bytes_per_rank"] == memory[0]["grad_bytes_per_rank"] == params * 4

@@ -5,14 +5,12 @@ on the first ranks of the test's communicator, in this process; the plan compute
 from the config alone, and every one must match exactly.
 """
 
-import dataclasses
-
 import pytest
 
 from groups import groups_of
 from mpitrain.comm import local_rank_and_size
 from mpitrain.nn.model import parse_widths
-from mpitrain.plan.cost import Spec, auto_chooser, busiest, grid_ranks, ps_ranks
+from mpitrain.plan.cost import Spec, usage
 from mpitrain.train import train
 from parallel_runs import config
 
@@ -61,13 +59,7 @@ def compare(comm, size, layouts, ranks_on_node=None):
             run_config = config(steps=2, **overrides)
             record = train(run_config, group).history[-1]
             widths = parse_widths(run_config.model)
-            plan_config = dataclasses.replace(run_config)
-            if spec.kind == "ps":
-                per_rank = list(ps_ranks(spec, plan_config, widths))
-            else:
-                per_rank = [fields for *_, fields in grid_ranks(spec, plan_config, widths, ranks_on_node,
-                                                                 auto_chooser())]
-            traffic, memory = busiest(per_rank)
+            traffic, memory = usage(spec, run_config, widths, ranks_on_node)
             predicted = {**traffic, **memory}
             for field in FIELDS:
                 assert predicted[field] == record[field], (spec.describe(), field)

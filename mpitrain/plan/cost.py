@@ -1,7 +1,7 @@
 """The cost model of one layout: bytes per rank (exact), memory per rank, and step time.
 
     spec = Spec("grid", dp=2, tp=2, pp=1, algorithm="ring")
-    traffic, memory = busiest(list(grid_ranks(spec, config, widths, ranks_per_node, auto_chooser())))
+    traffic, memory = usage(Spec("grid", dp=2, tp=2), config, widths, ranks_per_node=4)
     prediction = timing.predict(spec, config, widths, ranks_per_node=4, profile=profile)
 
 Bytes and memory are computed for every rank from the same rules the code follows (the tensor-group
@@ -268,3 +268,12 @@ def busiest(per_rank: list[dict]) -> tuple[dict, dict]:
     memory["total_bytes_per_rank"] = top(np.add(np.add(r["param"], r["grad"]), np.add(r["optimizer"], r["activation"]))
                                          for r in per_rank)
     return traffic, memory
+
+
+def usage(spec: Spec, config, widths: list[int], ranks_per_node: int, choose=None) -> tuple[dict, dict]:
+    """(bytes sent per step, memory) of the busiest rank of a layout, in the metrics' field names
+    (see `busiest`); MpitrainError (from plan_layout) when a grid layout does not fit."""
+    if spec.kind == "ps":
+        return busiest(list(ps_ranks(spec, config, widths)))
+    ranks = grid_ranks(spec, config, widths, ranks_per_node, choose or auto_chooser())
+    return busiest([fields for *_, fields in ranks])
