@@ -3,9 +3,10 @@
     prediction = predict(Spec("grid", dp=2, tp=2), config, widths, ranks_per_node=4, profile=profile)
 
 One rank's machine is its share of a node (`Machine`): BLAS threads = cores // ranks on the node,
-and a share of a core below 1 when ranks outnumber cores (every cost, MPI's polling included,
-stretches by cores / ranks). The busiest stage sets the pace of a pipeline; its first rank (the
-most rows and the largest slices) stands for the stage.
+and a share of a core below 1 when ranks outnumber cores; `predict` then takes the longer of the
+critical path at a whole core per rank and the node's computing spread over its cores. The
+busiest stage sets the pace of a pipeline; its first rank (the most rows and the largest slices)
+stands for the stage.
 """
 
 import math
