@@ -130,6 +130,10 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap", action=argparse.BooleanOptionalAction,
                        help="start each bucket's all-reduce during backward, as soon as its layers are done "
                        "(default on)")
+    group.add_argument("--zero", type=int, metavar="STAGE",
+                       help="shard over the data-parallel ranks: 1 the optimizer state (gradients reduce-scattered, "
+                       "each rank updates its 1/dp of the parameters, then they are all-gathered), 2 also the "
+                       "gradients; 0 none (default 0)")
     group = parser.add_argument_group("output")
     group.add_argument("--metrics", metavar="FILE.jsonl", help="one JSON object per epoch, and a final one")
     group.add_argument("--save", metavar="FILE.h5", help="final parameters, one dataset per parameter (0/weight, ...)")

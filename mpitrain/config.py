@@ -91,6 +91,8 @@ class TrainConfig:
     on_nan: str = "abort"
     bucket_mb: float = 1.0
     overlap: bool = True
+    # sharded optimizer state (0: none, 1: optimizer state, 2: and gradients), over the data-parallel groups
+    zero: int = 0
     # memory per rank (mpitrain/memory.py): a size like 64G; None: what the node has available
     max_memory: str | None = None
 
@@ -191,6 +193,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     _validate_resilience(config)
     if not (math.isfinite(config.bucket_mb) and config.bucket_mb > 0):
         raise MpitrainError(f"--bucket-mb {config.bucket_mb}: must be a positive number of MiB")
+    if config.zero not in (0, 1, 2):
+        raise MpitrainError(f"--zero {config.zero}: expected 0 (no sharding), 1 (optimizer state) or 2 (and gradients)")
+    if config.zero and config.sync == "ps":
+        raise MpitrainError("--zero shards the data-parallel gradient sum: it needs --sync allreduce "
+                            "(the parameter server already holds one copy of the optimizer state)")
     return config
 
 

@@ -24,7 +24,8 @@ from mpitrain.comm import thresholds, traffic
 from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.hier import hier_schedule
 from mpitrain.comm.rd import rd_schedule
-from mpitrain.comm.ring import allgather_schedule, chunk_bounds, complete, reduce_scatter_schedule, ring_schedule
+from mpitrain.comm.ring import (allgather_schedule, chunk_bounds, complete, reduce_scatter_schedule, ring_schedule,
+                                scratch_buffer)
 from mpitrain.errors import MpitrainError
 
 ALGORITHMS = ("auto", "ring", "rd", "hier", "mpi")
@@ -81,6 +82,80 @@ def allreduce_schedule(buf, comm: MPI.Intracomm, algorithm: str = "auto"):
 
     with staged_on_host(buf) as host:
         yield from schedule(host, comm)
+
+
+# ---------------------------------------------------------------------------- sharded halves
+
+# Receive buffers of MPI's reduce-scatter (its result may not alias its input); buckets run one at a time.
+_mpi_scratch: dict = {}
+
+
+def _mpi_reduce_scatter(buf: np.ndarray, comm: MPI.Intracomm, chunks):
+    """Schedule: MPI's non-blocking Reduce_scatter with these counts, its result copied into place."""
+    start, stop = chunks[comm.rank]
+    traffic.add((buf.size - (stop - start)) * buf.itemsize)  # what a ring would send (see traffic)
+    mine = scratch_buffer(buf.dtype, stop - start, _mpi_scratch)[:stop - start]
+    yield [comm.Ireduce_scatter(buf, mine, [b - a for a, b in chunks], op=MPI.SUM)]
+    buf[start:stop] = mine
+
+
+def _mpi_allgather(buf: np.ndarray, comm: MPI.Intracomm, chunks):
+    """Schedule: MPI's non-blocking Allgatherv in place."""
+    start, stop = chunks[(comm.rank + 1) % comm.size]
+    traffic.add((buf.size - (stop - start)) * buf.itemsize)
+    counts, displs = [b - a for a, b in chunks], [a for a, _ in chunks]
+    yield [comm.Iallgatherv(MPI.IN_PLACE, [buf, counts, displs, MPI._typedict[buf.dtype.char]])]
+
+
+def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
+    """Schedule (reduce-scatter): buf[chunks[rank]] <- the sum over the ranks of comm of that range;
+    the rest of buf is left holding partial sums. chunks: [start, stop) per rank, contiguous, covering
+    buf, possibly empty. Collective on comm.
+
+    ring: the pipelined ring with these chunks; mpi: MPI Reduce_scatter. rd and hier have no
+    reduce-scatter of their own (recursive doubling's halving variant and a per-chunk shared-memory
+    sum are not written): they sum the whole of buf and the caller reads its chunk."""
+    check_buffer(buf, "reduce_scatter")
+    if comm.size == 1:
+        return
+    name = resolve(algorithm, buf.nbytes, comm)
+    if CHECK.active:
+        CHECK.collective(comm, "reduce_scatter", name, buf, depth=1)
+    if name == "ring":
+        schedule = lambda host: reduce_scatter_schedule(host, comm, chunks=chunks)  # noqa: E731
+    elif name == "mpi":
+        schedule = lambda host: _mpi_reduce_scatter(host, comm, chunks)  # noqa: E731
+    else:
+        schedule = lambda host: SCHEDULES[name](host, comm)  # noqa: E731
+    yield from _on_host(buf, schedule)
+
+
+def shard_gather_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
+    """Schedule (all-gather): every rank's buf[chunks[q]] <- rank q's buf[chunks[q]]. Collective on comm.
+    mpi: MPI Allgatherv; every other algorithm: the pipelined ring (the all-gather half of the ring
+    is bandwidth-optimal whatever sums the reduce-scatter did)."""
+    check_buffer(buf, "allgather")
+    if comm.size == 1:
+        return
+    name = "mpi" if algorithm == "mpi" else "ring"
+    if CHECK.active:
+        CHECK.collective(comm, "allgather", name, buf, depth=1)
+    if name == "mpi":
+        schedule = lambda host: _mpi_allgather(host, comm, chunks)  # noqa: E731
+    else:
+        schedule = lambda host: allgather_schedule(host, comm, chunks=chunks)  # noqa: E731
+    yield from _on_host(buf, schedule)
+
+
+def _on_host(buf, schedule):
+    """Run schedule(buf) on buf, or on a pinned host copy of a device buffer."""
+    if isinstance(buf, np.ndarray):
+        yield from schedule(buf)
+        return
+    from mpitrain.backend import staged_on_host
+
+    with staged_on_host(buf) as host:
+        yield from schedule(host)
 
 
 def allreduce(buf, comm: MPI.Intracomm, algorithm: str = "auto") -> None:

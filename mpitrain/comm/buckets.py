@@ -16,6 +16,14 @@ samples/s on 784-1024-10 and 0.63-0.89x on 784-1024-1024-1024-10. It competes wi
 for the same core, spins in MPI while it waits, and pays a thread hand-off per bucket; the
 progression costs one Testall per layer.
 
+Sharded (--zero 1, 2; ZeRO, Rajbhandari et al. 2020, "ZeRO: memory optimizations toward training
+trillion parameter models"): rank q of comm owns the equal block shards[q] of the flat buffer, and
+each bucket is reduce-scattered instead of all-reduced: the parts of the bucket inside shards[q]
+are summed on rank q alone (a ring with unequal, possibly empty chunks, or MPI Reduce_scatter).
+After the optimizer updated each owner's block, `gather` all-gathers the parameters bucket by
+bucket. The two halves send what the all-reduce sends; what they save is that no rank updates,
+or keeps optimizer state for, any block but its own.
+
 Buckets run one at a time, in launch order, so every rank posts the same collectives in the
 same order and the reused scratch and shared-memory slots are never used by two at once.
 """
@@ -25,7 +33,7 @@ from collections import deque
 from mpi4py import MPI
 
 from mpitrain.comm import traffic
-from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule
+from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule, shard_gather_schedule, shard_reduce_schedule
 from mpitrain.comm.ring import complete
 from mpitrain.comm.watchdog import waiting
 from mpitrain.errors import MpitrainError
@@ -66,7 +74,7 @@ class GradientSync:
     """
 
     def __init__(self, grads, layer_slices, comm: MPI.Intracomm, algorithm: str = "auto",
-                 bucket_mb: float = 1.0, overlap: bool = True):
+                 bucket_mb: float = 1.0, overlap: bool = True, shards: list[tuple[int, int]] | None = None):
         if algorithm not in ALGORITHMS:
             raise MpitrainError(f"--allreduce {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
         if not bucket_mb > 0:
@@ -74,6 +82,12 @@ class GradientSync:
         self.comm, self.algorithm, self.overlap = comm, algorithm, overlap
         self.buckets = plan_buckets(list(layer_slices), grads.itemsize, bucket_mb)
         self.views = [grads[start:stop] for start, stop, _ in self.buckets]
+        # Sharded (--zero 1, 2): rank q owns shards[q] of the flat buffer; each bucket is reduce-scattered
+        # onto the owners of its parts, so the owner alone holds the sum of a gradient entry.
+        self.shards = shards
+        self.bucket_chunks = None if shards is None else [
+            tuple((min(max(a, start), stop) - start, min(max(b, start), stop) - start) for a, b in shards)
+            for start, stop, _ in self.buckets]
         self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)}
         self._waiting: deque = deque()
         self._schedule, self._schedule_bytes = None, 0
@@ -82,14 +96,31 @@ class GradientSync:
         # What the chosen algorithms really sent (see comm/traffic.py), cumulative.
         self.bytes_sent = 0
 
+    def _sum_schedule(self, bucket: int):
+        """The schedule that sums bucket `bucket`: an all-reduce, or the reduce-scatter onto its owners."""
+        view = self.views[bucket]
+        if self.shards is None:
+            return allreduce_schedule(view, self.comm, self.algorithm)
+        return shard_reduce_schedule(view, self.comm, self.algorithm, self.bucket_chunks[bucket])
+
+    def gather(self, params) -> None:
+        """Sharded only: every rank's params[shards[q]] <- rank q's, after each owner updated its shard;
+        bucket by bucket in forward order, so the first layers are whole first. Collective."""
+        before = traffic.sent()
+        for bucket in reversed(range(len(self.buckets))):
+            start, stop, _ = self.buckets[bucket]
+            view = params[start:stop]
+            complete(shard_gather_schedule(view, self.comm, self.algorithm, self.bucket_chunks[bucket]),
+                     f"parameter bucket all-gather, {view.nbytes} B")
+        self.bytes_sent += traffic.sent() - before
+
     def layer_done(self, dense_index: int) -> None:
         """Backward has finished dense layer `dense_index`: launch its bucket if complete, progress."""
         if not self.overlap:
             return
         bucket = self._bucket_of_layer.get(dense_index)
         if bucket is not None:
-            view = self.views[bucket]
-            self._waiting.append((allreduce_schedule(view, self.comm, self.algorithm), view.nbytes))
+            self._waiting.append((self._sum_schedule(bucket), self.views[bucket].nbytes))
         self._advance(block=False)
 
     def wait(self) -> None:
@@ -97,10 +128,9 @@ class GradientSync:
         if TRACE.active:
             started = TRACE.now()
         if not self.overlap:
-            for view in self.views:
+            for bucket, view in enumerate(self.views):
                 before, begun = traffic.sent(), TRACE.now() if TRACE.active else 0.0
-                complete(allreduce_schedule(view, self.comm, self.algorithm),
-                         f"gradient bucket all-reduce, {view.nbytes} B")
+                complete(self._sum_schedule(bucket), f"gradient bucket sum, {view.nbytes} B")
                 self.bytes_sent += traffic.sent() - before
                 if TRACE.active:
                     self._trace_bucket(view.nbytes, begun, traffic.sent() - before)

@@ -14,6 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm.buckets import GradientSync
+from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
 from mpitrain.nn.losses import make_loss
 from mpitrain.nn.model import Model
@@ -23,6 +24,7 @@ from mpitrain.parallel.mappings import TensorGroup
 from mpitrain.parallel.pipeline import StageLink, bubble_fraction
 from mpitrain.parallel.pipeline import schedule as pipeline_schedule
 from mpitrain.parallel.stage import Stage
+from mpitrain.parallel.state import range_pieces
 
 
 class GridStrategy:
@@ -41,14 +43,22 @@ class GridStrategy:
         actions = pipeline_schedule(layout.schedule, layout.pp, grid.pp_rank, layout.micro_batches)
         self.stage = Stage(self.model, self.link, make_loss(config.loss, xp), actions, layout.micro_batches,
                            grid.first_stage, grid.last_stage)
-        self.optimizer = make_optimizer(config, self.model.params, self.model.grads)
-        self.grad_sync = GradientSync(self.model.grads, self.model.layer_grad_slices(), grid.dp_comm,
-                                      config.allreduce, config.bucket_mb, config.overlap)
+        # --zero 1, 2 (ZeRO, Rajbhandari et al. 2020): data-parallel rank q owns the equal block
+        # shards[q] of the flat buffers, sums only that block's gradients (a reduce-scatter), updates
+        # only that block with optimizer state for it alone, and all-gathers the parameters after.
+        params, grads = self.model.params, self.model.grads
+        self.zero = config.zero
+        shards = chunk_bounds(params.size, grid.dp_comm.size) if self.zero else None
+        self.shard = shards[grid.dp_comm.rank] if self.zero else (0, params.size)
+        start, stop = self.shard
+        self.optimizer = make_optimizer(config, params[start:stop], grads[start:stop])
+        self.grad_sync = GradientSync(grads, self.model.layer_grad_slices(), grid.dp_comm,
+                                      config.allreduce, config.bucket_mb, config.overlap, shards)
         self.scale = 1.0 / config.batch_size
         # The communicator the rows are split over, and which ranks speak for the whole model.
         self.data_comm = grid.dp_comm
         self.reports_loss = grid.last_stage and grid.tp_rank == 0
-        self.holds_copy = grid.dp_rank == 0
+        self.holds_copy = grid.dp_rank == 0 or bool(self.zero)  # sharded: every rank holds a disjoint part
 
     def describe(self) -> str:
         return f"layout: {self.layout.describe()}"
@@ -62,12 +72,23 @@ class GridStrategy:
 
     @property
     def grads(self):
-        return self.model.grads
+        """The summed gradients this rank holds: all of them, or its shard under --zero."""
+        start, stop = self.shard
+        return self.model.grads[start:stop]
 
     def update(self, lr: float, keep: bool = True) -> None:
-        """Apply the summed gradient (keep=False: the agreed NaN policy drops this step)."""
+        """Apply the summed gradient (keep=False: the agreed NaN policy drops this step); under
+        --zero each rank updates its shard and the parameters are all-gathered. Collective."""
         if keep:
             self.optimizer.step(lr)
+            if self.zero:
+                self.grad_sync.gather(self.model.params)
+
+    def share_parameters(self) -> None:
+        """After a checkpoint or --init-from was read (each rank reads only its pieces): under --zero,
+        all-gather the parameter shards so every rank holds its whole model again. Collective."""
+        if self.zero:
+            self.grad_sync.gather(self.model.params)
 
     def evaluate(self, x, y) -> np.ndarray:
         """(loss sum, correct, rows) over every data-parallel group's validation rows. Collective."""
@@ -80,6 +101,10 @@ class GridStrategy:
     def pieces(self) -> list[tuple[str, tuple, dict]]:
         """(parameter name, index into the unsliced parameter, {'param': view, optimizer buffer
         name: view}) for every shard this rank holds: what a checkpoint saves and restores."""
+        if self.zero:
+            start, stop = self.shard
+            return range_pieces(self.model.shards(), self.widths, start, stop, self.model.params,
+                                self.optimizer.buffers)
         out = []
         for name, index, view, (start, stop) in self.model.shards():
             views = {"param": view}
