@@ -127,7 +127,7 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
         schedule = lambda host: _mpi_reduce_scatter(host, comm, chunks)  # noqa: E731
     else:
         schedule = lambda host: SCHEDULES[name](host, comm)  # noqa: E731
-    yield from _on_host(buf, schedule)
+    yield from on_host(buf, schedule)
 
 
 def shard_gather_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
@@ -144,11 +144,12 @@ def shard_gather_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
         schedule = lambda host: _mpi_allgather(host, comm, chunks)  # noqa: E731
     else:
         schedule = lambda host: allgather_schedule(host, comm, chunks=chunks)  # noqa: E731
-    yield from _on_host(buf, schedule)
+    yield from on_host(buf, schedule)
 
 
-def _on_host(buf, schedule):
-    """Run schedule(buf) on buf, or on a pinned host copy of a device buffer."""
+def on_host(buf, schedule):
+    """Schedule: schedule(buf) on buf, or on a pinned host copy of a device buffer (MPICH's wheel is
+    not CUDA-aware)."""
     if isinstance(buf, np.ndarray):
         yield from schedule(buf)
         return

@@ -24,6 +24,9 @@ After the optimizer updated each owner's block, `gather` all-gathers the paramet
 bucket. The two halves send what the all-reduce sends; what they save is that no rank updates,
 or keeps optimizer state for, any block but its own.
 
+Compressed (--grad-dtype float16, bfloat16): each bucket's sum is comm/compress.py's exchange in
+the narrower dtype instead, summed in the parameters' dtype.
+
 Buckets run one at a time, in launch order, so every rank posts the same collectives in the
 same order and the reused scratch and shared-memory slots are never used by two at once.
 """
@@ -34,7 +37,8 @@ from mpi4py import MPI
 
 from mpitrain.comm import traffic
 from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule, shard_gather_schedule, shard_reduce_schedule
-from mpitrain.comm.ring import complete
+from mpitrain.comm.compress import CompressedSum
+from mpitrain.comm.ring import chunk_bounds, complete
 from mpitrain.comm.watchdog import waiting
 from mpitrain.errors import MpitrainError
 from mpitrain.trace import TRACE
@@ -74,7 +78,8 @@ class GradientSync:
     """
 
     def __init__(self, grads, layer_slices, comm: MPI.Intracomm, algorithm: str = "auto",
-                 bucket_mb: float = 1.0, overlap: bool = True, shards: list[tuple[int, int]] | None = None):
+                 bucket_mb: float = 1.0, overlap: bool = True, shards: list[tuple[int, int]] | None = None,
+                 compressed: CompressedSum | None = None):
         if algorithm not in ALGORITHMS:
             raise MpitrainError(f"--allreduce {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
         if not bucket_mb > 0:
@@ -84,7 +89,7 @@ class GradientSync:
         self.views = [grads[start:stop] for start, stop, _ in self.buckets]
         # Sharded (--zero 1, 2): rank q owns shards[q] of the flat buffer; each bucket is reduce-scattered
         # onto the owners of its parts, so the owner alone holds the sum of a gradient entry.
-        self.shards = shards
+        self.shards, self.compressed = shards, compressed
         self.bucket_chunks = None if shards is None else [
             tuple((min(max(a, start), stop) - start, min(max(b, start), stop) - start) for a, b in shards)
             for start, stop, _ in self.buckets]
@@ -99,6 +104,9 @@ class GradientSync:
     def _sum_schedule(self, bucket: int):
         """The schedule that sums bucket `bucket`: an all-reduce, or the reduce-scatter onto its owners."""
         view = self.views[bucket]
+        if self.compressed is not None:
+            chunks = chunk_bounds(view.size, self.comm.size) if self.shards is None else self.bucket_chunks[bucket]
+            return self.compressed.schedule(view, self.comm, chunks, gather=self.shards is None)
         if self.shards is None:
             return allreduce_schedule(view, self.comm, self.algorithm)
         return shard_reduce_schedule(view, self.comm, self.algorithm, self.bucket_chunks[bucket])

@@ -14,6 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm.buckets import GradientSync
+from mpitrain.comm.compress import CompressedSum, wire_dtype
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
 from mpitrain.nn.losses import make_loss
@@ -52,8 +53,11 @@ class GridStrategy:
         self.shard = shards[grid.dp_comm.rank] if self.zero else (0, params.size)
         start, stop = self.shard
         self.optimizer = make_optimizer(config, params[start:stop], grads[start:stop])
-        self.grad_sync = GradientSync(grads, self.model.layer_grad_slices(), grid.dp_comm,
-                                      config.allreduce, config.bucket_mb, config.overlap, shards)
+        self.compressed = None
+        if config.grad_dtype is not None and wire_dtype(config.grad_dtype).itemsize < params.itemsize:
+            self.compressed = CompressedSum(wire_dtype(config.grad_dtype), config.error_feedback)
+        self.grad_sync = GradientSync(grads, self.model.layer_grad_slices(), grid.dp_comm, config.allreduce,
+                                      config.bucket_mb, config.overlap, shards, self.compressed)
         self.scale = 1.0 / config.batch_size
         # The communicator the rows are split over, and which ranks speak for the whole model.
         self.data_comm = grid.dp_comm
@@ -127,9 +131,11 @@ class GridStrategy:
                 "bubble_fraction": bubble_fraction(layout.pp, layout.micro_batches)}
 
     def memory(self) -> np.ndarray:
-        """Bytes per rank: parameters, gradients, optimizer state, peak activations kept."""
+        """Bytes per rank: parameters, gradients (with --grad-dtype's wire copies and residuals),
+        optimizer state (1/dp of it under --zero), peak activations kept."""
         optimizer = sum(b.nbytes for b in self.optimizer.buffers.values())
-        return np.array([self.model.params.nbytes, self.model.grads.nbytes, optimizer, self.model.peak_bytes],
+        grads = self.model.grads.nbytes + (self.compressed.nbytes() if self.compressed else 0)
+        return np.array([self.model.params.nbytes, grads, optimizer, self.model.peak_bytes],
                         dtype=np.float64)
 
     def wait_seconds(self) -> float:
