@@ -199,6 +199,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.zero not in (0, 1, 2):
         raise MpitrainError(f"--zero {config.zero}: expected 0 (no sharding), 1 (optimizer state) or 2 (and gradients)")
     _validate_compression(config)
+    if config.zero == 2 and config.micro_batches > 1:
+        raise MpitrainError(f"--zero 2 keeps only the gradient shard, but --micro-batches {config.micro_batches} adds "
+                            "every layer's gradient up over the step's micro-batches: use --zero 1")
     if config.zero and config.sync == "ps":
         raise MpitrainError("--zero shards the data-parallel gradient sum: it needs --sync allreduce "
                             "(the parameter server already holds one copy of the optimizer state)")

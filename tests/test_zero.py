@@ -4,9 +4,10 @@ relative, against the one-process run) on 1, 2 and 4 ranks and in grid layouts, 
 it resumes across zero stages and world sizes.
 
 Layouts are (ranks, overrides) on the first ranks of the test's communicator; a layout that needs
-more ranks than the world has skips. The model 12-10-9-7-3 has 323 parameters, so each rank's shard
-starts and stops inside layers and rows, and --bucket-mb 1e-4 cuts buckets that hold a part of
-several ranks' shards.
+more ranks than the world has skips. The model 12-8-8-8-8-8-8-3 has 491 parameters, so each rank's
+shard starts and stops inside layers and rows; --bucket-mb 1e-4 makes each layer a bucket, so a
+bucket holds parts of several ranks' shards, and its equal layers let --zero 2 keep two one-layer
+staging slots and the shard instead of the whole gradient.
 """
 
 import os
@@ -23,24 +24,23 @@ from mpitrain.train import train
 from parallel_runs import RTOL, config, serial_run
 from test_layouts import assert_close, groups_of
 
-LAYOUTS = {"one": (1, {}), "dp2": (2, {}), "dp4": (4, {}), "dp2-tp2": (4, {"tp": 2}),
-           "dp2-pp2": (4, {"pp": 2, "micro_batches": 2})}
+LAYOUTS = {"one": (1, {}), "dp2": (2, {}), "dp4": (4, {}), "dp2-tp2": (4, {"tp": 2}), "dp2-pp2": (4, {"pp": 2})}
 SGD = dict(optimizer="sgd", momentum=0.9, lr=0.05)
-SMALL_BUCKETS = dict(bucket_mb=1e-4)
+SETTINGS = dict(bucket_mb=1e-4, model="12-8-8-8-8-8-8-3")
 
 
 def run(comm, layout, **overrides):
     """Train under `layout` on its first ranks of comm; the result there, None on the others."""
     ranks, settings = layout
     with groups_of(comm, ranks) as group:
-        return None if group is None else train(config(**{**settings, **SMALL_BUCKETS, **overrides}), group)
+        return None if group is None else train(config(**{**settings, **SETTINGS, **overrides}), group)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_zero_stages_give_the_one_process_parameters(comm, small_classification, name):
     """20 Adam steps and 20 SGD-momentum steps under --zero 1 and 2: the one-process run's parameters."""
     for optimizer in (dict(optimizer="adam"), SGD):
-        expected = serial_run(data=small_classification, steps=20, **optimizer)
+        expected = serial_run(data=small_classification, model=SETTINGS["model"], steps=20, **optimizer)
         for zero in (1, 2):
             result = run(comm, LAYOUTS[name], data=small_classification, steps=20, zero=zero, **optimizer)
             assert_close(result.parameters if result else None, expected.parameters)
@@ -48,17 +48,21 @@ def test_zero_stages_give_the_one_process_parameters(comm, small_classification,
 
 @pytest.mark.parametrize("algorithm", ["ring", "mpi", "hier", "rd", "auto"])
 def test_every_allreduce_algorithm_shards_alike(comm, small_classification, algorithm):
-    """dp 2 (and dp 4 where the world has 4 ranks) with each --allreduce: the one-process parameters."""
-    expected = serial_run(data=small_classification, steps=6)
+    """dp 2 (and dp 4 where the world has 4 ranks) with each --allreduce, --zero 1 with overlap and
+    --zero 2 without (its staging slots then wait for whole buckets): the one-process parameters."""
+    expected = serial_run(data=small_classification, model=SETTINGS["model"], steps=6)
     for layout in (LAYOUTS["dp2"], LAYOUTS["dp4"] if comm.size >= 4 else LAYOUTS["dp2"]):
-        result = run(comm, layout, data=small_classification, steps=6, zero=1, allreduce=algorithm)
-        assert_close(result.parameters if result else None, expected.parameters)
+        for zero, overlap in ((1, True), (2, False)):
+            result = run(comm, layout, data=small_classification, steps=6, zero=zero, overlap=overlap,
+                         allreduce=algorithm)
+            assert_close(result.parameters if result else None, expected.parameters)
 
 
 @pytest.mark.parametrize("name", ["dp2", "dp4", "dp2-tp2"])
 def test_optimizer_state_per_rank_is_one_dp_th_and_traffic_is_unchanged(comm, small_classification, name):
     """Adam's two moments: the busiest rank holds the largest equal block of the --zero 0 figure.
-    Gradient bytes per step: a reduce-scatter plus an all-gather send what the ring all-reduce sends."""
+    Gradient bytes per step: a reduce-scatter plus an all-gather send what the ring all-reduce sends.
+    Gradient memory: the whole buffer under --zero 1, less under --zero 2."""
     ranks, settings = LAYOUTS[name]
     dp = ranks // settings.get("tp", 1)
     base = run(comm, LAYOUTS[name], data=small_classification, steps=2, allreduce="ring")
@@ -71,6 +75,10 @@ def test_optimizer_state_per_rank_is_one_dp_th_and_traffic_is_unchanged(comm, sm
         largest_block = max(stop - start for start, stop in chunk_bounds(entries, dp))
         assert mine["optimizer_bytes_per_rank"] == 2 * 8 * largest_block
         assert mine["param_bytes_per_rank"] == whole["param_bytes_per_rank"]
+        if zero == 1:
+            assert mine["grad_bytes_per_rank"] == whole["grad_bytes_per_rank"]
+        else:
+            assert mine["grad_bytes_per_rank"] < whole["grad_bytes_per_rank"]
         assert mine["dp_bytes_per_step"] == pytest.approx(whole["dp_bytes_per_step"], rel=0.02)
 
 
@@ -94,7 +102,7 @@ def test_range_pieces_of_unequal_ranges_rebuild_each_parameter():
 
 @pytest.mark.parametrize("writer,reader", [(("dp2", 1), ("one", 0)), (("one", 0), ("dp2", 2)),
                                            (("dp4", 2), ("dp2", 1)), (("dp2-tp2", 1), ("dp4", 0)),
-                                           (("dp2", 0), ("dp2-pp2", 2))])
+                                           (("dp2", 0), ("dp2-pp2", 2)), (("dp2-pp2", 2), ("one", 0))])
 def test_checkpoints_resume_across_zero_stages_and_world_sizes(comm, small_classification, shared_dir, writer, reader):
     """Written at step 4 by one (layout, stage), resumed to step 8 by another: the uninterrupted
     one-process run's parameters to 1e-10, Adam moments and step count included."""
@@ -104,7 +112,7 @@ def test_checkpoints_resume_across_zero_stages_and_world_sizes(comm, small_class
     comm.Barrier()
     resumed = run(comm, LAYOUTS[read_layout], data=small_classification, steps=8, checkpoint_dir=ck, resume="auto",
                   zero=read_zero)
-    expected = serial_run(data=small_classification, steps=8)
+    expected = serial_run(data=small_classification, model=SETTINGS["model"], steps=8)
     assert_close(resumed.parameters if resumed else None, expected.parameters)
 
 
@@ -134,3 +142,5 @@ def test_zero_needs_the_allreduce_sync():
         config(zero=3)
     with pytest.raises(MpitrainError, match="--zero shards"):
         config(zero=1, sync="ps")
+    with pytest.raises(MpitrainError, match="use --zero 1"):
+        config(zero=2, pp=2, micro_batches=2)

@@ -33,6 +33,7 @@ same order and the reused scratch and shared-memory slots are never used by two 
 
 from collections import deque
 
+import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm import traffic
@@ -79,13 +80,14 @@ class GradientSync:
 
     def __init__(self, grads, layer_slices, comm: MPI.Intracomm, algorithm: str = "auto",
                  bucket_mb: float = 1.0, overlap: bool = True, shards: list[tuple[int, int]] | None = None,
-                 compressed: CompressedSum | None = None):
+                 compressed: CompressedSum | None = None, shard_only: bool = False):
         if algorithm not in ALGORITHMS:
             raise MpitrainError(f"--allreduce {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
         if not bucket_mb > 0:
             raise MpitrainError(f"--bucket-mb {bucket_mb}: must be a positive number of MiB")
         self.comm, self.algorithm, self.overlap = comm, algorithm, overlap
-        self.buckets = plan_buckets(list(layer_slices), grads.itemsize, bucket_mb)
+        self.layer_slices = list(layer_slices)
+        self.buckets = plan_buckets(self.layer_slices, grads.itemsize, bucket_mb)
         self.views = [grads[start:stop] for start, stop, _ in self.buckets]
         # Sharded (--zero 1, 2): rank q owns shards[q] of the flat buffer; each bucket is reduce-scattered
         # onto the owners of its parts, so the owner alone holds the sum of a gradient entry.
@@ -93,13 +95,72 @@ class GradientSync:
         self.bucket_chunks = None if shards is None else [
             tuple((min(max(a, start), stop) - start, min(max(b, start), stop) - start) for a, b in shards)
             for start, stop, _ in self.buckets]
+        mine = shards[comm.rank] if shards is not None else (0, grads.size)
+        self.shard_grads = grads[mine[0]:mine[1]]
+        self.staged = shard_only and shards is not None and self._stage(grads, mine)
         self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)}
+        # Under staging, the bucket whose slot the next layer down writes into.
+        self._bucket_above = {first - 1: index + 1 for index, (_, _, first) in enumerate(self.buckets)}
         self._waiting: deque = deque()
-        self._schedule, self._schedule_bytes = None, 0
+        self._schedule, self._schedule_bytes, self._bucket = None, 0, 0
         self._pending = None
         self._started, self._schedule_sent = 0.0, 0
+        self._finished = 0  # buckets summed this step, in launch order
         # What the chosen algorithms really sent (see comm/traffic.py), cumulative.
         self.bytes_sent = 0
+
+    # ------------------------------------------------------------------------ --zero 2: the shard alone
+
+    def _stage(self, grads, mine: tuple[int, int]) -> bool:
+        """--zero 2: backward writes each bucket into one of two staging slots (even and odd buckets,
+        so one bucket is summed while backward fills the next), and only this rank's shard of the
+        sum is kept. Refused (False: the whole buffer stays) where the slots and the shard would
+        not be smaller than the whole gradient, as when one layer holds most of the model."""
+        sizes = [stop - start for start, stop, _ in self.buckets]
+        slot_sizes = [max(sizes[0::2]), max(sizes[1::2], default=0)]
+        if sum(slot_sizes) + mine[1] - mine[0] >= grads.size:
+            return False
+        xp = np if isinstance(grads, np.ndarray) else __import__("cupy")
+        self.slots = [xp.zeros(size, dtype=grads.dtype) for size in slot_sizes]
+        self.views = [self.slots[index % 2][:size] for index, size in enumerate(sizes)]
+        self.shard_grads = xp.zeros(mine[1] - mine[0], dtype=grads.dtype)
+        self._shard_start = mine[0]
+        return True
+
+    def layer_grads(self) -> list:
+        """Each dense layer's gradient view, in forward order: where backward must write it."""
+        out = []
+        for index, (start, stop, _) in enumerate(self.buckets):
+            for layer_start, layer_stop in self.layer_slices:
+                if start <= layer_start < stop:
+                    out.append((layer_start, self.views[index][layer_start - start:layer_stop - start]))
+        return [view for _, view in sorted(out, key=lambda pair: pair[0])]
+
+    def nbytes(self) -> int:
+        """Gradient bytes this rank keeps: the whole buffer, or the slots and the shard."""
+        if self.staged:
+            return sum(slot.nbytes for slot in self.slots) + self.shard_grads.nbytes
+        return sum(view.nbytes for view in self.views)
+
+    def _summed(self, bucket: int) -> None:
+        """Bucket `bucket` holds its sum: keep this rank's part of it (staging), so its slot is free."""
+        self._finished += 1
+        if self.staged:
+            start = self.buckets[bucket][0]
+            a, b = self.bucket_chunks[bucket][self.comm.rank]
+            offset = start + a - self._shard_start
+            self.shard_grads[offset:offset + b - a] = self.views[bucket][a:b]
+
+    def _free_slot_for(self, bucket: int) -> None:
+        """Before backward writes bucket `bucket`: the bucket that last used its slot is summed."""
+        if bucket < 2 or self._finished >= bucket - 1:
+            return
+        if self.overlap:
+            self._advance(block=True, through=bucket - 2)
+        else:
+            self._run_blocking(bucket - 2)
+
+    # ------------------------------------------------------------------------ every step
 
     def _sum_schedule(self, bucket: int):
         """The schedule that sums bucket `bucket`: an all-reduce, or the reduce-scatter onto its owners."""
@@ -124,28 +185,36 @@ class GradientSync:
 
     def layer_done(self, dense_index: int) -> None:
         """Backward has finished dense layer `dense_index`: launch its bucket if complete, progress."""
-        if not self.overlap:
-            return
-        bucket = self._bucket_of_layer.get(dense_index)
-        if bucket is not None:
-            self._waiting.append((self._sum_schedule(bucket), self.views[bucket].nbytes))
-        self._advance(block=False)
+        if self.overlap:
+            bucket = self._bucket_of_layer.get(dense_index)
+            if bucket is not None:
+                self._waiting.append((self._sum_schedule(bucket), self.views[bucket].nbytes, bucket))
+            self._advance(block=False)
+        if self.staged and dense_index - 1 in self._bucket_above:
+            self._free_slot_for(self._bucket_above[dense_index - 1])
 
     def wait(self) -> None:
-        """Finish every bucket's all-reduce (all of them, when overlap is off)."""
+        """Finish every bucket's sum (all of them, when overlap is off)."""
         if TRACE.active:
             started = TRACE.now()
         if not self.overlap:
-            for bucket, view in enumerate(self.views):
-                before, begun = traffic.sent(), TRACE.now() if TRACE.active else 0.0
-                complete(self._sum_schedule(bucket), f"gradient bucket sum, {view.nbytes} B")
-                self.bytes_sent += traffic.sent() - before
-                if TRACE.active:
-                    self._trace_bucket(view.nbytes, begun, traffic.sent() - before)
+            self._run_blocking(len(self.buckets) - 1)
         else:
             self._advance(block=True)
+        self._finished = 0
         if TRACE.active:
             TRACE.span("wait", "gradient buckets", started)
+
+    def _run_blocking(self, through: int) -> None:
+        """Without overlap: sum the buckets not yet summed this step, up to `through`, one after another."""
+        for bucket in range(self._finished, through + 1):
+            view = self.views[bucket]
+            before, begun = traffic.sent(), TRACE.now() if TRACE.active else 0.0
+            complete(self._sum_schedule(bucket), f"gradient bucket sum, {view.nbytes} B")
+            self.bytes_sent += traffic.sent() - before
+            if TRACE.active:
+                self._trace_bucket(view.nbytes, begun, traffic.sent() - before)
+            self._summed(bucket)
 
     def _trace_bucket(self, nbytes: int, started: float, sent: int) -> None:
         """One bucket's all-reduce on the trace, from its first message to its last (bytes: what it sent)."""
@@ -156,11 +225,12 @@ class GradientSync:
         TRACE.span("gradient all-reduce", f"all-reduce {nbytes} B ({algorithm})", started, algorithm=algorithm,
                    bucket_bytes=nbytes, bytes=sent, segments=-(-nbytes // self.comm.size // SEGMENT_BYTES) or 1)
 
-    def _advance(self, block: bool) -> None:
-        """Run launched buckets in order; unless block, stop at the first request still in flight."""
-        while self._pending is not None or self._waiting:
+    def _advance(self, block: bool, through: int | None = None) -> None:
+        """Run launched buckets in order; unless block, stop at the first request still in flight;
+        with `through`, stop once that bucket is summed."""
+        while (self._pending is not None or self._waiting) and (through is None or self._finished <= through):
             if self._pending is None:
-                self._schedule, self._schedule_bytes = self._waiting.popleft()
+                self._schedule, self._schedule_bytes, self._bucket = self._waiting.popleft()
             elif block:
                 with waiting(f"Waitall ({self.algorithm} all-reduce of a {self._schedule_bytes} B gradient bucket "
                              f"over {self.comm.size} ranks)"):
@@ -176,3 +246,5 @@ class GradientSync:
                 self._schedule_sent += traffic.sent() - before
                 if self._pending is None:
                     self._trace_bucket(self._schedule_bytes, self._started, self._schedule_sent)
+            if self._pending is None:
+                self._summed(self._bucket)

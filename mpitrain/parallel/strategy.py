@@ -52,12 +52,14 @@ class GridStrategy:
         shards = chunk_bounds(params.size, grid.dp_comm.size) if self.zero else None
         self.shard = shards[grid.dp_comm.rank] if self.zero else (0, params.size)
         start, stop = self.shard
-        self.optimizer = make_optimizer(config, params[start:stop], grads[start:stop])
         self.compressed = None
         if config.grad_dtype is not None and wire_dtype(config.grad_dtype).itemsize < params.itemsize:
             self.compressed = CompressedSum(wire_dtype(config.grad_dtype), config.error_feedback)
         self.grad_sync = GradientSync(grads, self.model.layer_grad_slices(), grid.dp_comm, config.allreduce,
-                                      config.bucket_mb, config.overlap, shards, self.compressed)
+                                      config.bucket_mb, config.overlap, shards, self.compressed, config.zero == 2)
+        if self.grad_sync.staged:  # --zero 2: backward writes into the sync's slots; the whole buffer goes
+            self.model.bind_grads(self.grad_sync.layer_grads())
+        self.optimizer = make_optimizer(config, params[start:stop], self.grad_sync.shard_grads)
         self.scale = 1.0 / config.batch_size
         # The communicator the rows are split over, and which ranks speak for the whole model.
         self.data_comm = grid.dp_comm
@@ -65,7 +67,11 @@ class GridStrategy:
         self.holds_copy = grid.dp_rank == 0 or bool(self.zero)  # sharded: every rank holds a disjoint part
 
     def describe(self) -> str:
-        return f"layout: {self.layout.describe()}"
+        text = f"layout: {self.layout.describe()}"
+        if self.zero == 2 and not self.grad_sync.staged and self.grid.dp_comm.size > 1:
+            text += ("; --zero 2 keeps the whole gradient buffer: two staging buckets and the shard would be no "
+                     "smaller (the largest layers hold most of it)")
+        return text
 
     def forward_backward(self, x, y) -> float:
         """One step's forward and backward, gradients summed over the data-parallel group; returns
@@ -77,8 +83,7 @@ class GridStrategy:
     @property
     def grads(self):
         """The summed gradients this rank holds: all of them, or its shard under --zero."""
-        start, stop = self.shard
-        return self.model.grads[start:stop]
+        return self.grad_sync.shard_grads
 
     def update(self, lr: float, keep: bool = True) -> None:
         """Apply the summed gradient (keep=False: the agreed NaN policy drops this step); under
@@ -134,7 +139,7 @@ class GridStrategy:
         """Bytes per rank: parameters, gradients (with --grad-dtype's wire copies and residuals),
         optimizer state (1/dp of it under --zero), peak activations kept."""
         optimizer = sum(b.nbytes for b in self.optimizer.buffers.values())
-        grads = self.model.grads.nbytes + (self.compressed.nbytes() if self.compressed else 0)
+        grads = self.grad_sync.nbytes() + (self.compressed.nbytes() if self.compressed else 0)
         return np.array([self.model.params.nbytes, grads, optimizer, self.model.peak_bytes],
                         dtype=np.float64)
 
