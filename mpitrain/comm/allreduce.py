@@ -67,21 +67,21 @@ def resolve(algorithm: str, nbytes: int, comm: MPI.Intracomm) -> str:
 
 
 def allreduce_schedule(buf, comm: MPI.Intracomm, algorithm: str = "auto"):
-    """Schedule of allreduce(buf, comm, algorithm); device buffers are staged on the host around it."""
+    """Schedule of allreduce(buf, comm, algorithm); device buffers are staged on the host around it.
+
+    The checks, the choice of "auto" and --check-collectives' comparison run when the schedule is
+    made, not when it first runs: every rank makes a bucket's schedule at the same point of its
+    program (the end of the same layer's backward), whereas when it first runs depends on how far
+    the previous bucket got. A blocking comparison at the first run deadlocked a grid: one rank
+    waited in it for a data-parallel peer that was still in a tensor-parallel sum with a third
+    rank, itself waiting in a comparison for the second's tensor-parallel peer."""
     check_buffer(buf, "allreduce")
     if comm.size == 1:
-        return
+        return iter(())
     name = resolve(algorithm, buf.nbytes, comm)
     if CHECK.active:
         CHECK.collective(comm, "allreduce", name, buf, depth=1)
-    schedule = SCHEDULES[name]
-    if isinstance(buf, np.ndarray):
-        yield from schedule(buf, comm)
-        return
-    from mpitrain.backend import staged_on_host
-
-    with staged_on_host(buf) as host:
-        yield from schedule(host, comm)
+    return on_host(buf, lambda host: SCHEDULES[name](host, comm))
 
 
 # ---------------------------------------------------------------------------- sharded halves
@@ -114,10 +114,11 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
 
     ring: the pipelined ring with these chunks; mpi: MPI Reduce_scatter. rd and hier have no
     reduce-scatter of their own (recursive doubling's halving variant and a per-chunk shared-memory
-    sum are not written): they sum the whole of buf and the caller reads its chunk."""
+    sum are not written): they sum the whole of buf and the caller reads its chunk. Checked when
+    made, like allreduce_schedule."""
     check_buffer(buf, "reduce_scatter")
     if comm.size == 1:
-        return
+        return iter(())
     name = resolve(algorithm, buf.nbytes, comm)
     if CHECK.active:
         CHECK.collective(comm, "reduce_scatter", name, buf, depth=1)
@@ -127,16 +128,16 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
         schedule = lambda host: _mpi_reduce_scatter(host, comm, chunks)  # noqa: E731
     else:
         schedule = lambda host: SCHEDULES[name](host, comm)  # noqa: E731
-    yield from on_host(buf, schedule)
+    return on_host(buf, schedule)
 
 
 def shard_gather_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
     """Schedule (all-gather): every rank's buf[chunks[q]] <- rank q's buf[chunks[q]]. Collective on comm.
     mpi: MPI Allgatherv; every other algorithm: the pipelined ring (the all-gather half of the ring
-    is bandwidth-optimal whatever sums the reduce-scatter did)."""
+    is bandwidth-optimal whatever sums the reduce-scatter did). Checked when made."""
     check_buffer(buf, "allgather")
     if comm.size == 1:
-        return
+        return iter(())
     name = "mpi" if algorithm == "mpi" else "ring"
     if CHECK.active:
         CHECK.collective(comm, "allgather", name, buf, depth=1)
@@ -144,7 +145,7 @@ def shard_gather_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
         schedule = lambda host: _mpi_allgather(host, comm, chunks)  # noqa: E731
     else:
         schedule = lambda host: allgather_schedule(host, comm, chunks=chunks)  # noqa: E731
-    yield from on_host(buf, schedule)
+    return on_host(buf, schedule)
 
 
 def on_host(buf, schedule):

@@ -37,8 +37,9 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm import traffic
-from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule, shard_gather_schedule, shard_reduce_schedule
+from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule, resolve, shard_gather_schedule, shard_reduce_schedule
 from mpitrain.comm.compress import CompressedSum
+from mpitrain.comm.hier import reserve
 from mpitrain.comm.ring import chunk_bounds, complete
 from mpitrain.comm.watchdog import waiting
 from mpitrain.errors import MpitrainError
@@ -98,6 +99,12 @@ class GradientSync:
         mine = shards[comm.rank] if shards is not None else (0, grads.size)
         self.shard_grads = grads[mine[0]:mine[1]]
         self.staged = shard_only and shards is not None and self._stage(grads, mine)
+        if comm.size > 1 and compressed is None:
+            # Collective set-up now, at the same point on every rank (see allreduce_schedule): auto's
+            # thresholds, and the hierarchical sum's shared slots sized for its largest bucket.
+            hier_bytes = [view.nbytes for view in self.views if resolve(algorithm, view.nbytes, comm) == "hier"]
+            if hier_bytes:
+                reserve(comm, grads.dtype, max(hier_bytes))
         self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)}
         # Under staging, the bucket whose slot the next layer down writes into.
         self._bucket_above = {first - 1: index + 1 for index, (_, _, first) in enumerate(self.buckets)}
@@ -118,7 +125,10 @@ class GradientSync:
         not be smaller than the whole gradient, as when one layer holds most of the model."""
         sizes = [stop - start for start, stop, _ in self.buckets]
         slot_sizes = [max(sizes[0::2]), max(sizes[1::2], default=0)]
-        if sum(slot_sizes) + mine[1] - mine[0] >= grads.size:
+        # Decided on the largest shard, so that every rank of comm decides alike: a rank that stages
+        # waits for buckets in the middle of backward, and its peers must reach the same waits.
+        largest_shard = max(b - a for a, b in self.shards)
+        if sum(slot_sizes) + largest_shard >= grads.size:
             return False
         xp = np if isinstance(grads, np.ndarray) else __import__("cupy")
         self.slots = [xp.zeros(size, dtype=grads.dtype) for size in slot_sizes]
@@ -218,7 +228,6 @@ class GradientSync:
 
     def _trace_bucket(self, nbytes: int, started: float, sent: int) -> None:
         """One bucket's all-reduce on the trace, from its first message to its last (bytes: what it sent)."""
-        from mpitrain.comm.allreduce import resolve
         from mpitrain.comm.ring import SEGMENT_BYTES
 
         algorithm = resolve(self.algorithm, nbytes, self.comm)  # auto's choice is cached by now: no message
