@@ -9,13 +9,16 @@ A step is the loop's own work on one rank (GridStrategy.forward_backward + updat
 softmax cross-entropy, backward, Adam) on a batch held in memory. Its GEMMs are the same matrix
 products on arrays of the same shapes, with out= (forward X W per layer; backward dW = X^T dY per
 layer and dX = dY W^T for every layer but the first). The update is Adam.step on the model's flat
-buffers. The three are timed in turn, --repeats times each round, over --rounds rounds; the
-medians and the ratio step / (GEMMs + update) are printed.
+buffers (block by block, see mpitrain/optim.py); "whole-array update" is the same Adam as one
+pass per operation over whole arrays (the bare loop's, benchmarks/train_throughput.py), what the
+update cost before it ran in blocks. The four are timed in turn, --repeats times each round, over
+--rounds rounds; the medians and the ratios of the step to GEMMs + update are printed.
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import time
 
 import numpy as np
@@ -81,24 +84,45 @@ def main() -> None:
     def update():
         adam.step()
 
-    rounds = {"step": [], "gemms": [], "update": []}
+    m, v, work = (np.zeros_like(params) for _ in range(3))
+    t = [0]
+
+    def whole_array_update():
+        t[0] += 1
+        np.multiply(m, 0.9, out=m)
+        np.multiply(grads, 0.1, out=work)
+        np.add(m, work, out=m)
+        np.multiply(v, 0.999, out=v)
+        np.multiply(grads, grads, out=work)
+        np.multiply(work, 0.001, out=work)
+        np.add(v, work, out=v)
+        np.sqrt(v, out=work)
+        np.multiply(work, 1 / math.sqrt(1 - 0.999 ** t[0]), out=work)
+        np.add(work, 1e-8, out=work)
+        np.divide(m, work, out=work)
+        np.multiply(work, 1e-3 / (1 - 0.9 ** t[0]), out=work)
+        np.subtract(params, work, out=params)
+
+    runs = {"step": step, "gemms": gemms, "update": update, "whole-array update": whole_array_update}
+    rounds = {name: [] for name in runs}
     with threadpool_limits(args.threads):
-        for run in (step, gemms, update):
+        for run in runs.values():
             run()  # the first call allocates what later ones reuse
         for _ in range(args.rounds):
-            for name, run in (("step", step), ("gemms", gemms), ("update", update)):
+            for name, run in runs.items():
                 rounds[name].append(timed(run, args.repeats))
     median = {name: float(np.median(values)) for name, values in rounds.items()}
     ratio = median["step"] / (median["gemms"] + median["update"])
+    whole_ratio = median["step"] / (median["gemms"] + median["whole-array update"])
     print(f"# python benchmarks/step.py --model {args.model} --batch {args.batch} --threads {args.threads}; "
           f"numpy {np.__version__}; median of {args.rounds} rounds of {args.repeats}")
     for name, value in median.items():
-        print(f"{name:<8} {value * 1e3:8.2f} ms   rounds: " + " ".join(f"{v * 1e3:.2f}" for v in rounds[name]))
-    print(f"step / (gemms + update) = {ratio:.3f}")
+        print(f"{name:<20} {value * 1e3:8.2f} ms   rounds: " + " ".join(f"{v * 1e3:.2f}" for v in rounds[name]))
+    print(f"step / (gemms + update) = {ratio:.3f}; step / (gemms + whole-array update) = {whole_ratio:.3f}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"model": args.model, "batch": args.batch, "threads": args.threads, "ms": median,
-                       "rounds": rounds, "ratio": ratio}, out, indent=1)
+                       "rounds": rounds, "ratio": ratio, "ratio_whole_array_update": whole_ratio}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ class Stage:
                     inputs = link.recv_activation((stop - start, model.input_width), self.dtype, micro)
                 out = model.forward(inputs, micro)
                 if self.last_stage:
-                    loss_sum += float(self.loss.forward(out, y[start:stop]))
-                    output_grads[micro] = self.loss.backward(scale)
+                    loss_sum += float(self.loss.forward(out, y[start:stop], micro))
+                    output_grads[micro] = self.loss.backward(scale, micro)
                 else:
                     link.send_activation(out, micro)
             else:
