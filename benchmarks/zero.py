@@ -9,8 +9,8 @@ Every configuration trains the same global batch (default 128) of synthetic data
 float32 through `mpitrain.train.train`; samples/s is measured over the second epoch (the first warms
 up), configurations alternate over --trials runs and the median is reported with its ratio to
 plain data parallelism (--zero 0). "one process" is rank 0 training alone on COMM_SELF with as
-many BLAS threads as the job has ranks (the other ranks sleep), the best one machine does without
-MPI. Bytes sent per step and memory per rank are the metrics record's (busiest rank).
+many BLAS threads as the job has ranks, at most the cores it may use (the other ranks sleep): the
+best one machine does without MPI. Bytes sent per step and memory per rank are the metrics record's (busiest rank).
 """
 
 import argparse
@@ -25,6 +25,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from mpitrain.backend import available_cores
 from mpitrain.config import TrainConfig, validate
 from mpitrain.train import train
 
@@ -57,7 +58,8 @@ def measure(base: TrainConfig, overrides: dict, comm: MPI.Intracomm) -> dict:
     else:
         if comm.rank == 0:
             with contextlib.redirect_stdout(io.StringIO()):
-                record = train(dataclasses.replace(config, threads=comm.size), MPI.COMM_SELF).history[-1]
+                threads = min(comm.size, available_cores())
+                record = train(dataclasses.replace(config, threads=threads), MPI.COMM_SELF).history[-1]
         sleep_until_all_arrive(comm)
         record = comm.bcast(record, root=0)
     return {"samples_per_s": record["samples_per_s"], **{field: record[field] for field in FIELDS}}

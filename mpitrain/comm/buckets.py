@@ -75,8 +75,14 @@ class GradientSync:
         model.backward(dout, on_layer_done=sync.layer_done)
         sync.wait()                     # grads hold the sum; the optimizer may step
 
-    With overlap=False layer_done does nothing and wait() sums the same buckets one after
-    another, so both modes give bit-identical gradients.
+    With overlap=False layer_done does nothing (but free a --zero 2 slot) and wait() sums the same
+    buckets one after another, so both modes give bit-identical gradients.
+
+    shards: [start, stop) of the flat buffer per rank of comm (--zero 1, 2): buckets are
+    reduce-scattered and `shard_grads` holds this rank's summed block (else all of grads).
+    compressed: a CompressedSum for --grad-dtype. shard_only (--zero 2): keep the shard and two
+    staging slots instead of grads, where smaller; then `staged` is True and backward must write
+    into `layer_grads()` (Model.bind_grads).
     """
 
     def __init__(self, grads, layer_slices, comm: MPI.Intracomm, algorithm: str = "auto",
