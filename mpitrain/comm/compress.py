@@ -49,16 +49,15 @@ def wire_dtype(name: str) -> np.dtype:
 
 
 class CompressedSum:
-    """Sums of 1-D host buffers exchanged in `wire` dtype, with an optional error-feedback residual
-    per buffer (kept per buffer address and length: each gradient bucket has its own). Buffers are
+    """Sums of 1-D buffers exchanged in `wire` dtype, with an optional error-feedback residual per
+    buffer (each gradient bucket has its own). Buffers are
     allocated on a bucket's first sum and reused: nothing is allocated per step after the first."""
 
     def __init__(self, wire: np.dtype, error_feedback: bool = False):
         self.wire, self.error_feedback = np.dtype(wire), error_feedback
         self._state: dict[tuple[int, int], tuple] = {}
 
-    def _buffers(self, buf: np.ndarray, comm: MPI.Intracomm, largest_chunk: int):
-        key = (buf.__array_interface__["data"][0], buf.size)
+    def _buffers(self, key, buf: np.ndarray, comm: MPI.Intracomm, largest_chunk: int):
         state = self._state.get(key)
         if state is None:
             state = (np.empty(buf.size, self.wire),                               # this rank's rounded gradient
@@ -82,11 +81,14 @@ class CompressedSum:
             return iter(())
         if CHECK.active:  # when made, not when first run: see allreduce_schedule
             CHECK.collective(comm, "reduce_scatter", f"pairwise {self.wire.name}", buf, depth=1)
-        return on_host(buf, lambda host: self._exchange(host, comm, chunks, gather))
+        # Keyed by the caller's buffer (a bucket's view lives as long as its GradientSync), not by the
+        # host copy: device buckets of one size share one pinned staging buffer.
+        key = (id(buf), buf.size)
+        return on_host(buf, lambda host: self._exchange(key, host, comm, chunks, gather))
 
-    def _exchange(self, buf: np.ndarray, comm: MPI.Intracomm, chunks, gather: bool):
+    def _exchange(self, key, buf: np.ndarray, comm: MPI.Intracomm, chunks, gather: bool):
         rank = comm.rank
-        wire, slots, residual, exact = self._buffers(buf, comm, max(b - a for a, b in chunks))
+        wire, slots, residual, exact = self._buffers(key, buf, comm, max(b - a for a, b in chunks))
         if residual is not None:
             np.add(buf, residual, out=exact)
             wire[...] = exact
