@@ -35,6 +35,7 @@ CONFIGS = {  # name: config overrides; "world" False runs one process
     "zero 1": dict(zero=1),
     "zero 2": dict(zero=2),
     "zero 1 float16": dict(zero=1, grad_dtype="float16"),
+    "zero 1 bfloat16": dict(zero=1, grad_dtype="bfloat16"),
     "zero 0 bfloat16": dict(zero=0, grad_dtype="bfloat16"),
 }
 FIELDS = ("sent_bytes_per_step", "param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank")
