@@ -160,8 +160,9 @@ class Model:
 
         Each layer's output lands in a buffer kept from step to step: one set per micro-batch in
         flight (1F1B keeps fewer in flight than GPipe), and the activation works in place on it, so
-        after the first step forward allocates nothing. A stage's output for the next stage is the
-        exception: the link holds it until its send completes, so it is new per micro-batch."""
+        after the first step forward allocates nothing. So the returned array is overwritten by the
+        next forward that takes the same set (copy it to keep it). A stage's output for the next
+        stage is the exception: the link holds it until its send completes, so it is new per call."""
         slot = "eval" if micro is None else self._take_slot(micro)
         handed_on = self.stop < len(self.widths) - 1
         saved = []
@@ -214,8 +215,9 @@ class Model:
         return dy
 
     def _take_slot(self, micro: int) -> int:
-        """The lowest set of forward buffers no micro-batch in flight holds, now held by `micro`."""
-        held = set(self._slots.values())
+        """The lowest set of forward buffers no other micro-batch in flight holds, now held by
+        `micro` (a forward repeated without its backward takes its own set again)."""
+        held = {slot for other, slot in self._slots.items() if other != micro}
         self._slots[micro] = next(slot for slot in range(len(held) + 1) if slot not in held)
         return self._slots[micro]
 
