@@ -26,7 +26,7 @@ import sys
 import time
 
 from mpitrain import __version__
-from mpitrain.config import CHOICES, TrainConfig, build, load_toml
+from mpitrain.config import CHOICES, GRAD_DTYPE_BYTES, TrainConfig, build, load_toml
 from mpitrain.errors import MpitrainError
 from mpitrain.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 from mpitrain.presets import PRESETS
@@ -159,6 +159,15 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap", action=argparse.BooleanOptionalAction,
                        help="start each bucket's all-reduce during backward, as soon as its layers are done "
                        "(default on)")
+    group.add_argument("--grad-dtype", choices=tuple(GRAD_DTYPE_BYTES),
+                       help="exchange gradient buckets in this dtype and sum them in the parameters' (bfloat16 "
+                       "needs ml_dtypes); halves the bytes sent (default: the parameters' dtype)")
+    group.add_argument("--error-feedback", action="store_const", const=True,
+                       help="with --grad-dtype: add what rounding lost at one step to the next step's gradient")
+    group.add_argument("--zero", type=int, metavar="STAGE",
+                       help="shard over the data-parallel ranks: 1 the optimizer state (gradients reduce-scattered, "
+                       "each rank updates its 1/dp of the parameters, then they are all-gathered), 2 also the "
+                       "gradients; 0 none (default 0)")
     group = parser.add_argument_group("output")
     group.add_argument("--metrics", metavar="FILE.jsonl",
                        help="one JSON object per epoch (and per --log-every steps), and a final summary")

@@ -105,6 +105,11 @@ class TrainConfig:
     on_nan: str = "abort"
     bucket_mb: float = 1.0
     overlap: bool = True
+    # sharded optimizer state (0: none, 1: optimizer state, 2: and gradients), over the data-parallel groups
+    zero: int = 0
+    # gradient buckets exchanged in a narrower dtype (None: the parameters'), rounding fed back
+    grad_dtype: str | None = None
+    error_feedback: bool = False
     # memory per rank (mpitrain/memory.py): a size like 64G; None: what the node has available
     max_memory: str | None = None
 
@@ -228,6 +233,15 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise MpitrainError(f"--layout auto chooses the layout itself: leave out {', '.join(given)}")
     if not (math.isfinite(config.bucket_mb) and config.bucket_mb > 0):
         raise MpitrainError(f"--bucket-mb {config.bucket_mb}: must be a positive number of MiB")
+    if config.zero not in (0, 1, 2):
+        raise MpitrainError(f"--zero {config.zero}: expected 0 (no sharding), 1 (optimizer state) or 2 (and gradients)")
+    _validate_compression(config)
+    if config.zero == 2 and config.micro_batches > 1:
+        raise MpitrainError(f"--zero 2 keeps only the gradient shard, but --micro-batches {config.micro_batches} adds "
+                            "every layer's gradient up over the step's micro-batches: use --zero 1")
+    if config.zero and config.sync == "ps":
+        raise MpitrainError("--zero shards the data-parallel gradient sum: it needs --sync allreduce "
+                            "(the parameter server already holds one copy of the optimizer state)")
     return config
 
 
@@ -250,6 +264,27 @@ def _validate_schedule(config: TrainConfig) -> None:
                             "the end of the run: use --sync allreduce")
     if watched and not config.val_fraction:
         raise MpitrainError(f"{watched[0]} acts on the validation loss: it needs --val-fraction above 0")
+
+
+GRAD_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _validate_compression(config: TrainConfig) -> None:
+    import importlib.util
+
+    if config.grad_dtype is not None and config.grad_dtype not in GRAD_DTYPE_BYTES:
+        raise MpitrainError(f"--grad-dtype {config.grad_dtype!r}: expected one of {', '.join(GRAD_DTYPE_BYTES)}")
+    if config.grad_dtype == "bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
+        raise MpitrainError("--grad-dtype bfloat16 needs the ml_dtypes package: pip install ml_dtypes (or mpitrain[compress])")
+    narrower = config.grad_dtype is not None and GRAD_DTYPE_BYTES[config.grad_dtype] < int(config.dtype[-2:]) // 8
+    if narrower and config.allreduce not in ("auto", "ring"):
+        raise MpitrainError(f"--grad-dtype {config.grad_dtype} sums by a pairwise exchange and the ring's all-gather: "
+                            f"use --allreduce ring or auto, not {config.allreduce}")
+    if narrower and config.sync == "ps":
+        raise MpitrainError(f"--grad-dtype {config.grad_dtype} compresses the all-reduce's buckets: it needs --sync allreduce")
+    if config.error_feedback and not narrower:
+        raise MpitrainError(f"--error-feedback feeds back what --grad-dtype's rounding lost: it needs a --grad-dtype "
+                            f"narrower than --dtype {config.dtype}")
 
 
 def _validate_resilience(config: TrainConfig) -> None:

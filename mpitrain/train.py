@@ -123,6 +123,7 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
     agree(comm, error_of(report.start, backend, threads, _allreduce_note(config, strategy.data_comm)))
     report.say(strategy.describe())
     start = guard.start(strategy, dataset_shape(dataset), spe, steps, report.say)
+    strategy.share_parameters()
     agree(comm, error_of(report.continue_from, start.step))
 
     step, epoch, position = start.step, start.epoch, start.position

@@ -190,7 +190,7 @@ INVALID_FLAGS = [
     ("--bucket-mb", "0", "--bucket-mb 0"), ("--keep-checkpoints", "0", "--keep-checkpoints 0"),
     ("--comm-timeout", "0", "--comm-timeout 0"), ("--comm-timeout", "nan", "--comm-timeout nan"),
     ("--max-memory", "lots", "--max-memory 'lots'"), ("--max-memory", "0", "--max-memory '0'"),
-    ("--model", "8--3", "--model '8--3'"), ("--model", "8-0-3", "--model '8-0-3'"),
+    ("--model", "8--3", "--model '8--3'"), ("--model", "8-0-3", "--model '8-0-3'"), ("--zero", "3", "--zero 3"),
 ]
 
 

@@ -89,6 +89,32 @@ def test_steps_allocate_no_gradient_or_communication_buffers(comm, algorithm):
     assert peak - start < 64 << 10, f"{peak - start} bytes allocated over 3 steps of a {model.grads.nbytes}-byte buffer"
 
 
+@pytest.mark.parametrize("zero", [0, 1, 2])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_training_steps_allocate_no_activation_or_gradient_buffers(comm, zero, activation):
+    """The whole step of the loop (forward, loss, backward, the gradient sum, the update and under
+    --zero the parameters' all-gather) allocates nothing after the first step: a (64, 400)
+    activation alone is 100 KiB, above the bound."""
+    from mpitrain.backend import select_backend
+    from mpitrain.parallel.strategy import GridStrategy
+
+    config = validate(dataclasses.replace(TrainConfig(), model="200-400-300-10", batch_size=64 * comm.size,
+                                          device="cpu", zero=zero, activation=activation, bucket_mb=0.25))
+    strategy = GridStrategy(config, comm, [200, 400, 300, 10], select_backend("cpu", comm))
+    rng = np.random.default_rng(comm.rank)
+    x, y = rng.standard_normal((64, 200), dtype=np.float32), rng.integers(0, 10, 64)
+    for step in range(5):
+        if step == 2:
+            tracemalloc.start()
+            start, _ = tracemalloc.get_traced_memory()
+        strategy.forward_backward(x, y)
+        strategy.update(1e-3)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    strategy.close()
+    assert peak - start < 64 << 10, f"{peak - start} bytes allocated over 3 steps"
+
+
 def test_rejects_bad_settings_before_communicating(comm):
     model = model_grads(comm)
     with pytest.raises(MpitrainError, match="--bucket-mb 0"):

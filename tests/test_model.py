@@ -145,6 +145,18 @@ def test_forward_keeps_the_dtype(xp):
     assert out.shape == (8, WIDTHS[-1]) and out.dtype == np.float32
 
 
+def test_forward_buffers_are_one_set_per_micro_batch_in_flight(xp):
+    """Micro-batches 0 and 1 in flight hold two sets; once 0's backward is done, 2 takes 0's set;
+    a forward repeated without its backward takes its own set again. Outputs are those buffers."""
+    model = Model([5, 7, 3], xp=xp, dtype=np.float64)
+    x = xp.ones((4, 5))
+    outputs = {micro: model.forward(x, micro) for micro in (0, 1)}
+    assert outputs[0] is not outputs[1]
+    model.backward(xp.ones((4, 3)), 0)
+    assert model.forward(x, 2) is outputs[0]
+    assert model.forward(x, 2) is outputs[0] and len(model._slots) == 2
+
+
 def test_state_round_trip(xp):
     source = Model(WIDTHS, xp=xp, seed=1)
     target = Model(WIDTHS, xp=xp, seed=2)

@@ -83,6 +83,20 @@ def test_adam_matches_reference(xp, betas, weight_decay):
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("make", MAKERS, ids=["sgd", "adam"])
+def test_blocks_give_the_bits_of_one_pass(make, monkeypatch):
+    """The host update runs block by block for cache reuse; every entry sees the same operations."""
+    from mpitrain import optim
+
+    p0, gradients, lrs = problem(3)
+    whole, optimizer = run(np, make, p0, gradients, lrs)
+    assert optimizer.block == N
+    monkeypatch.setattr(optim, "BLOCK", 7)
+    blocked, optimizer = run(np, make, p0, gradients, lrs)
+    assert optimizer.block == 7
+    np.testing.assert_array_equal(blocked, whole)
+
+
 def test_step_without_lr_uses_the_constructor_lr(xp):
     p0, gradients, _ = problem(2)
     default, _ = run(xp, lambda p, g: SGD(p, g, lr=0.03, momentum=0.9), p0, gradients, [None] * STEPS)

@@ -26,7 +26,8 @@ from mpitrain.comm import thresholds, traffic
 from mpitrain.comm.fingerprint import CHECK
 from mpitrain.comm.hier import hier_schedule
 from mpitrain.comm.rd import rd_schedule
-from mpitrain.comm.ring import allgather_schedule, chunk_bounds, complete, reduce_scatter_schedule, ring_schedule
+from mpitrain.comm.ring import (allgather_schedule, chunk_bounds, complete, reduce_scatter_schedule, ring_schedule,
+                                scratch_buffer)
 from mpitrain.errors import MpitrainError
 
 ALGORITHMS = ("auto", "ring", "rd", "hier", "mpi")
@@ -68,25 +69,104 @@ def resolve(algorithm: str, nbytes: int, comm: MPI.Intracomm) -> str:
 
 
 def allreduce_schedule(buf, comm: MPI.Intracomm, algorithm: str = "auto"):
-    """Schedule of allreduce(buf, comm, algorithm); device buffers are staged on the host around it."""
+    """Schedule of allreduce(buf, comm, algorithm); device buffers are staged on the host around it.
+
+    The checks, the choice of "auto" and --check-collectives' comparison run when the schedule is
+    made, not when it first runs: every rank makes a bucket's schedule at the same point of its
+    program (the end of the same layer's backward), whereas when it first runs depends on how far
+    the previous bucket got. A blocking comparison at the first run deadlocked a grid: one rank
+    waited in it for a data-parallel peer that was still in a tensor-parallel sum with a third
+    rank, itself waiting in a comparison for the second's tensor-parallel peer."""
     check_buffer(buf, "allreduce")
     if comm.size == 1:
-        return
+        return iter(())
     name = resolve(algorithm, buf.nbytes, comm)
     if CHECK.active:
         CHECK.collective(comm, "allreduce", name, buf, depth=1)
-    schedule = SCHEDULES[name]
+    # MPI's own all-reduce may take a device buffer itself when MPI is CUDA-aware; the hand-written
+    # algorithms add chunks on the host.
+    return on_host(buf, lambda host: SCHEDULES[name](host, comm), direct=name == "mpi")
+
+
+# ---------------------------------------------------------------------------- sharded halves
+
+# Receive buffers of MPI's reduce-scatter (its result may not alias its input); buckets run one at a time.
+_mpi_scratch: dict = {}
+
+
+def _mpi_reduce_scatter(buf: np.ndarray, comm: MPI.Intracomm, chunks):
+    """Schedule: MPI's non-blocking Reduce_scatter with these counts, its result copied into place."""
+    start, stop = chunks[comm.rank]
+    traffic.add((buf.size - (stop - start)) * buf.itemsize)  # what a ring would send (see traffic)
+    mine = scratch_buffer(buf.dtype, stop - start, _mpi_scratch)[:stop - start]
+    yield [comm.Ireduce_scatter(buf, mine, [b - a for a, b in chunks], op=MPI.SUM)]
+    buf[start:stop] = mine
+
+
+def _mpi_allgather(buf: np.ndarray, comm: MPI.Intracomm, chunks):
+    """Schedule: MPI's non-blocking Allgatherv in place."""
+    start, stop = chunks[(comm.rank + 1) % comm.size]
+    traffic.add((buf.size - (stop - start)) * buf.itemsize)
+    counts, displs = [b - a for a, b in chunks], [a for a, _ in chunks]
+    yield [comm.Iallgatherv(MPI.IN_PLACE, [buf, counts, displs, MPI._typedict[buf.dtype.char]])]
+
+
+def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
+    """Schedule (reduce-scatter): buf[chunks[rank]] <- the sum over the ranks of comm of that range;
+    the rest of buf is left holding partial sums. chunks: [start, stop) per rank, contiguous, covering
+    buf, possibly empty. Collective on comm.
+
+    ring: the pipelined ring with these chunks; mpi: MPI Reduce_scatter. rd and hier have no
+    reduce-scatter of their own (recursive doubling's halving variant and a per-chunk shared-memory
+    sum are not written): they sum the whole of buf and the caller reads its chunk. Checked when
+    made, like allreduce_schedule."""
+    check_buffer(buf, "reduce_scatter")
+    if comm.size == 1:
+        return iter(())
+    name = resolve(algorithm, buf.nbytes, comm)
+    if CHECK.active:
+        CHECK.collective(comm, "reduce_scatter", name, buf, depth=1)
+    if name == "ring":
+        schedule = lambda host: reduce_scatter_schedule(host, comm, chunks=chunks)  # noqa: E731
+    elif name == "mpi":
+        schedule = lambda host: _mpi_reduce_scatter(host, comm, chunks)  # noqa: E731
+    else:
+        schedule = lambda host: SCHEDULES[name](host, comm)  # noqa: E731
+    return on_host(buf, schedule)
+
+
+def shard_gather_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
+    """Schedule (all-gather): every rank's buf[chunks[q]] <- rank q's buf[chunks[q]]. Collective on comm.
+    mpi: MPI Allgatherv; every other algorithm: the pipelined ring (the all-gather half of the ring
+    is bandwidth-optimal whatever sums the reduce-scatter did). Checked when made."""
+    check_buffer(buf, "allgather")
+    if comm.size == 1:
+        return iter(())
+    name = "mpi" if algorithm == "mpi" else "ring"
+    if CHECK.active:
+        CHECK.collective(comm, "allgather", name, buf, depth=1)
+    if name == "mpi":
+        schedule = lambda host: _mpi_allgather(host, comm, chunks)  # noqa: E731
+    else:
+        schedule = lambda host: allgather_schedule(host, comm, chunks=chunks)  # noqa: E731
+    return on_host(buf, schedule)
+
+
+def on_host(buf, schedule, direct: bool = False):
+    """Schedule: schedule(buf) on buf, or on a pinned host copy of a device buffer (MPICH's wheel is
+    not CUDA-aware); with direct=True and a CUDA-aware MPI, on the device buffer itself after a
+    stream synchronize (backend.for_mpi)."""
     if isinstance(buf, np.ndarray):
-        yield from schedule(buf, comm)
+        yield from schedule(buf)
         return
     from mpitrain.backend import cuda_aware_mpi, for_mpi, staged_on_host
 
-    if name == "mpi" and cuda_aware_mpi():  # the hand-written algorithms add chunks on the host
-        yield from schedule(for_mpi(buf), comm)
+    if direct and cuda_aware_mpi():
+        yield from schedule(for_mpi(buf))
         return
 
     with staged_on_host(buf) as host:
-        yield from schedule(host, comm)
+        yield from schedule(host)
 
 
 def allreduce(buf, comm: MPI.Intracomm, algorithm: str = "auto") -> None:

@@ -16,17 +16,31 @@ samples/s on 784-1024-10 and 0.63-0.89x on 784-1024-1024-1024-10. It competes wi
 for the same core, spins in MPI while it waits, and pays a thread hand-off per bucket; the
 progression costs one Testall per layer.
 
+Sharded (--zero 1, 2; ZeRO, Rajbhandari et al. 2020, "ZeRO: memory optimizations toward training
+trillion parameter models"): rank q of comm owns the equal block shards[q] of the flat buffer, and
+each bucket is reduce-scattered instead of all-reduced: the parts of the bucket inside shards[q]
+are summed on rank q alone (a ring with unequal, possibly empty chunks, or MPI Reduce_scatter).
+After the optimizer updated each owner's block, `gather` all-gathers the parameters bucket by
+bucket. The two halves send what the all-reduce sends; what they save is that no rank updates,
+or keeps optimizer state for, any block but its own.
+
+Compressed (--grad-dtype float16, bfloat16): each bucket's sum is comm/compress.py's exchange in
+the narrower dtype instead, summed in the parameters' dtype.
+
 Buckets run one at a time, in launch order, so every rank posts the same collectives in the
 same order and the reused scratch and shared-memory slots are never used by two at once.
 """
 
 from collections import deque
 
+import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm import traffic
-from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule
-from mpitrain.comm.ring import complete
+from mpitrain.comm.allreduce import ALGORITHMS, allreduce_schedule, resolve, shard_gather_schedule, shard_reduce_schedule
+from mpitrain.comm.compress import CompressedSum
+from mpitrain.comm.hier import reserve
+from mpitrain.comm.ring import chunk_bounds, complete
 from mpitrain.comm.watchdog import waiting
 from mpitrain.errors import MpitrainError
 from mpitrain.trace import TRACE
@@ -61,68 +75,177 @@ class GradientSync:
         model.backward(dout, on_layer_done=sync.layer_done)
         sync.wait()                     # grads hold the sum; the optimizer may step
 
-    With overlap=False layer_done does nothing and wait() sums the same buckets one after
-    another, so both modes give bit-identical gradients.
+    With overlap=False layer_done does nothing (but free a --zero 2 slot) and wait() sums the same
+    buckets one after another, so both modes give bit-identical gradients.
+
+    shards: [start, stop) of the flat buffer per rank of comm (--zero 1, 2): buckets are
+    reduce-scattered and `shard_grads` holds this rank's summed block (else all of grads).
+    compressed: a CompressedSum for --grad-dtype. shard_only (--zero 2): keep the shard and two
+    staging slots instead of grads, where smaller; then `staged` is True and backward must write
+    into `layer_grads()` (Model.bind_grads).
     """
 
     def __init__(self, grads, layer_slices, comm: MPI.Intracomm, algorithm: str = "auto",
-                 bucket_mb: float = 1.0, overlap: bool = True):
+                 bucket_mb: float = 1.0, overlap: bool = True, shards: list[tuple[int, int]] | None = None,
+                 compressed: CompressedSum | None = None, shard_only: bool = False):
         if algorithm not in ALGORITHMS:
             raise MpitrainError(f"--allreduce {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
         if not bucket_mb > 0:
             raise MpitrainError(f"--bucket-mb {bucket_mb}: must be a positive number of MiB")
         self.comm, self.algorithm, self.overlap = comm, algorithm, overlap
-        self.buckets = plan_buckets(list(layer_slices), grads.itemsize, bucket_mb)
+        self.layer_slices = list(layer_slices)
+        self.buckets = plan_buckets(self.layer_slices, grads.itemsize, bucket_mb)
         self.views = [grads[start:stop] for start, stop, _ in self.buckets]
+        # Sharded (--zero 1, 2): rank q owns shards[q] of the flat buffer; each bucket is reduce-scattered
+        # onto the owners of its parts, so the owner alone holds the sum of a gradient entry.
+        self.shards, self.compressed = shards, compressed
+        self.bucket_chunks = None if shards is None else [
+            tuple((min(max(a, start), stop) - start, min(max(b, start), stop) - start) for a, b in shards)
+            for start, stop, _ in self.buckets]
+        mine = shards[comm.rank] if shards is not None else (0, grads.size)
+        self.shard_grads = grads[mine[0]:mine[1]]
+        self.staged = shard_only and shards is not None and self._stage(grads, mine)
+        if comm.size > 1 and compressed is None:
+            # Collective set-up now, at the same point on every rank (see allreduce_schedule): auto's
+            # thresholds, and the hierarchical sum's shared slots sized for its largest bucket.
+            hier_bytes = [view.nbytes for view in self.views if resolve(algorithm, view.nbytes, comm) == "hier"]
+            if hier_bytes:
+                reserve(comm, grads.dtype, max(hier_bytes))
         self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)}
+        # Under staging, the bucket whose slot the next layer down writes into.
+        self._bucket_above = {first - 1: index + 1 for index, (_, _, first) in enumerate(self.buckets)}
         self._waiting: deque = deque()
-        self._schedule, self._schedule_bytes = None, 0
+        self._schedule, self._schedule_bytes, self._bucket = None, 0, 0
         self._pending = None
         self._started, self._schedule_sent = 0.0, 0
+        self._finished = 0  # buckets summed this step, in launch order
         # What the chosen algorithms really sent (see comm/traffic.py), cumulative.
         self.bytes_sent = 0
 
+    # ------------------------------------------------------------------------ --zero 2: the shard alone
+
+    def _stage(self, grads, mine: tuple[int, int]) -> bool:
+        """--zero 2: backward writes each bucket into one of two staging slots (even and odd buckets,
+        so one bucket is summed while backward fills the next), and only this rank's shard of the
+        sum is kept. Refused (False: the whole buffer stays) where the slots and the shard would
+        not be smaller than the whole gradient, as when one layer holds most of the model."""
+        sizes = [stop - start for start, stop, _ in self.buckets]
+        slot_sizes = [max(sizes[0::2]), max(sizes[1::2], default=0)]
+        # Decided on the largest shard, so that every rank of comm decides alike: a rank that stages
+        # waits for buckets in the middle of backward, and its peers must reach the same waits.
+        largest_shard = max(b - a for a, b in self.shards)
+        if sum(slot_sizes) + largest_shard >= grads.size:
+            return False
+        xp = np if isinstance(grads, np.ndarray) else __import__("cupy")
+        self.slots = [xp.zeros(size, dtype=grads.dtype) for size in slot_sizes]
+        self.views = [self.slots[index % 2][:size] for index, size in enumerate(sizes)]
+        self.shard_grads = xp.zeros(mine[1] - mine[0], dtype=grads.dtype)
+        self._shard_start = mine[0]
+        return True
+
+    def layer_grads(self) -> list:
+        """Each dense layer's gradient view, in forward order: where backward must write it."""
+        out = []
+        for index, (start, stop, _) in enumerate(self.buckets):
+            for layer_start, layer_stop in self.layer_slices:
+                if start <= layer_start < stop:
+                    out.append((layer_start, self.views[index][layer_start - start:layer_stop - start]))
+        return [view for _, view in sorted(out, key=lambda pair: pair[0])]
+
+    def nbytes(self) -> int:
+        """Gradient bytes this rank keeps: the whole buffer, or the slots and the shard."""
+        if self.staged:
+            return sum(slot.nbytes for slot in self.slots) + self.shard_grads.nbytes
+        return sum(view.nbytes for view in self.views)
+
+    def _summed(self, bucket: int) -> None:
+        """Bucket `bucket` holds its sum: keep this rank's part of it (staging), so its slot is free."""
+        self._finished += 1
+        if self.staged:
+            start = self.buckets[bucket][0]
+            a, b = self.bucket_chunks[bucket][self.comm.rank]
+            offset = start + a - self._shard_start
+            self.shard_grads[offset:offset + b - a] = self.views[bucket][a:b]
+
+    def _free_slot_for(self, bucket: int) -> None:
+        """Before backward writes bucket `bucket`: the bucket that last used its slot is summed."""
+        if bucket < 2 or self._finished >= bucket - 1:
+            return
+        if self.overlap:
+            self._advance(block=True, through=bucket - 2)
+        else:
+            self._run_blocking(bucket - 2)
+
+    # ------------------------------------------------------------------------ every step
+
+    def _sum_schedule(self, bucket: int):
+        """The schedule that sums bucket `bucket`: an all-reduce, or the reduce-scatter onto its owners."""
+        view = self.views[bucket]
+        if self.compressed is not None:
+            chunks = chunk_bounds(view.size, self.comm.size) if self.shards is None else self.bucket_chunks[bucket]
+            return self.compressed.schedule(view, self.comm, chunks, gather=self.shards is None)
+        if self.shards is None:
+            return allreduce_schedule(view, self.comm, self.algorithm)
+        return shard_reduce_schedule(view, self.comm, self.algorithm, self.bucket_chunks[bucket])
+
+    def gather(self, params) -> None:
+        """Sharded only: every rank's params[shards[q]] <- rank q's, after each owner updated its shard;
+        bucket by bucket in forward order, so the first layers are whole first. Collective."""
+        before = traffic.sent()
+        for bucket in reversed(range(len(self.buckets))):
+            start, stop, _ = self.buckets[bucket]
+            view = params[start:stop]
+            complete(shard_gather_schedule(view, self.comm, self.algorithm, self.bucket_chunks[bucket]),
+                     f"parameter bucket all-gather, {view.nbytes} B")
+        self.bytes_sent += traffic.sent() - before
+
     def layer_done(self, dense_index: int) -> None:
         """Backward has finished dense layer `dense_index`: launch its bucket if complete, progress."""
-        if not self.overlap:
-            return
-        bucket = self._bucket_of_layer.get(dense_index)
-        if bucket is not None:
-            view = self.views[bucket]
-            self._waiting.append((allreduce_schedule(view, self.comm, self.algorithm), view.nbytes))
-        self._advance(block=False)
+        if self.overlap:
+            bucket = self._bucket_of_layer.get(dense_index)
+            if bucket is not None:
+                self._waiting.append((self._sum_schedule(bucket), self.views[bucket].nbytes, bucket))
+            self._advance(block=False)
+        if self.staged and dense_index - 1 in self._bucket_above:
+            self._free_slot_for(self._bucket_above[dense_index - 1])
 
     def wait(self) -> None:
-        """Finish every bucket's all-reduce (all of them, when overlap is off)."""
+        """Finish every bucket's sum (all of them, when overlap is off)."""
         if TRACE.active:
             started = TRACE.now()
         if not self.overlap:
-            for view in self.views:
-                before, begun = traffic.sent(), TRACE.now() if TRACE.active else 0.0
-                complete(allreduce_schedule(view, self.comm, self.algorithm),
-                         f"gradient bucket all-reduce, {view.nbytes} B")
-                self.bytes_sent += traffic.sent() - before
-                if TRACE.active:
-                    self._trace_bucket(view.nbytes, begun, traffic.sent() - before)
+            self._run_blocking(len(self.buckets) - 1)
         else:
             self._advance(block=True)
+        self._finished = 0
         if TRACE.active:
             TRACE.span("wait", "gradient buckets", started)
 
+    def _run_blocking(self, through: int) -> None:
+        """Without overlap: sum the buckets not yet summed this step, up to `through`, one after another."""
+        for bucket in range(self._finished, through + 1):
+            view = self.views[bucket]
+            before, begun = traffic.sent(), TRACE.now() if TRACE.active else 0.0
+            complete(self._sum_schedule(bucket), f"gradient bucket sum, {view.nbytes} B")
+            self.bytes_sent += traffic.sent() - before
+            if TRACE.active:
+                self._trace_bucket(view.nbytes, begun, traffic.sent() - before)
+            self._summed(bucket)
+
     def _trace_bucket(self, nbytes: int, started: float, sent: int) -> None:
         """One bucket's all-reduce on the trace, from its first message to its last (bytes: what it sent)."""
-        from mpitrain.comm.allreduce import resolve
         from mpitrain.comm.ring import SEGMENT_BYTES
 
         algorithm = resolve(self.algorithm, nbytes, self.comm)  # auto's choice is cached by now: no message
         TRACE.span("gradient all-reduce", f"all-reduce {nbytes} B ({algorithm})", started, algorithm=algorithm,
                    bucket_bytes=nbytes, bytes=sent, segments=-(-nbytes // self.comm.size // SEGMENT_BYTES) or 1)
 
-    def _advance(self, block: bool) -> None:
-        """Run launched buckets in order; unless block, stop at the first request still in flight."""
-        while self._pending is not None or self._waiting:
+    def _advance(self, block: bool, through: int | None = None) -> None:
+        """Run launched buckets in order; unless block, stop at the first request still in flight;
+        with `through`, stop once that bucket is summed."""
+        while (self._pending is not None or self._waiting) and (through is None or self._finished <= through):
             if self._pending is None:
-                self._schedule, self._schedule_bytes = self._waiting.popleft()
+                self._schedule, self._schedule_bytes, self._bucket = self._waiting.popleft()
             elif block:
                 with waiting(f"Waitall ({self.algorithm} all-reduce of a {self._schedule_bytes} B gradient bucket "
                              f"over {self.comm.size} ranks)"):
@@ -138,3 +261,5 @@ class GradientSync:
                 self._schedule_sent += traffic.sent() - before
                 if self._pending is None:
                     self._trace_bucket(self._schedule_bytes, self._started, self._schedule_sent)
+            if self._pending is None:
+                self._summed(self._bucket)

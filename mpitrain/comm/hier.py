@@ -132,6 +132,20 @@ def node_group(comm: MPI.Intracomm) -> NodeGroup:
     return group
 
 
+def reserve(comm: MPI.Intracomm, dtype, nbytes: int) -> None:
+    """Make comm's node group and its slots for buffers of up to nbytes now. Collective on comm.
+
+    Gradient buckets call this once, when they are planned: a schedule that grows the slots does
+    so when it first runs, and a bucket's schedule first runs at a point that differs from rank to
+    rank (it waits for the previous bucket), so the window's collective free and allocation could
+    meet another rank's blocking check of the next bucket and deadlock."""
+    if comm.size == 1:
+        return
+    group = node_group(comm)
+    if group.node.size > 1:
+        group.slots(np.dtype(dtype), block_bytes(nbytes))
+
+
 def _sum_in_node(group: NodeGroup, block: np.ndarray, slots: np.ndarray):
     """Schedule: block <- sum of every local rank's block, added in local-rank order on every rank."""
     local = group.node.size

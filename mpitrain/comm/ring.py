@@ -133,11 +133,13 @@ def _ring_pass(buf: np.ndarray, comm: MPI.Intracomm, reduce: bool, tag: int, chu
     yield sends
 
 
-def reduce_scatter_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_REDUCE_SCATTER, cache=None):
-    """Schedule: afterwards buf[chunk_bounds(n, p)[rank]] holds the sum over ranks of that chunk.
-    `cache`: the scratch_buffer cache to receive into (see scratch_buffer)."""
+def reduce_scatter_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_REDUCE_SCATTER, cache=None,
+                            chunks=None):
+    """Schedule: afterwards buf[chunk_bounds(n, p)[rank]] (or `chunks`[rank], [start, stop) per rank,
+    contiguous, possibly empty: a sharded optimizer's part of one gradient bucket) holds the sum over
+    ranks of that chunk. `cache`: the scratch_buffer cache to receive into (see scratch_buffer)."""
     if comm.size > 1 and buf.size:
-        yield from _ring_pass(buf, comm, True, tag, cache=cache)
+        yield from _ring_pass(buf, comm, True, tag, chunks, cache)
 
 
 def allgather_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG_ALLGATHER, chunks=None):

@@ -123,6 +123,8 @@ class Model:
             layer.bind(self.params[start:stop], self.grads[start:stop], scratch)
         self.saved: dict[int, list] = {}
         self.live_bytes = self.peak_bytes = 0
+        self._buffers: dict[tuple, object] = {}  # activation buffers reused step to step (see forward)
+        self._slots: dict[int, int] = {}  # micro-batch in flight -> its set of forward buffers
         self.load(initial_parameters(self.widths, activation, seed))
 
     # ------------------------------------------------------------------------ shapes
@@ -142,25 +144,43 @@ class Model:
         """(start, stop) of each dense layer's weight+bias in `grads` (and `params`), in forward order."""
         return list(self._slices)
 
+    def bind_grads(self, views) -> None:
+        """Point dense layer i's gradients at views[i] (1-D, its n_params entries) and drop the flat
+        gradient buffer: --zero 2, whose two staging slots hold a bucket each (comm/buckets.py).
+        Gradients no longer accumulate over micro-batches (config refuses --zero 2 with them)."""
+        for layer, (start, stop), view in zip(self.dense, self._slices, views):
+            layer.bind(self.params[start:stop], view, None)
+        self.grads = None
+
     # ------------------------------------------------------------------------ forward and backward
 
     def forward(self, x, micro: int | None = 0):
         """(B, input_width) -> (B, output_width); keeps what backward needs under `micro`, or
-        nothing with micro=None (evaluation)."""
+        nothing with micro=None (evaluation).
+
+        Each layer's output lands in a buffer kept from step to step: one set per micro-batch in
+        flight (1F1B keeps fewer in flight than GPipe), and the activation works in place on it, so
+        after the first step forward allocates nothing. So the returned array is overwritten by the
+        next forward that takes the same set (copy it to keep it). A stage's output for the next
+        stage is the exception: the link holds it until its send completes, so it is new per call."""
+        slot = "eval" if micro is None else self._take_slot(micro)
+        handed_on = self.stop < len(self.widths) - 1
         saved = []
         for index, (layer, activation) in enumerate(zip(self.dense, self.activations)):
             if TRACE.active:
                 started = TRACE.now()
-            x, layer_saved = layer.forward(x)
+            last = index == len(self.dense) - 1
+            out = None if last and handed_on else self._buffer(("forward", slot, index), (len(x), layer.weight_shape[1]))
+            x, layer_saved = layer.forward(x, out)
             act_saved = None
             if activation is not None:
-                x, act_saved = activation.forward(self.xp, x)
+                x, act_saved = activation.forward(self.xp, x, in_place=True)
             saved.append((layer_saved, act_saved))
             if TRACE.active:
                 TRACE.span("compute", f"forward {self.first + index}", started, layer=self.first + index, micro=micro)
         if micro is not None:
             self.saved[micro] = saved
-            self.live_bytes += sum(a.nbytes for pair in saved for a in pair if a is not None)
+            self.live_bytes += _distinct_bytes(saved)
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return x
 
@@ -170,22 +190,44 @@ class Model:
         Gradients of the local shards are written, or added with accumulate=True (the later
         micro-batches of a step). on_layer_done(i) runs as soon as local dense layer i is done,
         last layer first, so its gradient sum can start while earlier layers still compute.
+        The activations' backward overwrites dy; input gradients between layers go to reused
+        buffers, and the one handed to the previous stage is new (as forward's output is).
         """
         saved = self.saved.pop(micro)
-        self.live_bytes -= sum(a.nbytes for pair in saved for a in pair if a is not None)
+        self._slots.pop(micro)
+        self.live_bytes -= _distinct_bytes(saved)
         for index in reversed(range(len(self.dense))):
             if TRACE.active:
                 started = TRACE.now()
             layer_saved, act_saved = saved[index]
             if act_saved is not None:
-                dy = self.activations[index].backward(dy, act_saved)
+                activation = self.activations[index]
+                scratch = self._buffer(("scratch", index), dy.shape, activation.scratch_dtype or self.dtype)
+                dy = activation.backward(dy, act_saved, scratch, self.xp)
+            layer = self.dense[index]
             need_dx = self.first + index > 0
-            dy = self.dense[index].backward(dy, layer_saved, need_dx=need_dx, accumulate=accumulate)
+            out = self._buffer(("input grad", index), (len(dy), layer.weight_shape[0])) if index > 0 else None
+            dy = layer.backward(dy, layer_saved, need_dx=need_dx, accumulate=accumulate, out=out)
             if TRACE.active:
                 TRACE.span("compute", f"backward {self.first + index}", started, layer=self.first + index, micro=micro)
             if on_layer_done is not None:
                 on_layer_done(index)
         return dy
+
+    def _take_slot(self, micro: int) -> int:
+        """The lowest set of forward buffers no other micro-batch in flight holds, now held by
+        `micro` (a forward repeated without its backward takes its own set again)."""
+        held = {slot for other, slot in self._slots.items() if other != micro}
+        self._slots[micro] = next(slot for slot in range(len(held) + 1) if slot not in held)
+        return self._slots[micro]
+
+    def _buffer(self, key, shape, dtype=None):
+        """The buffer kept under `key`, made (again) when missing or of another shape or dtype."""
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._buffers[key] = self.xp.empty(shape, dtype=dtype)
+        return buf
 
     # ------------------------------------------------------------------------ parameters
 
@@ -228,6 +270,12 @@ class Model:
                 raise MpitrainError(f"parameter '{name}': state has shape {tuple(np.shape(state[name]))} "
                                     f"but the model has {shape}")
         self.load(state.items())
+
+
+def _distinct_bytes(saved) -> int:
+    """Bytes of the arrays kept for backward, each once (an activation saves the array the next layer keeps)."""
+    arrays = {id(a): a for pair in saved for a in pair if a is not None}
+    return sum(a.nbytes for a in arrays.values())
 
 
 def _host_copy(a) -> np.ndarray:

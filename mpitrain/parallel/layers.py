@@ -30,22 +30,22 @@ class ColumnParallelLinear(Linear):
         super().__init__(xp, n_in, n_out, slice(None), own, own)
         self.group, self.gather_output = group, gather_output
 
-    def forward(self, x):
+    def forward(self, x, out=None):
         x = CopyToTP.forward(x, self.group)
-        y = self.xp.matmul(x, self.weight)
+        y = self.xp.matmul(x, self.weight, out=out)
         y += self.bias
         if self.gather_output:
             y = GatherFromTP.forward(y, self.group, self.n_out)
         return y, x
 
-    def backward(self, dy, x, need_dx: bool = True, accumulate: bool = False):
+    def backward(self, dy, x, need_dx: bool = True, accumulate: bool = False, out=None):
         """dA_t = X^T dY_t, db_t = sum_B dY_t; dX = sum over the group of dY_t A_t^T."""
         if self.gather_output:
             dy = GatherFromTP.backward(dy, self.group, self.n_out)
         self.write_grads(x, dy, accumulate)
         if not need_dx:
             return None
-        return CopyToTP.backward(self.xp.matmul(dy, self.weight.T), self.group)
+        return CopyToTP.backward(self.xp.matmul(dy, self.weight.T, out=out), self.group)
 
 
 class RowParallelLinear(Linear):
@@ -56,20 +56,20 @@ class RowParallelLinear(Linear):
         super().__init__(xp, n_in, n_out, group.own(n_in), slice(None), slice(None))
         self.group, self.input_is_parallel = group, input_is_parallel
 
-    def forward(self, x):
+    def forward(self, x, out=None):
         if not self.input_is_parallel:
             x = ScatterToTP.forward(x, self.group, self.n_in)
-        y = ReduceFromTP.forward(self.xp.matmul(x, self.weight), self.group)
+        y = ReduceFromTP.forward(self.xp.matmul(x, self.weight, out=out), self.group)
         y += self.bias
         return y, x
 
-    def backward(self, dy, x, need_dx: bool = True, accumulate: bool = False):
+    def backward(self, dy, x, need_dx: bool = True, accumulate: bool = False, out=None):
         """dA_t = X_t^T dY, db = sum_B dY (identical on every rank); dX_t = dY A_t^T."""
         dy = ReduceFromTP.backward(dy, self.group)
         self.write_grads(x, dy, accumulate)
         if not need_dx:
             return None
-        dx = self.xp.matmul(dy, self.weight.T)
+        dx = self.xp.matmul(dy, self.weight.T, out=out)
         if not self.input_is_parallel:
             dx = ScatterToTP.backward(dx, self.group, self.n_in)
         return dx

@@ -50,8 +50,8 @@ class Stage:
                 out = model.forward(inputs, micro)
                 if self.last_stage:
                     # summed in float64 on the device, as the host used to sum its floats
-                    loss_sum = loss_sum + self.loss.forward(out, y[start:stop]).astype(np.float64)
-                    output_grads[micro] = self.loss.backward(scale)
+                    loss_sum = loss_sum + self.loss.forward(out, y[start:stop], micro).astype(np.float64)
+                    output_grads[micro] = self.loss.backward(scale, micro)
                 else:
                     link.send_activation(out, micro)
             else:

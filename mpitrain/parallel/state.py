@@ -35,6 +35,45 @@ def param_pieces(model) -> list[tuple[str, tuple, dict]]:
     return [(name, index, {"param": view}) for name, index, view, _ in model.shards()]
 
 
+def range_pieces(shards, widths: list[int], start: int, stop: int, params, state: dict) -> list[tuple[str, tuple, dict]]:
+    """The pieces of the flat range [start, stop) of a model's buffers (a sharded optimizer's part).
+
+    shards: Model.shards(); params: the whole flat parameter buffer; state: {name: buffer of
+    stop - start entries} (the optimizer's). A range of a local weight shard (r, c) is at most three
+    rectangles of the unsliced weight (the rest of a first row, whole rows, the start of a last
+    row), so the pieces are tuple-of-slices keys and the checkpoint stays the layout-independent
+    file, read and written by hyperslab."""
+    shapes, out = full_shapes(widths), []
+    for name, index, view, (first, last) in shards:
+        lo, hi = max(first, start) - first, min(last, stop) - first
+        if lo >= hi:
+            continue
+        origin = [part.indices(dim)[0] for part, dim in zip(index, shapes[name])]
+        cols = view.shape[-1]
+        rects = []
+        if view.ndim == 1:
+            rects.append((lo, hi, (slice(origin[0] + lo, origin[0] + hi),)))
+        else:
+            while lo < hi:
+                row, col = divmod(lo, cols)
+                if col or hi - lo < cols:  # the rest of one row, or the start of the last
+                    rows = 1
+                    take = width = min(cols - col, hi - lo)
+                else:  # whole rows
+                    rows, width = (hi - lo) // cols, cols
+                    take = rows * cols
+                rects.append((lo, lo + take, (slice(origin[0] + row, origin[0] + row + rows),
+                                              slice(origin[1] + col, origin[1] + col + width))))
+                lo += take
+        for a, b, key in rects:
+            shape = tuple(part.stop - part.start for part in key)
+            views = {"param": params[first + a:first + b].reshape(shape)}
+            for buffer, flat in state.items():
+                views[buffer] = flat[first + a - start:first + b - start].reshape(shape)
+            out.append((name, key, views))
+    return out
+
+
 def _flat_rows(key, shape) -> tuple[slice, int, int]:
     """For a ('flat', a, b) key of a parameter of `shape`: the leading-axis rows covering [a, b)
     and where [a, b) starts and stops within those rows, raveled."""

@@ -14,6 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm.buckets import GradientSync
+from mpitrain.comm.compress import CompressedSum, wire_dtype
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
 from mpitrain.nn.losses import make_loss
@@ -24,6 +25,7 @@ from mpitrain.parallel.mappings import TensorGroup
 from mpitrain.parallel.pipeline import StageLink, bubble_fraction
 from mpitrain.parallel.pipeline import schedule as pipeline_schedule
 from mpitrain.parallel.stage import Stage
+from mpitrain.parallel.state import range_pieces
 
 
 class GridStrategy:
@@ -42,17 +44,34 @@ class GridStrategy:
         actions = pipeline_schedule(layout.schedule, layout.pp, grid.pp_rank, layout.micro_batches)
         self.stage = Stage(self.model, self.link, make_loss(config.loss, xp), actions, layout.micro_batches,
                            grid.first_stage, grid.last_stage)
-        self.optimizer = make_optimizer(config, self.model.params, self.model.grads)
-        self.grad_sync = GradientSync(self.model.grads, self.model.layer_grad_slices(), grid.dp_comm,
-                                      config.allreduce, config.bucket_mb, config.overlap)
+        # --zero 1, 2 (ZeRO, Rajbhandari et al. 2020): data-parallel rank q owns the equal block
+        # shards[q] of the flat buffers, sums only that block's gradients (a reduce-scatter), updates
+        # only that block with optimizer state for it alone, and all-gathers the parameters after.
+        params, grads = self.model.params, self.model.grads
+        self.zero = config.zero
+        shards = chunk_bounds(params.size, grid.dp_comm.size) if self.zero else None
+        self.shard = shards[grid.dp_comm.rank] if self.zero else (0, params.size)
+        start, stop = self.shard
+        self.compressed = None
+        if config.grad_dtype is not None and wire_dtype(config.grad_dtype).itemsize < params.itemsize:
+            self.compressed = CompressedSum(wire_dtype(config.grad_dtype), config.error_feedback)
+        self.grad_sync = GradientSync(grads, self.model.layer_grad_slices(), grid.dp_comm, config.allreduce,
+                                      config.bucket_mb, config.overlap, shards, self.compressed, config.zero == 2)
+        if self.grad_sync.staged:  # --zero 2: backward writes into the sync's slots; the whole buffer goes
+            self.model.bind_grads(self.grad_sync.layer_grads())
+        self.optimizer = make_optimizer(config, params[start:stop], self.grad_sync.shard_grads)
         self.scale = 1.0 / config.batch_size
         # The communicator the rows are split over, and which ranks speak for the whole model.
         self.data_comm = grid.dp_comm
         self.reports_loss = grid.last_stage and grid.tp_rank == 0
-        self.holds_copy = grid.dp_rank == 0
+        self.holds_copy = grid.dp_rank == 0 or bool(self.zero)  # sharded: every rank holds a disjoint part
 
     def describe(self) -> str:
-        return f"layout: {self.layout.describe()}"
+        text = f"layout: {self.layout.describe()}"
+        if self.zero == 2 and not self.grad_sync.staged and self.grid.dp_comm.size > 1:
+            text += ("; --zero 2 keeps the whole gradient buffer: two staging buckets and the shard would be no "
+                     "smaller (the largest layers hold most of it)")
+        return text
 
     def forward_backward(self, x, y) -> float:
         """One step's forward and backward, gradients summed over the data-parallel group; returns
@@ -63,16 +82,28 @@ class GridStrategy:
 
     @property
     def grads_to_check(self):
-        """This rank's block of the summed gradient for the NaN/Inf check: 1/dp of the flat
-        gradient. After the sum every rank of a data-parallel group holds the same gradient, so
-        each reads only its block and the agreement's MAX over the world covers the whole."""
+        """This rank's block of the summed gradient for the NaN/Inf check: under --zero the shard it
+        holds; else its 1/dp block of the flat gradient (after the sum every rank of a
+        data-parallel group holds the same gradient, so each reads only its block and the
+        agreement's MAX over the world covers the whole)."""
+        if self.config.zero:
+            return self.grad_sync.shard_grads
         start, stop = chunk_bounds(self.model.grads.size, self.grid.dp_comm.size)[self.grid.dp_comm.rank]
         return self.model.grads[start:stop]
 
     def update(self, lr: float, keep: bool = True) -> None:
-        """Apply the summed gradient (keep=False: the agreed NaN policy drops this step)."""
+        """Apply the summed gradient (keep=False: the agreed NaN policy drops this step); under
+        --zero each rank updates its shard and the parameters are all-gathered. Collective."""
         if keep:
             self.optimizer.step(lr)
+            if self.zero:
+                self.grad_sync.gather(self.model.params)
+
+    def share_parameters(self) -> None:
+        """After a checkpoint or --init-from was read (each rank reads only its pieces): under --zero,
+        all-gather the parameter shards so every rank holds its whole model again. Collective."""
+        if self.zero:
+            self.grad_sync.gather(self.model.params)
 
     def evaluate(self, x, y) -> np.ndarray:
         """(loss sum, correct, rows) over every data-parallel group's validation rows. Collective."""
@@ -85,6 +116,10 @@ class GridStrategy:
     def pieces(self) -> list[tuple[str, tuple, dict]]:
         """(parameter name, index into the unsliced parameter, {'param': view, optimizer buffer
         name: view}) for every shard this rank holds: what a checkpoint saves and restores."""
+        if self.zero:
+            start, stop = self.shard
+            return range_pieces(self.model.shards(), self.widths, start, stop, self.model.params,
+                                self.optimizer.buffers)
         out = []
         for name, index, view, (start, stop) in self.model.shards():
             views = {"param": view}
@@ -107,9 +142,11 @@ class GridStrategy:
                 "bubble_fraction": bubble_fraction(layout.pp, layout.micro_batches)}
 
     def memory(self) -> np.ndarray:
-        """Bytes per rank: parameters, gradients, optimizer state, peak activations kept."""
+        """Bytes per rank: parameters, gradients (with --grad-dtype's wire copies and residuals),
+        optimizer state (1/dp of it under --zero), peak activations kept."""
         optimizer = sum(b.nbytes for b in self.optimizer.buffers.values())
-        return np.array([self.model.params.nbytes, self.model.grads.nbytes, optimizer, self.model.peak_bytes],
+        grads = self.grad_sync.nbytes() + (self.compressed.nbytes() if self.compressed else 0)
+        return np.array([self.model.params.nbytes, grads, optimizer, self.model.peak_bytes],
                         dtype=np.float64)
 
     def wait_seconds(self) -> float:
