@@ -14,7 +14,7 @@ chunks on the host and the MPICH wheel is not CUDA-aware; with a CUDA-aware MPI
 (backend.cuda_aware_mpi) the `mpi` algorithm takes the device buffer itself.
 
 Algorithms: `ring` (pipelined ring, bandwidth-optimal), `rd` (recursive doubling, fewest
-messages), `hier` (shared memory within a node, ring across node leaders), `mpi` (MPI
+messages), `hier` (shared memory within a node, rings across nodes), `mpi` (MPI
 Allreduce), and `auto`, which picks one of them by buffer size and layout from thresholds that
 `mpitrain tune` measured (see comm/thresholds.py).
 """
