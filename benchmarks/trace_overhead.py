@@ -84,8 +84,9 @@ def measure(args, world: MPI.Intracomm, ranks: int, overrides: dict, folder: str
             TrainConfig(), model=args.model, batch_size=128 * dp, device="cpu", progress=False, epochs=2,
             synth_samples=128 * dp * args.steps * 10 // 9 + 1, val_fraction=0.1, seed=0, **overrides))
         speeds = {False: [], True: []}
-        for _ in range(args.trials):
-            for traced in (False, True):
+        for trial in range(args.trials):
+            # Alternate which goes first, so that neither always inherits the other's leftovers.
+            for traced in ((False, True) if trial % 2 == 0 else (True, False)):
                 config = dataclasses.replace(base, trace=os.path.join(folder, "t.json") if traced else None)
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     speeds[traced].append(train(config, comm).history[-1]["samples_per_s"])
