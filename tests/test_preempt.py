@@ -44,6 +44,7 @@ def test_requeue_status_is_distinct():
 
 
 def test_a_second_sigint_stops_at_once():
+    previous = signal.getsignal(signal.SIGINT)  # SIG_IGN in a shell's background job, else Python's
     flag = PreemptionFlag(checkpoints=False)
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -54,7 +55,7 @@ def test_a_second_sigint_stops_at_once():
             time.sleep(1)  # the handler raises here, in the main thread
     finally:
         flag.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_without_checkpoints_only_sigint_is_watched():
@@ -170,6 +171,7 @@ def test_sigint_without_a_checkpoint_folder_stops_every_rank_at_one_step(comm, s
     monkeypatch.setattr(mpitrain.train, "schedule", scheduled)
     settings = TrainConfig(data=small_classification, model="12-16-3", batch_size=18, device="cpu", progress=False,
                            steps=20)
+    previous = signal.getsignal(signal.SIGINT)
     try:
         mpitrain.train.train(settings, comm)
         stopped = None
@@ -177,4 +179,4 @@ def test_sigint_without_a_checkpoint_folder_stops_every_rank_at_one_step(comm, s
         stopped = (stop.step, stop.path, stop.reason, stop.exit_status)
     everyone = comm.allgather(stopped)
     assert everyone == [(4, None, f"SIGINT on rank(s) {comm.size - 1}", EXIT_INTERRUPTED)] * comm.size
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is previous

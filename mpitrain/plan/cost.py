@@ -115,13 +115,16 @@ def n_params(layers: list[dict]) -> int:
 
 
 def saved_bytes(layers: list[dict], rows: int, itemsize: int, activation: str, n_dense: int) -> int:
-    """Bytes one micro-batch of `rows` keeps for backward (nn/model.py): every layer's input, and
-    each activation's mask (ReLU, one byte per element) or output (tanh)."""
+    """Bytes one micro-batch of `rows` keeps for backward (nn/model.py): every layer's input, each
+    array once. An activation keeps its output (ReLU as its mask, tanh for its derivative), which is
+    the next layer's input on the same stage: only the stage's last layer, when the model goes on
+    after it, adds its output."""
     total = 0
     for layer in layers:
         total += rows * layer["in"] * itemsize
-        if layer["index"] < n_dense - 1:
-            total += rows * layer["out"] * (1 if activation == "relu" else itemsize)
+    last = layers[-1] if layers else None
+    if last is not None and last["index"] < n_dense - 1:
+        total += rows * last["out"] * itemsize
     return total
 
 

@@ -5,10 +5,10 @@ Parallel efficiency at P ranks = samples/s / (P x samples/s of the best one-rank
 rank is among the planned sizes (else against the smallest planned size, scaled).
 """
 
-import os
 
 from mpitrain.errors import MpitrainError
 from mpitrain.memory import describe
+from mpitrain.outputs import atomic_write
 from mpitrain.plan.search import explain
 
 
@@ -99,10 +99,10 @@ def plot(results: dict, path: str, model: str, best: int = 4) -> None:
     left.legend(fontsize=8)
     figure.suptitle(f"mpitrain plan: {model}")
     figure.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=110), binary=True)
+    finally:
+        plt.close(figure)
 
 
 def _shape(spec) -> str:
