@@ -123,7 +123,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap", action=argparse.BooleanOptionalAction,
                        help="start each bucket's all-reduce during backward, as soon as its layers are done "
                        "(default on)")
-    group.add_argument("--grad-dtype", choices=tuple(GRAD_DTYPE_BYTES),
+    group.add_argument("--grad-dtype", metavar="{" + ",".join(GRAD_DTYPE_BYTES) + "}",
                        help="exchange gradient buckets in this dtype and sum them in the parameters' (bfloat16 "
                        "needs ml_dtypes); halves the bytes sent (default: the parameters' dtype)")
     group.add_argument("--error-feedback", action="store_const", const=True,
