@@ -179,7 +179,9 @@ class Reporter:
             print(line, flush=True)
 
     def advance(self) -> None:
-        if self.bar is not None:
+        """One step more on the bar, never past its total: an asynchronous parameter-server worker
+        (rank 0 stands for all) may push more than its share of the steps."""
+        if self.bar is not None and self.bar.n < self.bar.total:
             self.bar.update(1)
 
     def write(self, record: dict, kind: str | None = None) -> None:
