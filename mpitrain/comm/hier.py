@@ -146,39 +146,42 @@ def reserve(comm: MPI.Intracomm, dtype, nbytes: int) -> None:
         group.slots(np.dtype(dtype), block_bytes(nbytes))
 
 
-def _sum_in_node(group: NodeGroup, block: np.ndarray, slots: np.ndarray):
-    """Schedule: block <- sum of every local rank's block, added in local-rank order on every rank."""
+def _sum_in_node(group: NodeGroup, block: np.ndarray, slots: np.ndarray, part: slice = slice(None)):
+    """Schedule: block[part] <- sum of every local rank's block[part], added in local-rank order
+    (the same bits on whichever rank adds them). Every rank copies its whole block into its slot."""
     local = group.node.size
     first = (group.blocks % 2) * local
     mine = slots[first:first + local, :block.size]
     group.blocks += 1
     mine[group.node.rank] = block
     yield from group.barrier()
-    np.add(mine[0], mine[1], out=block)
+    out = block[part]
+    np.add(mine[0, part], mine[1, part], out=out)
     for other in range(2, local):
-        np.add(block, mine[other], out=block)
+        np.add(out, mine[other, part], out=out)
+
+
+def _share_total(group: NodeGroup, block: np.ndarray, slots: np.ndarray, part: slice | None):
+    """Schedule: every rank of the node ends with the node's total: each rank writes the `part` of
+    it that it holds (None: nothing) into the shared slot, and after a barrier the ranks that did
+    not hold all of it copy the whole out."""
+    total = slots[2 * group.node.size, :block.size]
+    if part is not None:
+        total[part] = block[part]
+    yield from group.barrier()
+    if part != slice(None):
+        block[...] = total
 
 
 def _two_level(group: NodeGroup, block: np.ndarray, slots: np.ndarray, tag: int):
     """Schedule: block <- sum over every rank of every node, all local ranks crossing nodes: chunk
     j summed in shared memory by local rank j (in local-rank order, the node sum's bits), ring
     across the nodes' local ranks j, published in the shared total, copied out by every rank."""
-    local, rank = group.node.size, group.node.rank
-    first = (group.blocks % 2) * local
-    mine = slots[first:first + local, :block.size]
-    group.blocks += 1
-    mine[rank] = block
-    yield from group.barrier()
-    start, stop = chunk_bounds(block.size, local)[rank]
-    chunk = block[start:stop]
-    np.add(mine[0, start:stop], mine[1, start:stop], out=chunk)
-    for other in range(2, local):
-        np.add(chunk, mine[other, start:stop], out=chunk)
-    yield from ring_schedule(chunk, group.cross, tag)
-    total = slots[2 * local, :block.size]
-    total[start:stop] = chunk
-    yield from group.barrier()
-    block[...] = total
+    start, stop = chunk_bounds(block.size, group.node.size)[group.node.rank]
+    part = slice(start, stop)
+    yield from _sum_in_node(group, block, slots, part)
+    yield from ring_schedule(block[part], group.cross, tag)
+    yield from _share_total(group, block, slots, part)
 
 
 def hier_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
@@ -204,9 +207,4 @@ def hier_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
         if leader:
             yield from ring_schedule(block, group.leaders, tag)
         if local > 1:
-            total = slots[2 * local, :block.size]
-            if leader:
-                total[...] = block
-            yield from group.barrier()
-            if not leader:
-                block[...] = total
+            yield from _share_total(group, block, slots, slice(None) if leader else None)
