@@ -200,10 +200,9 @@ class H5Dataset:
         """out[dest] = dataset[key] for each (name, out) of one shard; key is a slice or sorted index array."""
         if self.trace:
             self.selections.append((file_index, key, tuple(name for name, _ in outputs)))
-        columns = {"x": self._x, "y": self._y}
         try:
             for name, out in outputs:
-                dataset = columns[name][file_index]
+                dataset = self._dataset(name, file_index)
                 if isinstance(key, slice) and key.stop - key.start >= MIN_MEAN_RUN:
                     dataset.read_direct(out, key, dest)
                 else:
@@ -215,25 +214,31 @@ class H5Dataset:
     def _key(self, name):
         return self.x_key if name == "x" else self.y_key
 
+    def _dataset(self, name: str, file_index: int) -> h5py.Dataset:
+        """Shard file_index's dataset of column `name` ("x" or "y")."""
+        return (self._x if name == "x" else self._y)[file_index]
+
     def _block_rows(self, name: str, file_index: int, block: int) -> slice:
         """Rows [start, stop) of chunk-row block `block` of a chunked shard's dataset `name`."""
-        dataset = {"x": self._x, "y": self._y}[name][file_index]
+        dataset = self._dataset(name, file_index)
         rows = dataset.chunks[0]
         return slice(block * rows, min((block + 1) * rows, len(dataset)))
 
+    def _empty_block(self, name: str, file_index: int, block: int) -> np.ndarray:
+        """An uninitialised array of chunk-row block `block`'s shape and dtype."""
+        dataset, rows = self._dataset(name, file_index), self._block_rows(name, file_index, block)
+        return np.empty((rows.stop - rows.start,) + dataset.shape[1:], dtype=dataset.dtype)
+
     def _load_block(self, name: str, file_index: int, block: int) -> np.ndarray:
         """One chunk-row block read (and decompressed) from the file."""
-        dataset = {"x": self._x, "y": self._y}[name][file_index]
-        key = self._block_rows(name, file_index, block)
-        holder = np.empty((key.stop - key.start,) + dataset.shape[1:], dtype=dataset.dtype)
-        self._read_into(file_index, key, np.s_[:], [(name, holder)])
+        holder = self._empty_block(name, file_index, block)
+        self._read_into(file_index, self._block_rows(name, file_index, block), np.s_[:], [(name, holder)])
         return holder
 
     def _read_blocks(self, file_index, local, base, outputs):
         """Rows of a chunked shard gathered from whole chunk-row blocks, each read once (BlockStore)."""
-        columns = {"x": self._x, "y": self._y}
         for name, out in outputs:
-            blocks = local // columns[name][file_index].chunks[0]
+            blocks = local // self._dataset(name, file_index).chunks[0]
             # local is sorted, so each block's rows are one run of positions
             starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
             stops = np.r_[starts[1:], len(local)]
@@ -261,12 +266,7 @@ class H5Dataset:
             error = exc
         agree(comm, error)
         for index, key in enumerate(keys):
-            if key in mine:
-                block = mine[key]
-            else:
-                dataset = {"x": self._x, "y": self._y}[key[0]][key[1]]
-                rows = self._block_rows(*key)
-                block = np.empty((rows.stop - rows.start,) + dataset.shape[1:], dtype=dataset.dtype)
+            block = mine[key] if key in mine else self._empty_block(*key)
             comm.Bcast(block, root=index % comm.size)
             self._blocks.get(key, lambda block=block: block)
 
@@ -296,10 +296,9 @@ class H5Dataset:
 
     def _read_shard(self, file_index, local, base, outputs):
         if self._blocks is not None:
-            columns = {"x": self._x, "y": self._y}
-            chunked = [(name, out) for name, out in outputs if columns[name][file_index].chunks is not None]
+            chunked = [(name, out) for name, out in outputs if self._dataset(name, file_index).chunks is not None]
             self._read_blocks(file_index, local, base, chunked)
-            outputs = [(name, out) for name, out in outputs if columns[name][file_index].chunks is None]
+            outputs = [(name, out) for name, out in outputs if self._dataset(name, file_index).chunks is None]
             if not outputs:
                 return
         if self._x[file_index].chunks is not None:
