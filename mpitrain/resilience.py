@@ -410,11 +410,6 @@ def step_finite(loss, grads) -> bool:
     return math.isfinite(read_scalar(loss)) and bool(read_scalar(xp.isfinite(flat).all()))
 
 
-def all_finite(array) -> bool:
-    """No NaN or Inf anywhere in `array` (NumPy or CuPy, any shape); see step_finite."""
-    return step_finite(0.0, array)
-
-
 def dataset_shape(dataset) -> dict:
     """The fields of a dataset every rank must agree on at start-up."""
     return {"rows": dataset.n_rows, "features": dataset.n_features, "x dtype": str(dataset.x_dtype),

@@ -20,7 +20,7 @@ from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
 from mpitrain.errors import MpitrainError
 from mpitrain.preempt import EXIT_PREEMPTED, Preempted
-from mpitrain.resilience import all_finite
+from mpitrain.resilience import step_finite
 from mpitrain.train import train
 
 ROWS, FEATURES, CLASSES = 480, 12, 3
@@ -170,17 +170,19 @@ NAN_STEPS = (4, 9)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_all_finite_finds_every_kind_of_non_finite_and_survives_overflow(dtype):
-    """The fast path (a dot product) must never pass a NaN or an Inf, and a sum of squares that
-    overflows from finite values must not fail the check (the exact test decides)."""
+def test_step_finite_finds_every_kind_of_non_finite_and_survives_overflow(dtype):
+    """The fast path (loss + a dot product) must never pass a NaN or an Inf, in the gradient or
+    the loss, and a sum of squares that overflows from finite values must not fail the check
+    (the exact test decides)."""
     grads = np.linspace(-1, 1, 1001, dtype=dtype).reshape(7, 143)
-    assert all_finite(grads) and all_finite(grads[:, ::2])
+    assert step_finite(0.0, grads) and step_finite(0.0, grads[:, ::2])
     for bad in (np.nan, np.inf, -np.inf):
         poisoned = grads.copy()
         poisoned[3, 100] = bad
-        assert not all_finite(poisoned), bad
+        assert not step_finite(0.0, poisoned), bad
+        assert not step_finite(np.asarray(bad, dtype=dtype), grads), bad
     huge = np.full(16, np.finfo(dtype).max / 2, dtype=dtype)
-    assert all_finite(huge)
+    assert step_finite(0.0, huge)
 
 
 def nan_in_gradient(monkeypatch) -> None:
