@@ -186,17 +186,7 @@ def allreduce(buf, comm: MPI.Intracomm, algorithm: str = "auto") -> None:
         else:
             complete(SCHEDULES[name](buf, comm))
         return
-    complete(allreduce_schedule(buf, comm, name))
-
-
-def _staged(buf, schedule, comm: MPI.Intracomm) -> None:
-    if isinstance(buf, np.ndarray):
-        complete(schedule(buf, comm))
-        return
-    from mpitrain.backend import staged_on_host
-
-    with staged_on_host(buf) as host:
-        complete(schedule(host, comm))
+    complete(on_host(buf, lambda host: SCHEDULES[name](host, comm), direct=name == "mpi"))
 
 
 def reduce_scatter(buf, comm: MPI.Intracomm) -> tuple[int, int]:
@@ -208,7 +198,7 @@ def reduce_scatter(buf, comm: MPI.Intracomm) -> tuple[int, int]:
     check_buffer(buf, "reduce_scatter")
     if CHECK.active:
         CHECK.collective(comm, "reduce_scatter", "ring", buf, depth=1)
-    _staged(buf, reduce_scatter_schedule, comm)
+    complete(on_host(buf, lambda host: reduce_scatter_schedule(host, comm)))
     return chunk_bounds(buf.size, comm.size)[comm.rank]
 
 
@@ -217,4 +207,4 @@ def allgather(buf, comm: MPI.Intracomm) -> None:
     check_buffer(buf, "allgather")
     if CHECK.active:
         CHECK.collective(comm, "allgather", "ring", buf, depth=1)
-    _staged(buf, allgather_schedule, comm)
+    complete(on_host(buf, lambda host: allgather_schedule(host, comm)))
