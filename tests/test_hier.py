@@ -75,30 +75,37 @@ def ring_sends(length: int, size: int, rank: int, itemsize: int) -> int:
     return itemsize * sum(count(rank - k - 1) + count(rank - k) for k in range(size - 1))
 
 
-def test_equal_nodes_cross_with_every_local_rank(comm, monkeypatch):
-    """Nodes of two ranks each: every local rank rings its chunk of each block across the nodes
-    (so each sends a ring's bytes for its chunk alone, about 1/L of a leader's), and every rank
-    ends with the same bits, equal to MPI Allreduce's result within rounding."""
+@pytest.mark.parametrize("two_level", [True, False], ids=["from-TWO_LEVEL_BYTES", "below"])
+def test_equal_nodes_cross_with_every_local_rank(comm, monkeypatch, two_level):
+    """Nodes of two ranks each: for buffers of at least TWO_LEVEL_BYTES every local rank rings its
+    chunk of each block across the nodes (so each sends a ring's bytes for its chunk alone, about
+    1/L of a leader's), below it the leaders alone ring each block; either way every rank ends with
+    the same bits, equal to MPI Allreduce's result within rounding."""
     if comm.size < 4 or comm.size % 2:
         pytest.skip("needs at least two emulated nodes of two ranks")
     monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", "2")
     monkeypatch.setattr(hier, "SLOT_BYTES", 4096)
-    fresh = comm.Dup()
     buf = np.random.default_rng(comm.rank).standard_normal(1501)
+    monkeypatch.setattr(hier, "TWO_LEVEL_BYTES", buf.nbytes if two_level else buf.nbytes + 1)
+    fresh = comm.Dup()
     expected = buf.copy()
     comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
     before = traffic.sent()
     allreduce(buf, fresh, "hier")
     sent = traffic.sent() - before
     group = hier.node_group(fresh)
-    two_level, local, nodes = group.cross is not None, group.node.size, group.nodes
+    local, nodes = group.node.size, group.nodes
     fresh.Free()
-    assert two_level and local == 2 and nodes == comm.size // 2
+    assert local == 2 and nodes == comm.size // 2 and group.node_sizes == [2] * nodes
     per_block = hier.block_bytes(buf.nbytes) // buf.itemsize
     expected_sent = 0
     for start in range(0, buf.size, per_block):
-        a, b = chunk_bounds(min(per_block, buf.size - start), local)[comm.rank % local]
-        expected_sent += ring_sends(b - a, nodes, comm.rank // local, buf.itemsize)
+        block = min(per_block, buf.size - start)
+        if two_level:
+            a, b = chunk_bounds(block, local)[comm.rank % local]
+            expected_sent += ring_sends(b - a, nodes, comm.rank // local, buf.itemsize)
+        elif comm.rank % local == 0:
+            expected_sent += ring_sends(block, nodes, comm.rank // local, buf.itemsize)
     assert sent == expected_sent
     np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
     assert comm.allgather(buf.tobytes()) == [buf.tobytes()] * comm.size

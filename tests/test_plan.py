@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mpitrain.cli import run
+from mpitrain.comm import hier
 from mpitrain.comm.traffic import ring_equivalent
 from mpitrain.config import TrainConfig, validate
 from mpitrain.errors import MpitrainError
@@ -59,9 +60,14 @@ def test_recursive_doubling_bytes_fold_the_ranks_above_a_power_of_two():
 def test_hierarchical_sends_nothing_within_a_node_and_rings_across():
     node, local = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 0, 1, 0, 1])
     assert collectives.hier_sent(1000, 4, node[:2], local[:2], [2]).tolist() == [0, 0]
-    # Nodes of 2 ranks: local rank j rings chunk j (500 elements) with the other nodes' rank j.
-    assert collectives.hier_sent(1000, 4, node, local, [2, 2, 2]).tolist() == [
-        collectives.ring_sent(500, 3, n) for n in node.tolist()]
+    # Nodes of 2 ranks and a buffer of TWO_LEVEL_BYTES: local rank j rings chunk j with the other
+    # nodes' rank j.
+    count = hier.TWO_LEVEL_BYTES // 4
+    assert collectives.hier_sent(count, 4, node, local, [2, 2, 2]).tolist() == [
+        collectives.ring_sent(count // 2, 3, n) for n in node.tolist()]
+    # One element less: the leaders alone ring the whole buffer.
+    assert collectives.hier_sent(count - 1, 4, node, local, [2, 2, 2]).tolist() == [
+        collectives.ring_sent(count - 1, 3, n) if j == 0 else 0 for n, j in zip(node.tolist(), local.tolist())]
     # Unequal nodes: only each node's first rank rings, the whole buffer.
     node, local = np.array([0, 0, 1]), np.array([0, 1, 0])
     assert collectives.hier_sent(999, 4, node, local, [2, 1]).tolist() == [999, 0, 999]

@@ -9,13 +9,17 @@ barrier, one pass over the slots, no MPI message, which beats MPI Allreduce from
 to a few MiB here. With several nodes the leaders then ring-all-reduce their buffers, publish
 the total in a shared slot, and after a second barrier the other ranks copy it out.
 
-When every node has the same number of ranks L > 1, all of them work across nodes instead of the
-leaders alone (the two-level scheme of NCCL's and Horovod's hierarchical all-reduce): local rank
+When every node has the same number of ranks L > 1 and the buffer holds at least
+TWO_LEVEL_BYTES, all of them work across nodes instead of the leaders alone (the two-level scheme of NCCL's and Horovod's hierarchical all-reduce): local rank
 j sums chunk j of the node's slots (a reduce-scatter in shared memory, so each rank adds 1/L of
 the block instead of all of it), ring-all-reduces that chunk with the local ranks j of the other
 nodes, and writes the total into the shared slot, from which every rank copies the whole block
 (an all-gather in shared memory). Each rank sends 2(N-1)/N of a chunk across nodes, 1/L of what a
-leader sends, and L rings share the inter-node links.
+leader sends, and L rings share the inter-node links. Below TWO_LEVEL_BYTES the leaders alone
+cross: L concurrent streams of 1/L of a small block each lost to one stream of the whole block
+(two emulated hosts of two ranks, 1 Gbit/s link: 256 KiB at 0.116 GB/s busbw against 0.179 for
+the leaders; from 1 MiB both 0.17-0.18; unshaped the two-level scheme leads from 1 MiB, 0.60
+against 0.50 GB/s).
 
 Slots come in two sets used by alternate blocks: a rank may copy the next block in while a
 slower rank still reads the previous one, so no barrier is needed at the end. Buffers longer
@@ -34,7 +38,14 @@ from mpitrain.comm.ring import chunk_bounds, ring_schedule
 from mpitrain.comm.world import node_comm
 
 SLOT_BYTES = 4 << 20
+TWO_LEVEL_BYTES = 1 << 20  # buffers from this size use every local rank across nodes (see above)
 _TAG = 140
+
+
+def two_level(nbytes: int, node_sizes: list[int]) -> bool:
+    """Whether a buffer of nbytes crosses nodes from every local rank (the two-level scheme) rather
+    than from the leaders alone: several nodes, each of the same size L > 1, and a large buffer."""
+    return len(node_sizes) > 1 and node_sizes[0] > 1 and len(set(node_sizes)) == 1 and nbytes >= TWO_LEVEL_BYTES
 
 
 def block_bytes(nbytes: int) -> int:
@@ -48,11 +59,13 @@ class NodeGroup:
     def __init__(self, comm: MPI.Intracomm):
         self.node = node_comm(comm)
         self.leaders = comm.Split(0 if self.node.rank == 0 else MPI.UNDEFINED, comm.rank)
-        self.nodes = self.node.bcast(self.leaders.size if self.node.rank == 0 else None, root=0)
+        # Ranks on each node, in leader order (the same list on every rank).
+        self.node_sizes = self.node.bcast(self.leaders.allgather(self.node.size) if self.node.rank == 0 else None,
+                                          root=0)
+        self.nodes = len(self.node_sizes)
         # Local rank j of every node, when all nodes hold as many ranks: one ring per chunk.
-        sizes = set(comm.allgather(self.node.size))
-        two_level = self.nodes > 1 and self.node.size > 1 and len(sizes) == 1
-        self.cross = comm.Split(self.node.rank, comm.rank) if two_level else None
+        equal = two_level(TWO_LEVEL_BYTES, self.node_sizes)
+        self.cross = comm.Split(self.node.rank, comm.rank) if equal else None
         self.window = None
         self.slot_bytes = 0
         self.raw = None
@@ -195,9 +208,10 @@ def hier_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
     block_size = block_bytes(buf.nbytes)
     per_block = block_size // buf.itemsize
     slots = group.slots(buf.dtype, block_size) if local > 1 else None
+    every_rank = two_level(buf.nbytes, group.node_sizes)
     for start in range(0, buf.size, per_block):
         block = buf[start:start + per_block]
-        if group.cross is not None:
+        if every_rank:
             yield from _two_level(group, block, slots, tag)
             continue
         if local > 1:
