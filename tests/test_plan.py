@@ -19,7 +19,7 @@ from mpitrain.parallel.pipeline import bubble_fraction
 from mpitrain.plan import collectives, profile
 from mpitrain.plan.cost import Spec, usage
 from mpitrain.plan.search import search
-from mpitrain.plan.timing import predict
+from mpitrain.plan.timing import pipeline_bubble, predict
 
 WIDTHS = [16, 32, 32, 8]
 
@@ -113,12 +113,20 @@ def test_a_measured_curve_replaces_the_formula_for_its_group():
 
 
 @pytest.mark.parametrize("stages, micro", [(2, 1), (2, 4), (3, 6)])
-def test_the_bubble_is_p_minus_1_over_m_plus_p_minus_1_of_the_pipelined_step(stages, micro):
-    widths = [16, 32, 32, 8]
-    p = predict(Spec("grid", 1, pp=stages, micro_batches=micro), plan_config(batch_size=60), widths, 8,
+def test_the_bubble_of_equal_stages_is_p_minus_1_over_m_plus_p_minus_1_of_the_pipelined_step(stages, micro):
+    busy = 0.37
+    bubble = pipeline_bubble({stage: busy for stage in range(stages)}, stages - 1, micro)
+    assert bubble / (busy + bubble) == pytest.approx(bubble_fraction(stages, micro))
+
+
+def test_the_slowest_stage_waits_one_micro_batch_of_each_other_stage():
+    assert pipeline_bubble({0: 1.0, 1: 4.0, 2: 2.0}, 1, 4) == pytest.approx((1.0 + 2.0) / 4)
+    # In a prediction: a light first stage (16 -> 4) before a heavy one (4 -> 512 -> 512) leaves
+    # the heavy one a bubble far below the equal-stage fraction of its busy time.
+    p = predict(Spec("grid", 1, pp=2, micro_batches=4), plan_config(batch_size=64), [16, 4, 512, 512], 8,
                 free_profile())
     busy = p.terms["compute"] + p.terms["tensor"] + p.terms["pipeline"]
-    assert p.terms["bubble"] / (busy + p.terms["bubble"]) == pytest.approx(bubble_fraction(stages, micro))
+    assert 0 < p.terms["bubble"] < 0.5 * busy * bubble_fraction(2, 4) / (1 - bubble_fraction(2, 4))
 
 
 def test_without_overlap_the_gradient_sum_is_exposed_whole():

@@ -62,8 +62,17 @@ def timed(work, seconds: float = 0.05) -> float:
 
 
 def gemm_shapes(widths: list[int], batch: int, world: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every product a layer slice may run: rows at every power of two from batch/16
+    to the batch (micro-batches and data-parallel shares; the plan takes the nearest measured row
+    count, so a missing one cost a factor of 2-3 in a prediction) and batch/world, for whole,
+    half and quarter layers, forward (rows, in, out) and weight gradient (in, rows, out)."""
+    rows_at = {batch, max(1, batch // world)}
+    rows = max(1, batch // 16)
+    while rows < batch:
+        rows_at.add(rows)
+        rows *= 2
     shapes = set()
-    for rows in {batch, max(1, batch // 4), max(1, batch // 16), max(1, batch // world)}:
+    for rows in rows_at:
         for n_in, n_out in zip(widths[:-1], widths[1:]):
             for cut in (1, 2, 4):
                 out = max(1, n_out // cut)
@@ -72,26 +81,32 @@ def gemm_shapes(widths: list[int], batch: int, world: int) -> list[tuple[int, in
     return sorted(shapes)
 
 
-def measure_gemm(comm, widths, batch, dtype, share: float, cores: int) -> list[dict]:
+def measure_gemm(comm, widths, batch, dtype, share: float, cores: int, passes: int = 3) -> list[dict]:
     """Each shape with one BLAS thread on every rank at once (per core), then with every core's
-    thread on rank 0 alone (what a rank alone on a node gets: threads rarely scale perfectly)."""
+    thread on rank 0 alone (what a rank alone on a node gets: threads rarely scale perfectly).
+    Each rate is the median of `passes` passes over all the shapes, so that a slow moment of a
+    shared machine moves one pass of every shape rather than every pass of a few."""
     from threadpoolctl import threadpool_limits
 
     entries = []
     for threads in sorted({1, cores}):
+        shapes = gemm_shapes(widths, batch, comm.size)
+        rates = {shape: [] for shape in shapes}
         with threadpool_limits(limits=threads, user_api="blas"):
-            for m, k, n in gemm_shapes(widths, batch, comm.size):
-                a, b = np.ones((m, k), dtype=dtype), np.ones((k, n), dtype=dtype)
-                out = np.empty((m, n), dtype=dtype)
-                polite_barrier(comm)
-                if threads == 1:
-                    seconds = comm.allreduce(timed(lambda: np.matmul(a, b, out=out), 0.03), op=MPI.SUM) / comm.size
-                    rate = 2 * m * k * n / seconds / share
-                else:
-                    seconds = timed(lambda: np.matmul(a, b, out=out), 0.03) if comm.rank == 0 else 0.0
-                    rate = 2 * m * k * n / comm.bcast(seconds, root=0)
-                entries.append({"dtype": np.dtype(dtype).name, "m": m, "k": k, "n": n, "threads": threads,
-                                "flops_per_s": rate})
+            for _ in range(passes):
+                for m, k, n in shapes:
+                    a, b = np.ones((m, k), dtype=dtype), np.ones((k, n), dtype=dtype)
+                    out = np.empty((m, n), dtype=dtype)
+                    polite_barrier(comm)
+                    if threads == 1:
+                        seconds = comm.allreduce(timed(lambda: np.matmul(a, b, out=out), 0.03), op=MPI.SUM) / comm.size
+                        rates[m, k, n].append(2 * m * k * n / seconds / share)
+                    else:
+                        seconds = timed(lambda: np.matmul(a, b, out=out), 0.03) if comm.rank == 0 else 0.0
+                        polite_barrier(comm)  # the others wait asleep: a rank spinning in bcast took a core
+                        rates[m, k, n].append(2 * m * k * n / comm.bcast(seconds, root=0))
+        entries += [{"dtype": np.dtype(dtype).name, "m": m, "k": k, "n": n, "threads": threads,
+                     "flops_per_s": float(np.median(rates[m, k, n]))} for m, k, n in shapes]
     return entries
 
 
@@ -129,6 +144,7 @@ def ping_pong(comm, partner: int, sizes: list[int]) -> tuple[float, float] | Non
                         comm.Send(buf, other, 7)
                 trials.append((time.perf_counter() - started) / 20)
             seconds = float(np.median(trials))
+        polite_barrier(comm)  # the ranks not timed wait asleep, off the timed pair's cores
         times.append(comm.allreduce(seconds, op=MPI.MAX))
     beta, alpha = np.polyfit(np.array(sizes, dtype=float), np.array(times), 1)
     return max(float(alpha), 0.0), max(float(beta), 1e-13)
@@ -159,11 +175,12 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
     alone = stream_rate(STREAM_SIZES[-1]) if comm.rank == 0 else 0.0
     polite_barrier(comm)
     together = comm.allreduce(stream_rate(STREAM_SIZES[-1]), op=MPI.SUM) / comm.size
-    stream = []
-    for working in STREAM_SIZES:
-        polite_barrier(comm)
-        rate = comm.allreduce(stream_rate(working), op=MPI.SUM) / comm.size
-        stream.append({"bytes": working, "bytes_per_s": rate / share})
+    rates = {working: [] for working in STREAM_SIZES}
+    for _ in range(3):  # passes over the sizes, the median of each (as measure_gemm)
+        for working in STREAM_SIZES:
+            polite_barrier(comm)
+            rates[working].append(comm.allreduce(stream_rate(working), op=MPI.SUM) / comm.size)
+    stream = [{"bytes": working, "bytes_per_s": float(np.median(rates[working])) / share} for working in STREAM_SIZES]
     small_a, small_b = np.ones(16), np.ones(16)
     op = comm.allreduce(timed(lambda: np.add(small_a, small_b, out=small_a), 0.02), op=MPI.SUM) / comm.size
     nodes = node_group(comm).nodes
@@ -193,6 +210,8 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         "collectives": curves, "stream": stream,
     }
     if previous:
+        if inter is None:  # one node here: keep the inter-node link a calibration across nodes measured
+            profile["links"]["inter"] = previous["links"]["inter"]
         kept = [c for c in previous["collectives"] if (c["algorithm"], c["ranks"], c["nodes"]) not in
                 {(c2["algorithm"], c2["ranks"], c2["nodes"]) for c2 in curves}]
         profile["collectives"] = kept + curves

@@ -19,9 +19,9 @@ each field. Time per step, on the busiest stage (units: seconds):
     optimizer   its passes over this rank's parameters (1/dp of them from ZeRO stage 1 on)
     overhead    the fixed per-step cost and the per-step agreement of every rank
 
-ZeRO stages (Rajbhandari et al., "ZeRO", SC 2020) are modelled, not run here: stage 1 keeps 1/dp of
-the optimizer state per rank, stage 2 also 1/dp of the gradients; both sum gradients as a ring
-reduce-scatter + all-gather, the bytes and time of a ring all-reduce.
+ZeRO stages (Rajbhandari et al., "ZeRO", SC 2020; --zero, comm/buckets.py): stage 1 keeps 1/dp of
+the optimizer state per rank, stage 2 also 1/dp of the gradients (plus two staging slots); both
+sum gradients as a ring reduce-scatter + all-gather, the bytes and time of a ring all-reduce.
 """
 
 from dataclasses import asdict, dataclass, replace
