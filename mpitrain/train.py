@@ -169,9 +169,9 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
             if stopped:
                 break
             fetched = time.perf_counter()
+        traffic = (strategy.counters() - counters) / max(epoch_steps, 1)  # finishes a --zero all-gather first
         backend.synchronize()
         elapsed = time.perf_counter() - started
-        traffic = (strategy.counters() - counters) / max(epoch_steps, 1)
         wait = (strategy.wait_seconds() - waited) / elapsed if elapsed > 0 else 0.0
         record = {
             "epoch": epoch + 1,

@@ -11,15 +11,18 @@ staging slots and the shard instead of the whole gradient.
 """
 
 import os
+import time
 
 import h5py
 import numpy as np
 import pytest
 
+from mpitrain.backend import select_backend
 from mpitrain.checkpoint import checkpoint_name
 from mpitrain.comm.ring import chunk_bounds
-from mpitrain.nn.model import Model
+from mpitrain.nn.model import Model, parse_widths
 from mpitrain.parallel.state import range_pieces, write_piece
+from mpitrain.parallel.strategy import GridStrategy
 from mpitrain.train import train
 from parallel_runs import RTOL, config, serial_run
 from test_layouts import assert_close, groups_of
@@ -56,6 +59,41 @@ def test_every_allreduce_algorithm_shards_alike(comm, small_classification, algo
             result = run(comm, layout, data=small_classification, steps=6, zero=zero, overlap=overlap,
                          allreduce=algorithm)
             assert_close(result.parameters if result else None, expected.parameters)
+
+
+def test_the_next_forward_reads_each_layer_once_its_parameters_are_gathered(comm):
+    """--zero 1 starts the parameter all-gather at the update; the next forward waits for each
+    layer's bucket just before that layer, in forward order. The last rank starts its forwards late,
+    so the others' gathers cannot finish on their own before they need them: a layer read before its
+    wait finished would hold its previous values, not the ones every rank ends the forward with."""
+    with groups_of(comm, min(comm.size, 4)) as group:
+        if group is None:
+            return
+        if group.size < 2:
+            pytest.skip("needs 2 ranks: one rank all-gathers nothing")
+        settings = config(**SETTINGS, zero=1)
+        strategy = GridStrategy(settings, group, parse_widths(settings.model), select_backend("cpu", group))
+        slices = strategy.model.layer_grad_slices()
+        ready, seen = strategy.grad_sync.parameters_ready, []
+
+        def read_after_wait(layer):
+            ready(layer)
+            seen.append((layer, strategy.model.params[slices[layer][0]:slices[layer][1]].copy()))
+
+        strategy.grad_sync.parameters_ready = read_after_wait
+        rng = np.random.default_rng(group.rank)
+        for step in range(4):
+            if group.rank == group.size - 1 and step:
+                time.sleep(0.2)
+            seen.clear()
+            strategy.forward_backward(rng.standard_normal((6, 12)), rng.integers(0, 3, 6))
+            assert [layer for layer, _ in seen] == list(range(len(slices)))
+            for layer, values in seen:
+                np.testing.assert_array_equal(values, strategy.model.params[slices[layer][0]:slices[layer][1]])
+            strategy.update(0.05)
+        strategy.close()
+        final = strategy.model.params
+        assert group.allgather(final.tobytes()) == [final.tobytes()] * group.size
 
 
 @pytest.mark.parametrize("name", ["dp2", "dp4", "dp2-tp2"])

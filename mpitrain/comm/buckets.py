@@ -20,8 +20,10 @@ Sharded (--zero 1, 2; ZeRO, Rajbhandari et al. 2020, "ZeRO: memory optimizations
 trillion parameter models"): rank q of comm owns the equal block shards[q] of the flat buffer, and
 each bucket is reduce-scattered instead of all-reduced: the parts of the bucket inside shards[q]
 are summed on rank q alone (a ring with unequal, possibly empty chunks, or MPI Reduce_scatter).
-After the optimizer updated each owner's block, `gather` all-gathers the parameters bucket by
-bucket. The two halves send what the all-reduce sends; what they save is that no rank updates,
+After the optimizer updated each owner's block, `start_gather` launches the all-gather of the
+parameters bucket by bucket in forward order, and the next forward waits for each layer's bucket
+just before that layer (`parameters_ready`), so the later buckets travel while the first layers
+compute. The two halves send what the all-reduce sends; what they save is that no rank updates,
 or keeps optimizer state for, any block but its own.
 
 Compressed (--grad-dtype float16, bfloat16): each bucket's sum is comm/compress.py's exchange in
@@ -114,9 +116,15 @@ class GradientSync:
         self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)}
         # Under staging, the bucket whose slot the next layer down writes into.
         self._bucket_above = {first - 1: index + 1 for index, (_, _, first) in enumerate(self.buckets)}
+        # Launched collectives, run one at a time in launch order: (schedule, bytes, bucket, kind),
+        # kind "sum" (a gradient bucket) or "gather" (a parameter bucket, --zero).
         self._waiting: deque = deque()
-        self._schedule, self._schedule_bytes, self._bucket = None, 0, 0
+        self._schedule, self._schedule_bytes, self._bucket, self._kind = None, 0, 0, "sum"
         self._pending = None
+        self._gathered: set[int] = set()  # parameter buckets all-gathered since the last update
+        # The bucket holding each dense layer (forward order), for forward to wait on its parameters.
+        self._bucket_holding = [next(index for index, (start, stop, _) in enumerate(self.buckets)
+                                     if start <= layer_start < stop) for layer_start, _ in self.layer_slices]
         self._started, self._schedule_sent = 0.0, 0
         self._finished = 0  # buckets summed this step, in launch order
         # What the chosen algorithms really sent (see comm/traffic.py), cumulative.
@@ -191,20 +199,41 @@ class GradientSync:
     def gather(self, params) -> None:
         """Sharded only: every rank's params[shards[q]] <- rank q's, after each owner updated its shard;
         bucket by bucket in forward order, so the first layers are whole first. Collective."""
-        before = traffic.sent()
+        self.start_gather(params)
+        self.finish_gather()
+
+    def start_gather(self, params) -> None:
+        """Sharded only: launch `gather` without waiting for it, progressed as far as it goes now, so
+        the next step's forward can start on its first layers while the parameters of later ones
+        are still on the way (ZeRO's all-gather overlapped with forward). Before dense layer i runs,
+        `parameters_ready(i)`; before anything else reads the parameters, `finish_gather()`.
+        Collective (every rank launches the same buckets in the same order)."""
+        self._gathered.clear()
         for bucket in reversed(range(len(self.buckets))):
             start, stop, _ = self.buckets[bucket]
             view = params[start:stop]
-            complete(shard_gather_schedule(view, self.comm, self.algorithm, self.bucket_chunks[bucket]),
-                     f"parameter bucket all-gather, {view.nbytes} B")
-        self.bytes_sent += traffic.sent() - before
+            self._waiting.append((shard_gather_schedule(view, self.comm, self.algorithm, self.bucket_chunks[bucket]),
+                                  view.nbytes, bucket, "gather"))
+        self._advance(block=False)
+
+    def parameters_ready(self, dense_index: int) -> None:
+        """Wait until the parameters of dense layer `dense_index` are gathered (nothing to wait for
+        when no gather runs), and progress the later buckets' gathers without waiting."""
+        if self._waiting or self._pending is not None:
+            bucket = self._bucket_holding[dense_index]
+            self._advance(block=True, done=lambda: bucket in self._gathered)
+            self._advance(block=False)
+
+    def finish_gather(self) -> None:
+        """Finish every launched parameter all-gather (nothing when none runs)."""
+        self._advance(block=True)
 
     def layer_done(self, dense_index: int) -> None:
         """Backward has finished dense layer `dense_index`: launch its bucket if complete, progress."""
         if self.overlap:
             bucket = self._bucket_of_layer.get(dense_index)
             if bucket is not None:
-                self._waiting.append((self._sum_schedule(bucket), self.views[bucket].nbytes, bucket))
+                self._waiting.append((self._sum_schedule(bucket), self.views[bucket].nbytes, bucket, "sum"))
             self._advance(block=False)
         if self.staged and dense_index - 1 in self._bucket_above:
             self._free_slot_for(self._bucket_above[dense_index - 1])
@@ -240,14 +269,17 @@ class GradientSync:
         TRACE.span("gradient all-reduce", f"all-reduce {nbytes} B ({algorithm})", started, algorithm=algorithm,
                    bucket_bytes=nbytes, bytes=sent, segments=-(-nbytes // self.comm.size // SEGMENT_BYTES) or 1)
 
-    def _advance(self, block: bool, through: int | None = None) -> None:
-        """Run launched buckets in order; unless block, stop at the first request still in flight;
-        with `through`, stop once that bucket is summed."""
-        while (self._pending is not None or self._waiting) and (through is None or self._finished <= through):
+    def _advance(self, block: bool, through: int | None = None, done=None) -> None:
+        """Run launched collectives in order; unless block, stop at the first request still in
+        flight; with `through`, stop once that gradient bucket is summed; with `done`, once done()."""
+        if through is not None:
+            done = lambda: self._finished > through  # noqa: E731
+        while (self._pending is not None or self._waiting) and (done is None or not done()):
             if self._pending is None:
-                self._schedule, self._schedule_bytes, self._bucket = self._waiting.popleft()
+                self._schedule, self._schedule_bytes, self._bucket, self._kind = self._waiting.popleft()
             elif block:
-                with waiting(f"Waitall ({self.algorithm} all-reduce of a {self._schedule_bytes} B gradient bucket "
+                what = "all-reduce of a {} B gradient" if self._kind == "sum" else "all-gather of a {} B parameter"
+                with waiting(f"Waitall ({self.algorithm} {what.format(self._schedule_bytes)} bucket "
                              f"over {self.comm.size} ranks)"):
                     MPI.Request.Waitall(self._pending)
             elif not MPI.Request.Testall(self._pending):
@@ -259,7 +291,12 @@ class GradientSync:
             self.bytes_sent += traffic.sent() - before
             if TRACE.active:
                 self._schedule_sent += traffic.sent() - before
-                if self._pending is None:
+                if self._pending is None and self._kind == "sum":
                     self._trace_bucket(self._schedule_bytes, self._started, self._schedule_sent)
-            if self._pending is None:
+                elif self._pending is None:
+                    TRACE.span("parameter all-gather", f"all-gather {self._schedule_bytes} B", self._started,
+                               bucket_bytes=self._schedule_bytes, bytes=self._schedule_sent)
+            if self._pending is None and self._kind == "sum":
                 self._summed(self._bucket)
+            elif self._pending is None:
+                self._gathered.add(self._bucket)

@@ -154,9 +154,10 @@ class Model:
 
     # ------------------------------------------------------------------------ forward and backward
 
-    def forward(self, x, micro: int | None = 0):
+    def forward(self, x, micro: int | None = 0, before_layer=None):
         """(B, input_width) -> (B, output_width); keeps what backward needs under `micro`, or
-        nothing with micro=None (evaluation).
+        nothing with micro=None (evaluation). before_layer(i) runs before local dense layer i
+        (--zero: wait for that layer's parameters, whose all-gather may still be in flight).
 
         Each layer's output lands in a buffer kept from step to step: one set per micro-batch in
         flight (1F1B keeps fewer in flight than GPipe), and the activation works in place on it, so
@@ -169,6 +170,8 @@ class Model:
         for index, (layer, activation) in enumerate(zip(self.dense, self.activations)):
             if TRACE.active:
                 started = TRACE.now()
+            if before_layer is not None:
+                before_layer(index)
             last = index == len(self.dense) - 1
             out = None if last and handed_on else self._buffer(("forward", slot, index), (len(x), layer.weight_shape[1]))
             x, layer_saved = layer.forward(x, out)

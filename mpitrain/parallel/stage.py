@@ -26,17 +26,19 @@ class Stage:
         # Gradients are final after the step's last backward: only it reports finished layers.
         self.last_backward = max(i for i, (action, _) in enumerate(actions) if action == "B")
 
-    def forward_backward(self, x, y, scale: float, on_layer_done=None):
+    def forward_backward(self, x, y, scale: float, on_layer_done=None, before_layer=None):
         """Run one step's schedule; gradients of the local shards end up in model.grads.
+        on_layer_done(i): local dense layer i's gradient is final (its last backward);
+        before_layer(i): the step's first forward is about to run local dense layer i.
         Returns the summed loss of this rank's samples on the last stage (a 0-d array of the
         backend, left on the device: nothing here waits for the GPU), else 0.0.
 
         NumPy's warnings about NaN and overflow are silenced here: a non-finite loss or gradient
         is the --on-nan policy's to report, once, with the step it happened in."""
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            return self._forward_backward(x, y, scale, on_layer_done)
+            return self._forward_backward(x, y, scale, on_layer_done, before_layer)
 
-    def _forward_backward(self, x, y, scale: float, on_layer_done) -> float:
+    def _forward_backward(self, x, y, scale: float, on_layer_done, before_layer) -> float:
         model, link = self.model, self.link
         bounds = micro_batch_bounds(len(x), self.micro_batches)
         output_grads, loss_sum, accumulate = {}, 0.0, False
@@ -47,7 +49,7 @@ class Stage:
                     inputs = x[start:stop]
                 else:
                     inputs = link.recv_activation((stop - start, model.input_width), self.dtype, micro)
-                out = model.forward(inputs, micro)
+                out = model.forward(inputs, micro, before_layer if index == 0 else None)
                 if self.last_stage:
                     # summed in float64 on the device, as the host used to sum its floats
                     loss_sum = loss_sum + self.loss.forward(out, y[start:stop], micro).astype(np.float64)

@@ -76,7 +76,8 @@ class GridStrategy:
     def forward_backward(self, x, y) -> float:
         """One step's forward and backward, gradients summed over the data-parallel group; returns
         this rank's loss sum (0 except on one rank per tensor group of the last stage)."""
-        loss_sum = self.stage.forward_backward(x, y, self.scale, self.grad_sync.layer_done)
+        before_layer = self.grad_sync.parameters_ready if self.zero else None
+        loss_sum = self.stage.forward_backward(x, y, self.scale, self.grad_sync.layer_done, before_layer)
         self.grad_sync.wait()
         return loss_sum if self.reports_loss else 0.0
 
@@ -93,11 +94,12 @@ class GridStrategy:
 
     def update(self, lr: float, keep: bool = True) -> None:
         """Apply the summed gradient (keep=False: the agreed NaN policy drops this step); under
-        --zero each rank updates its shard and the parameters are all-gathered. Collective."""
+        --zero each rank updates its shard and the parameters' all-gather starts, to be finished
+        by the next forward layer by layer (or by whatever reads the parameters first). Collective."""
         if keep:
             self.optimizer.step(lr)
             if self.zero:
-                self.grad_sync.gather(self.model.params)
+                self.grad_sync.start_gather(self.model.params)
 
     def share_parameters(self) -> None:
         """After a checkpoint or --init-from was read (each rank reads only its pieces): under --zero,
@@ -107,6 +109,7 @@ class GridStrategy:
 
     def evaluate(self, x, y) -> np.ndarray:
         """(loss sum, correct, rows) over every data-parallel group's validation rows. Collective."""
+        self.grad_sync.finish_gather()
         totals = self.stage.evaluate(x, y, self.reports_loss)
         self.comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
         return totals
@@ -115,7 +118,9 @@ class GridStrategy:
 
     def pieces(self) -> list[tuple[str, tuple, dict]]:
         """(parameter name, index into the unsliced parameter, {'param': view, optimizer buffer
-        name: view}) for every shard this rank holds: what a checkpoint saves and restores."""
+        name: view}) for every shard this rank holds: what a checkpoint saves and restores.
+        Collective under --zero (a parameter all-gather still in flight is finished first)."""
+        self.grad_sync.finish_gather()
         if self.zero:
             start, stop = self.shard
             return range_pieces(self.model.shards(), self.widths, start, stop, self.model.params,
@@ -133,7 +138,9 @@ class GridStrategy:
         return self.optimizer.t
 
     def counters(self) -> np.ndarray:
-        """Cumulative bytes this rank sent: tensor-parallel exchanges, pipeline links, gradient sum."""
+        """Cumulative bytes this rank sent: tensor-parallel exchanges, pipeline links, gradient sum
+        (with the --zero parameter all-gather, finished first so that it counts in its own step)."""
+        self.grad_sync.finish_gather()
         return np.array([self.model.group.bytes_sent, self.link.bytes_sent, self.grad_sync.bytes_sent], dtype=np.float64)
 
     def layout_metrics(self) -> dict:
@@ -153,5 +160,6 @@ class GridStrategy:
         return self.link.wait_s
 
     def close(self) -> None:
+        self.grad_sync.finish_gather()
         self.grid.free()
 
