@@ -81,8 +81,14 @@ def test_zero_stages_divide_optimizer_state_then_gradients_by_dp():
     assert memory[0]["optimizer_bytes_per_rank"] == 2 * params * 4  # Adam: m and v, float32
     assert memory[1]["optimizer_bytes_per_rank"] == memory[0]["optimizer_bytes_per_rank"] // 4
     assert memory[1]["grad_bytes_per_rank"] == memory[0]["grad_bytes_per_rank"] == params * 4
-    assert memory[2]["grad_bytes_per_rank"] == params * 4 // 4
     assert memory[2]["param_bytes_per_rank"] == memory[0]["param_bytes_per_rank"]
+    # Stage 2 keeps 1/dp of the gradients and two staging buckets, where that is smaller than the
+    # whole (comm/buckets.py): not with one 1 MiB bucket for the whole model...
+    assert memory[2]["grad_bytes_per_rank"] == params * 4
+    # ...but with buckets of 32 values every layer is cut into pieces of whole rows of at most 32
+    # values (layer 1: one row of 32; layer 2: four rows of 8), so the slots hold 2 x 32 values.
+    small = usage(Spec("grid", 4, zero=2), plan_config(bucket_mb=32 * 4 / (1 << 20)), WIDTHS, 4)[1]
+    assert small["grad_bytes_per_rank"] == (2 * 32 + params // 4) * 4
 
 
 # ---------------------------------------------------------------------------- time, closed forms

@@ -61,9 +61,11 @@ def test_every_allreduce_algorithm_shards_alike(comm, small_classification, algo
             assert_close(result.parameters if result else None, expected.parameters)
 
 
-def test_the_next_forward_reads_each_layer_once_its_parameters_are_gathered(comm):
-    """--zero 1 starts the parameter all-gather at the update; the next forward waits for each
-    layer's bucket just before that layer, in forward order. The last rank starts its forwards late,
+@pytest.mark.parametrize("zero", [1, 2])
+def test_the_next_forward_reads_each_layer_once_its_parameters_are_gathered(comm, zero):
+    """--zero starts the parameter all-gather at the update; the next forward waits for each layer's
+    buckets just before that layer, in forward order (under --zero 2 with --bucket-mb 1e-4 every
+    layer is cut into pieces of rows, so a layer spans several). The last rank starts its forwards late,
     so the others' gathers cannot finish on their own before they need them: a layer read before its
     wait finished would hold its previous values, not the ones every rank ends the forward with."""
     with groups_of(comm, min(comm.size, 4)) as group:
@@ -71,7 +73,7 @@ def test_the_next_forward_reads_each_layer_once_its_parameters_are_gathered(comm
             return
         if group.size < 2:
             pytest.skip("needs 2 ranks: one rank all-gathers nothing")
-        settings = config(**SETTINGS, zero=1)
+        settings = config(**SETTINGS, zero=zero)
         strategy = GridStrategy(settings, group, parse_widths(settings.model), select_backend("cpu", group))
         slices = strategy.model.layer_grad_slices()
         ready, seen = strategy.grad_sync.parameters_ready, []
@@ -118,6 +120,22 @@ def test_optimizer_state_per_rank_is_one_dp_th_and_traffic_is_unchanged(comm, sm
         else:
             assert mine["grad_bytes_per_rank"] < whole["grad_bytes_per_rank"]
         assert mine["dp_bytes_per_step"] == pytest.approx(whole["dp_bytes_per_step"], rel=0.02)
+
+
+def test_zero_2_cuts_a_layer_that_holds_most_of_the_model_into_pieces_of_rows(comm, small_classification):
+    """12-64-3: the first layer holds 81 % of the 1027 parameters, so one staging slot of its size
+    and the shard would be no smaller than the whole gradient; cut into pieces of whole rows (one
+    row of 64 values per bucket at --bucket-mb 1e-4), each written by backward and reduce-scattered
+    in turn, --zero 2 keeps two 64-value slots and the shard, and ends on the one-process run's
+    parameters after 20 Adam steps, with and without overlap."""
+    model = "12-64-3"
+    expected = serial_run(data=small_classification, model=model, steps=20)
+    for overlap in (True, False):
+        result = run(comm, LAYOUTS["dp2"], data=small_classification, steps=20, zero=2, model=model,
+                     overlap=overlap)
+        assert_close(result.parameters if result else None, expected.parameters)
+        if result is not None:
+            assert result.history[-1]["grad_bytes_per_rank"] == (2 * 64 + (12 * 64 + 64 + 64 * 3 + 3 + 1) // 2) * 8
 
 
 def test_range_pieces_of_unequal_ranges_rebuild_each_parameter():

@@ -70,6 +70,30 @@ def plan_buckets(layer_slices: list[tuple[int, int]], itemsize: int, bucket_mb: 
     return buckets
 
 
+def split_layers(buckets: list[tuple[int, int, int]], layer_slices: list[tuple[int, int]], row_sizes: list[int],
+                 limit: int) -> list[tuple[int, int, int]]:
+    """--zero 2: `buckets` (plan_buckets) with every one-layer bucket longer than `limit` elements cut
+    into pieces of whole weight rows (row_sizes[i]: elements per row of layer i's weight, whose bias
+    follows it as one more row), each piece a bucket of its own, last rows first (launch order).
+    Backward writes the weight gradient piece by piece (nn/layers.py, Linear.write_grads), so a
+    layer that holds most of the model no longer needs a staging slot of its whole size."""
+    out = []
+    for start, stop, layer in buckets:
+        if (start, stop) != tuple(layer_slices[layer]) or stop - start <= limit:
+            out.append((start, stop, layer))
+            continue
+        step = max(1, limit // row_sizes[layer]) * row_sizes[layer]
+        cuts = list(range(start, stop, step)) + [stop]
+        out += [(a, b, layer) for a, b in reversed(list(zip(cuts[:-1], cuts[1:])))]
+    return out
+
+
+def staged_elements(bucket_sizes: list[int], shards: list[tuple[int, int]]) -> int:
+    """--zero 2's gradient elements on the busiest rank when staged: two slots (the largest even and
+    the largest odd bucket, in launch order) and the largest shard."""
+    return max(bucket_sizes[0::2]) + max(bucket_sizes[1::2], default=0) + max(b - a for a, b in shards)
+
+
 class GradientSync:
     """grads <- sum over the ranks of comm, bucket by bucket, overlapped with backward. Collective.
 
@@ -84,19 +108,29 @@ class GradientSync:
     reduce-scattered and `shard_grads` holds this rank's summed block (else all of grads).
     compressed: a CompressedSum for --grad-dtype. shard_only (--zero 2): keep the shard and two
     staging slots instead of grads, where smaller; then `staged` is True and backward must write
-    into `layer_grads()` (Model.bind_grads).
+    into `layer_grads()` (Model.bind_grads). row_sizes (--zero 2): elements per weight row of each
+    layer, to cut layers larger than a bucket into pieces of rows (split_layers).
     """
 
     def __init__(self, grads, layer_slices, comm: MPI.Intracomm, algorithm: str = "auto",
                  bucket_mb: float = 1.0, overlap: bool = True, shards: list[tuple[int, int]] | None = None,
-                 compressed: CompressedSum | None = None, shard_only: bool = False):
+                 compressed: CompressedSum | None = None, shard_only: bool = False,
+                 row_sizes: list[int] | None = None):
         if algorithm not in ALGORITHMS:
             raise MpitrainError(f"--allreduce {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
         if not bucket_mb > 0:
             raise MpitrainError(f"--bucket-mb {bucket_mb}: must be a positive number of MiB")
         self.comm, self.algorithm, self.overlap = comm, algorithm, overlap
-        self.layer_slices = list(layer_slices)
+        self.layer_slices, self.row_sizes = list(layer_slices), row_sizes
         self.buckets = plan_buckets(self.layer_slices, grads.itemsize, bucket_mb)
+        if shard_only and shards is not None and row_sizes is not None:
+            pieces = split_layers(self.buckets, self.layer_slices, row_sizes, int(bucket_mb * MiB) // grads.itemsize)
+            if staged_elements([b - a for a, b, _ in pieces], shards) < grads.size:
+                self.buckets = pieces
+        # Buckets that are a part of one layer: launched by that layer's backward, piece by piece.
+        self._pieces = {index for index, (start, stop, layer) in enumerate(self.buckets)
+                        if (start, stop) != tuple(self.layer_slices[layer]) and
+                        self.layer_slices[layer][0] <= start and stop <= self.layer_slices[layer][1]}
         self.views = [grads[start:stop] for start, stop, _ in self.buckets]
         # Sharded (--zero 1, 2): rank q owns shards[q] of the flat buffer; each bucket is reduce-scattered
         # onto the owners of its parts, so the owner alone holds the sum of a gradient entry.
@@ -113,7 +147,8 @@ class GradientSync:
             hier_bytes = [view.nbytes for view in self.views if resolve(algorithm, view.nbytes, comm) == "hier"]
             if hier_bytes:
                 reserve(comm, grads.dtype, max(hier_bytes))
-        self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)}
+        self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)
+                                 if index not in self._pieces}
         # Under staging, the bucket whose slot the next layer down writes into.
         self._bucket_above = {first - 1: index + 1 for index, (_, _, first) in enumerate(self.buckets)}
         # Launched collectives, run one at a time in launch order: (schedule, bytes, bucket, kind),
@@ -122,9 +157,10 @@ class GradientSync:
         self._schedule, self._schedule_bytes, self._bucket, self._kind = None, 0, 0, "sum"
         self._pending = None
         self._gathered: set[int] = set()  # parameter buckets all-gathered since the last update
-        # The bucket holding each dense layer (forward order), for forward to wait on its parameters.
+        # The bucket holding the end of each dense layer (forward order): gathered in forward order,
+        # its completion means the whole layer's parameters are (a layer may span several pieces).
         self._bucket_holding = [next(index for index, (start, stop, _) in enumerate(self.buckets)
-                                     if start <= layer_start < stop) for layer_start, _ in self.layer_slices]
+                                     if start < layer_stop <= stop) for _, layer_stop in self.layer_slices]
         self._started, self._schedule_sent = 0.0, 0
         self._finished = 0  # buckets summed this step, in launch order
         # What the chosen algorithms really sent (see comm/traffic.py), cumulative.
@@ -141,8 +177,7 @@ class GradientSync:
         slot_sizes = [max(sizes[0::2]), max(sizes[1::2], default=0)]
         # Decided on the largest shard, so that every rank of comm decides alike: a rank that stages
         # waits for buckets in the middle of backward, and its peers must reach the same waits.
-        largest_shard = max(b - a for a, b in self.shards)
-        if sum(slot_sizes) + largest_shard >= grads.size:
+        if staged_elements(sizes, self.shards) >= grads.size:
             return False
         xp = np if isinstance(grads, np.ndarray) else __import__("cupy")
         self.slots = [xp.zeros(size, dtype=grads.dtype) for size in slot_sizes]
@@ -152,13 +187,32 @@ class GradientSync:
         return True
 
     def layer_grads(self) -> list:
-        """Each dense layer's gradient view, in forward order: where backward must write it."""
+        """Where backward must write each dense layer's gradient, in forward order: a 1-D view, or for
+        a layer cut into pieces, [(first row, stop row, 1-D view, bucket)] in launch order (rows of
+        the weight; the bias is row `rows`, so the last piece's stop row is rows + 1)."""
         out = []
-        for index, (start, stop, _) in enumerate(self.buckets):
-            for layer_start, layer_stop in self.layer_slices:
-                if start <= layer_start < stop:
-                    out.append((layer_start, self.views[index][layer_start - start:layer_stop - start]))
-        return [view for _, view in sorted(out, key=lambda pair: pair[0])]
+        for layer, (layer_start, layer_stop) in enumerate(self.layer_slices):
+            pieces = [(start, stop, index) for index, (start, stop, owner) in enumerate(self.buckets)
+                      if owner == layer and index in self._pieces]
+            if pieces:
+                row = self.row_sizes[layer]
+                out.append([((start - layer_start) // row, (stop - layer_start) // row, self.views[index], index)
+                            for start, stop, index in pieces])
+                continue
+            index, start = next((index, start) for index, (start, stop, _) in enumerate(self.buckets)
+                                if start <= layer_start < stop)
+            out.append(self.views[index][layer_start - start:layer_stop - start])
+        return out
+
+    def piece_started(self, bucket: int) -> None:
+        """Backward is about to write piece `bucket` of a layer: its staging slot must be free."""
+        self._free_slot_for(bucket)
+
+    def piece_done(self, bucket: int) -> None:
+        """Backward wrote piece `bucket`: launch its reduce-scatter and progress (as layer_done)."""
+        if self.overlap:
+            self._waiting.append((self._sum_schedule(bucket), self.views[bucket].nbytes, bucket, "sum"))
+            self._advance(block=False)
 
     def nbytes(self) -> int:
         """Gradient bytes this rank keeps: the whole buffer, or the slots and the shard."""

@@ -41,6 +41,7 @@ class Linear:
         self.weight_shape = (len(range(n_in)[weight_rows]), len(range(n_out)[weight_cols]))
         self.bias_size = len(range(n_out)[bias_cols])
         self.weight = self.bias = self.grad_weight = self.grad_bias = self.scratch = None
+        self.grad_pieces, self.piece_hooks = None, None
 
     @property
     def n_params(self) -> int:
@@ -56,11 +57,35 @@ class Linear:
         self.grad_weight = grads[:n_w].reshape(self.weight_shape)
         self.grad_bias = grads[n_w:]
         self.scratch = None if scratch is None else scratch[:n_w].reshape(self.weight_shape)
+        self.grad_pieces = self.piece_hooks = None
+
+    def bind_pieces(self, params, pieces, before, after):
+        """Carve A and b out of `params`, and write the gradient piece by piece (--zero 2,
+        comm/buckets.py split_layers): pieces are (first row, stop row, 1-D view, key) in the order
+        to write them, the bias being row `in` (one more row of the flat layout); before(key) runs
+        before a piece is written, after(key) once it is."""
+        n_w = self.weight_shape[0] * self.weight_shape[1]
+        self.weight, self.bias = params[:n_w].reshape(self.weight_shape), params[n_w:]
+        self.grad_weight = self.grad_bias = self.scratch = None
+        self.grad_pieces, self.piece_hooks = pieces, (before, after)
 
     def write_grads(self, x, dy, accumulate: bool):
         """dA (+)= X^T dY, db (+)= sum_B dY; accumulating (micro-batches of one step) goes through
-        the scratch buffer, so no weight-sized array is allocated per call."""
-        if accumulate:
+        the scratch buffer, so no weight-sized array is allocated per call. Bound in pieces
+        (bind_pieces), rows [r0, r1) of dA are X[:, r0:r1]^T dY, one product per piece."""
+        if self.grad_pieces is not None:
+            rows, cols = self.weight_shape
+            before, after = self.piece_hooks
+            for first, stop, view, key in self.grad_pieces:
+                before(key)
+                weight_rows = min(stop, rows) - first
+                if weight_rows > 0:
+                    self.xp.matmul(x[:, first:first + weight_rows].T, dy,
+                                   out=view[:weight_rows * cols].reshape(weight_rows, cols))
+                if stop > rows:
+                    self.xp.sum(dy, axis=0, out=view[weight_rows * cols:])
+                after(key)
+        elif accumulate:
             self.xp.matmul(x.T, dy, out=self.scratch)
             self.grad_weight += self.scratch
             self.grad_bias += dy.sum(axis=0)

@@ -144,12 +144,16 @@ class Model:
         """(start, stop) of each dense layer's weight+bias in `grads` (and `params`), in forward order."""
         return list(self._slices)
 
-    def bind_grads(self, views) -> None:
-        """Point dense layer i's gradients at views[i] (1-D, its n_params entries) and drop the flat
-        gradient buffer: --zero 2, whose two staging slots hold a bucket each (comm/buckets.py).
-        Gradients no longer accumulate over micro-batches (config refuses --zero 2 with them)."""
+    def bind_grads(self, views, before_piece=None, after_piece=None) -> None:
+        """Point dense layer i's gradients at views[i] (1-D, its n_params entries, or a list of pieces
+        of rows: Linear.bind_pieces, with the hooks) and drop the flat gradient buffer: --zero 2,
+        whose two staging slots hold a bucket each (comm/buckets.py). Gradients no longer
+        accumulate over micro-batches (config refuses --zero 2 with them)."""
         for layer, (start, stop), view in zip(self.dense, self._slices, views):
-            layer.bind(self.params[start:stop], view, None)
+            if isinstance(view, list):
+                layer.bind_pieces(self.params[start:stop], view, before_piece, after_piece)
+            else:
+                layer.bind(self.params[start:stop], view, None)
         self.grads = None
 
     # ------------------------------------------------------------------------ forward and backward

@@ -56,9 +56,11 @@ class GridStrategy:
         if config.grad_dtype is not None and wire_dtype(config.grad_dtype).itemsize < params.itemsize:
             self.compressed = CompressedSum(wire_dtype(config.grad_dtype), config.error_feedback)
         self.grad_sync = GradientSync(grads, self.model.layer_grad_slices(), grid.dp_comm, config.allreduce,
-                                      config.bucket_mb, config.overlap, shards, self.compressed, config.zero == 2)
+                                      config.bucket_mb, config.overlap, shards, self.compressed, config.zero == 2,
+                                      [layer.weight_shape[1] for layer in self.model.dense])
         if self.grad_sync.staged:  # --zero 2: backward writes into the sync's slots; the whole buffer goes
-            self.model.bind_grads(self.grad_sync.layer_grads())
+            self.model.bind_grads(self.grad_sync.layer_grads(), self.grad_sync.piece_started,
+                                  self.grad_sync.piece_done)
         self.optimizer = make_optimizer(config, params[start:stop], self.grad_sync.shard_grads)
         self.scale = 1.0 / config.batch_size
         # The communicator the rows are split over, and which ranks speak for the whole model.

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from mpitrain.comm.buckets import plan_buckets
+from mpitrain.comm.buckets import MiB, plan_buckets, split_layers, staged_elements
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.nn.model import layer_roles
@@ -202,6 +202,16 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             layers = local_layers(widths, spec.tp, tp_rank, span)
             slices = np.cumsum([0] + [layer["in"] * layer["out"] + layer["bias"] for layer in layers]).tolist()
             buckets = plan_buckets(list(zip(slices[:-1], slices[1:])), itemsize, config.bucket_mb)
+            params = n_params(layers)
+            staged = None  # --zero 2's slots (comm/buckets.py): the buckets it sums, its gradient elements
+            if spec.zero >= 2 and spec.dp > 1:
+                shards = chunk_bounds(params, spec.dp)
+                pieces = split_layers(buckets, list(zip(slices[:-1], slices[1:])), [layer["out"] for layer in layers],
+                                      int(config.bucket_mb * MiB) // itemsize)
+                sizes = [stop - start for start, stop, _ in pieces]
+                if staged_elements(sizes, shards) < params:
+                    buckets = pieces
+                    staged = max(sizes[0::2]) + max(sizes[1::2], default=0)
             members = (stage * spec.dp + dp_ranks) * spec.tp + tp_rank
             group = group_of(members.tolist(), ranks_per_node)
             nodes = members // ranks_per_node
@@ -210,7 +220,6 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             starts = np.flatnonzero(first)
             local_rank = dp_ranks - starts[node_index]
             placement = (node_index, local_rank, np.diff(np.r_[starts, spec.dp]).tolist())
-            params = n_params(layers)
             # A field that depends on the rows is computed once per distinct local batch size.
             per_batch = {}
             for rows in set(batches.tolist()):
@@ -229,7 +238,7 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             shard = base + (dp_ranks < extra)  # ZeRO: this rank's equal block of the stage's parameters
             fields = {
                 "param": np.full(spec.dp, params * itemsize),
-                "grad": (shard if spec.zero >= 2 else np.full(spec.dp, params)) * itemsize,
+                "grad": (staged + shard if staged is not None else np.full(spec.dp, params)) * itemsize,
                 "optimizer": len(buffer_names(config)) * (shard if spec.zero >= 1 else np.full(spec.dp, params)) * itemsize,
                 "activation": np.array([per_batch[rows][1] for rows in batches.tolist()]),
                 "tp": np.array([per_batch[rows][0] for rows in batches.tolist()]),
