@@ -19,7 +19,9 @@
 # FI_PROVIDER=tcp so libfabric uses the veth (the only other interface in a host is loopback).
 #
 # Knobs: MPITRAIN_HOSTS ("hostA hostB"), MPITRAIN_HOSTS_SUBNET (10.199.0; the hosts get .1 and .2),
-# MPITRAIN_HOSTS_TTL (7200: seconds after which a host that was never taken down ends by itself).
+# MPITRAIN_HOSTS_TTL (7200: seconds after which a host that was never taken down ends by itself),
+# MPITRAIN_HOSTS_CPUS (unset: both hosts share every core; "0 1": each host's processes run on its
+# own cores, a taskset list per host, so a host has the cores a real node of its own would have).
 # Idempotent: on a DIR whose hosts are up it only applies the rate. Needs root.
 set -euo pipefail
 
@@ -28,6 +30,8 @@ rate=${2:-}
 read -r -a hosts <<<"${MPITRAIN_HOSTS:-hostA hostB}"
 subnet=${MPITRAIN_HOSTS_SUBNET:-10.199.0}
 ttl=${MPITRAIN_HOSTS_TTL:-7200}
+read -r -a cpus <<<"${MPITRAIN_HOSTS_CPUS:-}"
+[ "${#cpus[@]}" -eq 0 ] || [ "${#cpus[@]}" -eq 2 ] || { echo "hosts-up: MPITRAIN_HOSTS_CPUS must give two CPU lists" >&2; exit 2; }
 iface=mpt0
 repo=$(cd "$(dirname "$0")/.." && pwd)
 [ "${#hosts[@]}" -eq 2 ] || { echo "hosts-up: MPITRAIN_HOSTS must name two hosts" >&2; exit 2; }
@@ -52,7 +56,7 @@ shape() {  # shape HOST: tbf at RATE on the host's end of the link, or no qdisc 
 
 if alive "${hosts[0]}" && alive "${hosts[1]}"; then
     shape "${hosts[0]}"; shape "${hosts[1]}"
-    echo "hosts-up: ${hosts[*]} already up in $dir; link ${rate:-unshaped}"
+    echo "hosts-up: ${hosts[*]} already up in $dir; link ${rate:-unshaped} (CPUs as when they were made)"
     exit 0
 fi
 "$repo/.ci/hosts-down.sh" "$dir" >/dev/null 2>&1 || true
@@ -68,6 +72,11 @@ trap cleanup_on_failure EXIT
     echo "$subnet.2 ${hosts[1]}"
 } >"$dir/hosts"
 echo "${hosts[*]}" >"$dir/names"
+rm -f "$dir"/*.cpus
+if [ "${#cpus[@]}" -eq 2 ]; then
+    echo "${cpus[0]}" >"$dir/${hosts[0]}.cpus"
+    echo "${cpus[1]}" >"$dir/${hosts[1]}.cpus"
+fi
 
 for i in 0 1; do
     host=${hosts[$i]}
@@ -106,7 +115,9 @@ cat >"$dir/on" <<EOF
 [ "\$1" = -x ] && shift
 host=\$1; shift
 pid=\$(cat "$dir/\$host.pid" 2>/dev/null) || { echo "on: no host \$host in $dir" >&2; exit 255; }
-exec nsenter --target "\$pid" --uts --net --mount -- sh -c "cd '\$PWD' 2>/dev/null; \$*"
+pin=""
+[ -f "$dir/\$host.cpus" ] && pin="taskset -c \$(cat "$dir/\$host.cpus")"
+exec \$pin nsenter --target "\$pid" --uts --net --mount -- sh -c "cd '\$PWD' 2>/dev/null; \$*"
 EOF
 cat >"$dir/env" <<EOF
 export MPITRAIN_HOSTS_DIR=$dir
@@ -120,7 +131,9 @@ cat >"$dir/mpiexec" <<EOF
 . "$dir/env"
 mpiexec=\$(command -v mpiexec)
 pid=\$(cat "$dir/${hosts[0]}.pid") || exit 255
-exec nsenter --target "\$pid" --uts --net --mount --wd="\$PWD" -- "\$mpiexec" -launcher ssh -launcher-exec "$dir/on" "\$@"
+pin=""  # the proxy of ${hosts[0]} may be started by mpiexec itself, not through $dir/on
+[ -f "$dir/${hosts[0]}.cpus" ] && pin="taskset -c \$(cat "$dir/${hosts[0]}.cpus")"
+exec \$pin nsenter --target "\$pid" --uts --net --mount --wd="\$PWD" -- "\$mpiexec" -launcher ssh -launcher-exec "$dir/on" "\$@"
 EOF
 chmod +x "$dir/on" "$dir/mpiexec"
 
