@@ -72,7 +72,8 @@ class GridStrategy:
         text = f"layout: {self.layout.describe()}"
         if self.zero == 2 and not self.grad_sync.staged and self.grid.dp_comm.size > 1:
             text += ("; --zero 2 keeps the whole gradient buffer: two staging buckets and the shard would be no "
-                     "smaller (the largest layers hold most of it)")
+                     f"smaller (buckets of {self.config.bucket_mb:g} MiB against a {self.model.params.nbytes / 2**20:.1f} "
+                     "MiB model: a smaller --bucket-mb stages)")
         return text
 
     def forward_backward(self, x, y) -> float:
