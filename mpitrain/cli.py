@@ -240,6 +240,7 @@ def dispatch(args: argparse.Namespace) -> None:
         text = trace_summary.run(args.trace_file, args.top)  # on every rank, so a bad file fails on all alike
         if MPI.COMM_WORLD.rank == 0:
             print(text)
+        return
     if args.command == "doctor":
         run_doctor(args)
         return

@@ -2,7 +2,9 @@
 message bytes add up to the metrics' byte counts, sends pair with receives, spans nest; the step
 window holds; trace-summary reads it; off, it costs nothing measurable."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import timeit
@@ -11,6 +13,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from mpitrain import trace_summary
+from mpitrain.cli import run
 from mpitrain.config import TrainConfig, validate
 from mpitrain.errors import MpitrainError
 from mpitrain.trace import KINDS, TRACE, parse_steps
@@ -101,6 +104,11 @@ def test_trace_summary_shows_every_rank_and_the_critical_path(comm, small_classi
     for rank in range(comm.size):
         assert any(line.split()[0] == str(rank) for line in lines[1:comm.size + 1]), text
     assert "critical path: rank" in text and len(lines) == 1 + comm.size + 1 + 3, text
+    # The command prints the same table and returns, without starting a training run.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run(["trace-summary", os.path.join(shared_dir, "dp.json"), "--top", "3"])
+    assert out.getvalue().strip() == (text if comm.rank == 0 else "")
 
 
 def test_trace_off_costs_nothing_measurable(comm, small_classification, shared_dir):
