@@ -229,57 +229,54 @@ def run(argv: list[str] | None) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> None:
-    if args.command == "tune":
-        run_tune(args)
-        return
-    if args.command == "trace-summary":
-        from mpi4py import MPI
+    """Run the subcommand: one handler per command, so none can fall through to another."""
+    HANDLERS[args.command](args)
 
-        from mpitrain import trace_summary
 
-        text = trace_summary.run(args.trace_file, args.top)  # on every rank, so a bad file fails on all alike
-        if MPI.COMM_WORLD.rank == 0:
-            print(text)
-        return
-    if args.command == "doctor":
-        run_doctor(args)
-        return
-    if args.command == "plan":
-        from mpitrain.plan import command as plan_command
+def run_trace_summary(args) -> None:
+    from mpi4py import MPI
 
-        plan_command.run(args)
-        return
-    if args.command in ("eval", "predict"):
-        run_model_file(args)
-        return
-    if args.command in ("data", "plot"):
-        from mpi4py import MPI
+    from mpitrain import trace_summary
 
-        from mpitrain import plot
-        from mpitrain.data import tools
+    text = trace_summary.run(args.trace_file, args.top)  # on every rank, so a bad file fails on all alike
+    if MPI.COMM_WORLD.rank == 0:
+        print(text)
 
-        # The data tools and plot are one-process jobs: rank 0 works, the others wait for its verdict.
-        error = None
-        if MPI.COMM_WORLD.rank == 0:
-            try:
-                if args.command == "plot":
-                    plot.run(args.metrics_files, args.out)
-                    print(f"wrote {args.out}")
-                else:
-                    run_synth(args) if args.data_command == "synth" else tools.run(args)
-            except MpitrainError as exc:
-                error = exc
-        from mpitrain.comm import agree, world
 
-        agree(world(), error)
-        return
+def run_plan(args) -> None:
+    from mpitrain.plan import command as plan_command
+
+    plan_command.run(args)
+
+
+def run_on_rank_0(args) -> None:
+    """The data tools and plot are one-process jobs: rank 0 works, the others wait for its verdict."""
+    from mpi4py import MPI
+
+    from mpitrain import plot
+    from mpitrain.comm import agree, world
+    from mpitrain.data import tools
+
+    error = None
+    if MPI.COMM_WORLD.rank == 0:
+        try:
+            if args.command == "plot":
+                plot.run(args.metrics_files, args.out)
+                print(f"wrote {args.out}")
+            else:
+                run_synth(args) if args.data_command == "synth" else tools.run(args)
+        except MpitrainError as exc:
+            error = exc
+    agree(world(), error)
+
+
+def run_train(args) -> None:
     from mpi4py import MPI
 
     from mpitrain.comm import world
+    from mpitrain.settings import complete
     from mpitrain.slurm import check_not_singleton
     from mpitrain.train import train
-
-    from mpitrain.settings import complete
 
     check_not_singleton(MPI.COMM_WORLD.size)
     comm, preset = world(), PRESETS.get(args.preset)
@@ -289,6 +286,11 @@ def dispatch(args: argparse.Namespace) -> None:
     result = train(config, comm)
     if preset:
         preset.report(result, comm)
+
+
+HANDLERS = {"train": run_train, "tune": run_tune, "trace-summary": run_trace_summary, "doctor": run_doctor,
+            "plan": run_plan, "eval": run_model_file, "predict": run_model_file, "data": run_on_rank_0,
+            "plot": run_on_rank_0}
 
 
 def parse_agreed(argv: list[str] | None) -> argparse.Namespace:

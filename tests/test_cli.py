@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from harness import mpitrain_argv, run_on_root
-from mpitrain.cli import run
+from mpitrain.cli import HANDLERS, make_parser, run
 from mpitrain.data import synth
 from mpitrain.errors import MpitrainError
 
@@ -171,3 +171,10 @@ def test_nan_in_inputs(comm, shared_dir):
     x = x.copy()
     x[5, 2] = np.nan
     expect_error(["--data", make_file(comm, shared_dir, "nan.h5", x=x, y=y)], "nan.h5.*'x' holds NaN or Inf")
+
+
+def test_every_subcommand_has_exactly_one_handler():
+    """dispatch runs one handler per command (a command without one would fall through to training,
+    as trace-summary once did): the parser's commands and the handlers are the same set."""
+    commands = next(action for action in make_parser()._actions if action.dest == "command")
+    assert set(commands.choices) == set(HANDLERS)
