@@ -48,6 +48,17 @@ class _Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpitrain", description="Data-parallel training over MPI with NumPy or CuPy.",
                      epilog="Run under MPI: mpirun -n 4 mpitrain train ...  (see README.md)")
@@ -72,7 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("trace-summary", help="per-rank time by kind of work in a --trace file, and "
                                   "the slowest rank's top items")
     summary.add_argument("trace_file", metavar="FILE.json")
-    summary.add_argument("--top", type=int, default=10, metavar="N", help="items of the critical path (default 10)")
+    summary.add_argument("--top", type=_count, default=10, metavar="N",
+                         help="items of the critical path (default 10; 0 for none)")
 
     plot = commands.add_parser("plot", help="draw --metrics files: loss, validation, samples/s and learning rate "
                                "against the step, several runs overlaid (needs the plot extra)")

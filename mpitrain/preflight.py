@@ -28,11 +28,11 @@ def check_checkpoint_folder(folder: str, resume: str | None) -> None:
 
 
 def check_outputs(config, comm) -> None:
-    """Every path this run will write (--save, --metrics, --checkpoint-dir) is writable now, before
+    """Every path this run will write (--save, --metrics, --trace, --checkpoint-dir) is writable now, before
     step 1, and the checkpoint folder is this run's. Rank 0 writes them all, so it checks and every
     rank raises alike. Collective on comm."""
     def check():
-        for flag, path in (("--save", config.save), ("--metrics", config.metrics)):
+        for flag, path in (("--save", config.save), ("--metrics", config.metrics), ("--trace", config.trace)):
             if path:
                 try:
                     check_file(path)

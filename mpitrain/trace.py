@@ -32,8 +32,8 @@ from mpitrain.errors import MpitrainError
 from mpitrain.outputs import atomic_write
 
 # Track ids, in the order Perfetto shows them.
-KINDS = {"step": 1, "data": 2, "compute": 3, "gradient all-reduce": 4, "tensor-parallel": 5, "pipeline": 6,
-         "parameter server": 7, "optimizer": 8, "checkpoint": 9, "wait": 10}
+KINDS = {"step": 1, "data": 2, "compute": 3, "gradient all-reduce": 4, "parameter all-gather": 5,
+         "tensor-parallel": 6, "pipeline": 7, "parameter server": 8, "optimizer": 9, "checkpoint": 10, "wait": 11}
 MAX_EVENTS = int(os.environ.get("MPITRAIN_TRACE_MAX_EVENTS", "1000000"))
 PINGS = 8
 _TAG_PING = 151
@@ -145,10 +145,14 @@ class Tracer:
         agree(comm, error)
 
     def dump_local(self) -> None:
-        """This rank's events alone, to PATH.rank<r>.json: the best an abort allows."""
+        """This rank's events alone, to PATH.rank<r>.json: the best an abort allows. A part that cannot
+        be written is given up: the error that stopped the run is the one to report."""
         if self.active and self.path:
             self.active = self.recording = False
-            write(f"{self.path}.rank{self.rank}.json", [(self.rank, self.offset, self.events, self.dropped)])
+            try:
+                write(f"{self.path}.rank{self.rank}.json", [(self.rank, self.offset, self.events, self.dropped)])
+            except (MpitrainError, OSError):
+                pass
 
 
 TRACE = Tracer()

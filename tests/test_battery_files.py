@@ -52,7 +52,7 @@ def place(comm, shared_dir, kind: str, name: str):
     return os.path.join(mount, name), read_only_folder(comm, mount), "Read-only file system"
 
 
-BAD_PLACES = [(flag, kind) for flag in ("save", "metrics", "checkpoint_dir")
+BAD_PLACES = [(flag, kind) for flag in ("save", "metrics", "trace", "checkpoint_dir")
               for kind in ("missing folder", "under a regular file", "read-only mount")
               if (flag, kind) != ("checkpoint_dir", "missing folder")]  # a missing checkpoint folder is made
 
@@ -60,7 +60,7 @@ BAD_PLACES = [(flag, kind) for flag in ("save", "metrics", "checkpoint_dir")
 @pytest.mark.parametrize("flag,kind", [pytest.param(*case, marks=needs_root) if case[1] == "read-only mount" else case
                                        for case in BAD_PLACES])
 def test_every_output_is_checked_before_step_1(comm, dataset, shared_dir, monkeypatch, flag, kind):
-    """--save, --metrics and --checkpoint-dir in a missing folder, under a regular file or on a
+    """--save, --metrics, --trace and --checkpoint-dir in a missing folder, under a regular file or on a
     read-only mount: one error on every rank, and not one step trained."""
     path, holder, reason = place(comm, shared_dir, kind, "ck" if flag == "checkpoint_dir" else "out.h5")
     calls = steps_taken(monkeypatch)

@@ -178,3 +178,10 @@ def test_every_subcommand_has_exactly_one_handler():
     as trace-summary once did): the parser's commands and the handlers are the same set."""
     commands = next(action for action in make_parser()._actions if action.dest == "command")
     assert set(commands.choices) == set(HANDLERS)
+
+
+def test_trace_summary_top_and_plan_out_are_checked():
+    with pytest.raises(MpitrainError, match="--top: expected a whole number >= 0, got '-1'"):
+        run(["trace-summary", "run.json", "--top", "-1"])
+    with pytest.raises(MpitrainError, match="--out p.json: it names where --calibrate writes a profile"):
+        run(["plan", "--model", "8-4-2", "--ranks", "2", "--out", "p.json"])

@@ -226,3 +226,15 @@ def test_layout_auto_refuses_layout_flags_and_runs_the_plans_pick(comm, capsys):
                                                            ranked[0].spec.micro_batches)
     assert line.startswith(f"layout auto: {ranked[0].spec.describe()}")
     assert np.isfinite(ranked[0].step_s)
+
+
+def test_ranks_beyond_the_cores_stretch_the_step_and_the_dominant_term_is_another():
+    """4 ranks on a node of 2 cores: every term of the critical path at a core per rank is stretched
+    by 4 / 2, the difference is "shared cores", and the dominant term names one of the others."""
+    prof = free_profile(cores_per_node=2)
+    spec = Spec("grid", 4, algorithm="ring")
+    crowded = predict(spec, plan_config(), WIDTHS, 4, prof)
+    own_cores = predict(spec, plan_config(), WIDTHS, 4, free_profile(cores_per_node=4))
+    assert crowded.terms["shared cores"] == pytest.approx(sum(v for k, v in crowded.terms.items() if k != "shared cores"))
+    assert "shared cores" not in own_cores.terms
+    assert crowded.dominant != "shared cores" and crowded.terms[crowded.dominant] > 0

@@ -18,7 +18,8 @@ FIELDS = ("tp_bytes_per_step", "pp_bytes_per_step", "dp_bytes_per_step", "sent_b
           "param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "activation_bytes_per_rank")
 
 # world size: [(spec, config overrides)]: every grid axis, micro-batching under both schedules,
-# each hand-written all-reduce and MPI's, and the parameter server.
+# each hand-written all-reduce and MPI's, the parameter server, and ZeRO stages 1 and 2 (buckets
+# of 1e-4 MiB, so --zero 2 cuts every layer into pieces of rows).
 LAYOUTS = {
     1: [(Spec("grid", 1), {})],
     2: [(Spec("grid", 2, algorithm="ring"), {"allreduce": "ring"}),
@@ -26,12 +27,22 @@ LAYOUTS = {
         (Spec("grid", 1, tp=2), {"tp": 2}),
         (Spec("grid", 1, pp=2, micro_batches=3, schedule="gpipe"),
          {"pp": 2, "micro_batches": 3, "pipeline_schedule": "gpipe"}),
-        (Spec("ps", 1, servers=1), {"sync": "ps"})],
+        (Spec("ps", 1, servers=1), {"sync": "ps"}),
+        (Spec("grid", 2, zero=1, algorithm="ring"), {"zero": 1, "allreduce": "ring", "bucket_mb": 1e-4}),
+        (Spec("grid", 2, zero=2, algorithm="mpi"), {"zero": 2, "allreduce": "mpi", "bucket_mb": 1e-4})],
     4: [(Spec("grid", 1, tp=2, pp=2, micro_batches=2), {"tp": 2, "pp": 2, "micro_batches": 2}),
         (Spec("grid", 2, tp=2, algorithm="rd"), {"tp": 2, "allreduce": "rd", "activation": "tanh"}),
         (Spec("grid", 2, pp=2, micro_batches=2, algorithm="hier"), {"pp": 2, "micro_batches": 2, "allreduce": "hier"}),
         (Spec("grid", 4, algorithm="auto", zero=0), {"batch_size": 14}),
-        (Spec("ps", 2, servers=2), {"sync": "ps", "servers": 2})],
+        (Spec("ps", 2, servers=2), {"sync": "ps", "servers": 2}),
+        (Spec("grid", 4, zero=2, algorithm="auto"), {"zero": 2, "bucket_mb": 1e-4, "batch_size": 16}),
+        (Spec("grid", 2, tp=2, zero=2, algorithm="hier"), {"tp": 2, "zero": 2, "allreduce": "hier", "bucket_mb": 1e-4}),
+        (Spec("grid", 2, pp=2, micro_batches=2, zero=1, algorithm="rd"),
+         {"pp": 2, "micro_batches": 2, "zero": 1, "allreduce": "rd", "bucket_mb": 1e-4}),
+        # Cutting layers into pieces would need larger slots here than the buckets as planned:
+        # --zero 2 stages the planned buckets (64-5-1-33-8, buckets of 300 values).
+        (Spec("grid", 4, zero=2, algorithm="ring"),
+         {"model": "64-5-1-33-8", "zero": 2, "allreduce": "ring", "bucket_mb": 300 * 8 / (1 << 20)})],
 }
 
 

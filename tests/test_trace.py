@@ -27,6 +27,8 @@ LAYOUTS = {
     "pp": (lambda size: size % 2 == 0, {"pp": 2, "micro_batches": 2}),
     "tp-pp": (lambda size: size % 4 == 0, {"tp": 2, "pp": 2, "micro_batches": 2}),
     "ps": (lambda size: size >= 2, {"sync": "ps"}),
+    "zero1": (lambda size: size >= 2, {"zero": 1}),
+    "zero2": (lambda size: size >= 2, {"zero": 2, "bucket_mb": 1e-4}),
 }
 BYTES_OF_KIND = {"gradient all-reduce": "dp_bytes_per_step", "tensor-parallel": "tp_bytes_per_step",
                  "pipeline": "pp_bytes_per_step"}
@@ -75,6 +77,15 @@ def test_trace_is_complete_and_adds_up_to_the_metrics(comm, small_classification
         assert sends, "point-to-point messages need arrows"
     assert_spans_nest(spans)
     if layout == "ps":
+        return
+    if layout.startswith("zero"):
+        # The parameters' all-gather has a track of its own; it runs from the update into the next
+        # step's forward, so its bytes do not add up per step as the others' do.
+        gathered = [e for e in spans if e["cat"] == "parameter all-gather"]
+        sent = Counter()
+        for e in gathered:
+            sent[e["pid"]] += e["args"]["bytes"]
+        assert set(sent) == set(range(comm.size)) and min(sent.values()) > 0, sent
         return
     assert {e["args"]["step"] for e in spans if e["cat"] == "step"} == set(range(STEPS))
     for kind, metric in BYTES_OF_KIND.items():

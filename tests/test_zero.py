@@ -138,6 +138,17 @@ def test_zero_2_cuts_a_layer_that_holds_most_of_the_model_into_pieces_of_rows(co
             assert result.history[-1]["grad_bytes_per_rank"] == (2 * 64 + (12 * 64 + 64 + 64 * 3 + 3 + 1) // 2) * 8
 
 
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_a_tensor_slice_with_no_parameters_trains(comm, small_classification, zero):
+    """12-1-3 under --tp 2: one rank's slice of the 1-wide first layer holds no parameters (the
+    forward's wait for a layer's parameters has no bucket to wait for there), with and without
+    --zero: the one-process parameters after 6 steps."""
+    expected = serial_run(data=small_classification, model="12-1-3", steps=6)
+    layout = (2, {"tp": 2}) if zero == 0 else (4, {"tp": 2})
+    result = run(comm, layout, data=small_classification, steps=6, zero=zero, model="12-1-3")
+    assert_close(result.parameters if result else None, expected.parameters)
+
+
 def test_range_pieces_of_unequal_ranges_rebuild_each_parameter():
     """Flat ranges that start and stop inside rows, cut into rectangles and laid into unsliced
     arrays, give every parameter, each entry once; the state views are the same entries."""

@@ -88,10 +88,25 @@ def split_layers(buckets: list[tuple[int, int, int]], layer_slices: list[tuple[i
     return out
 
 
-def staged_elements(bucket_sizes: list[int], shards: list[tuple[int, int]]) -> int:
-    """--zero 2's gradient elements on the busiest rank when staged: two slots (the largest even and
-    the largest odd bucket, in launch order) and the largest shard."""
-    return max(bucket_sizes[0::2]) + max(bucket_sizes[1::2], default=0) + max(b - a for a, b in shards)
+def slot_elements(bucket_sizes: list[int]) -> int:
+    """--zero 2's two staging slots: the largest even and the largest odd bucket, in launch order."""
+    return max(bucket_sizes[0::2]) + max(bucket_sizes[1::2], default=0)
+
+
+def zero2_buckets(buckets: list[tuple[int, int, int]], layer_slices: list[tuple[int, int]],
+                  row_sizes: list[int] | None, limit: int, shards: list[tuple[int, int]], size: int):
+    """--zero 2: (the buckets to sum, whether to stage them). Of the buckets as planned and the same
+    with layers longer than `limit` cut into pieces of rows (split_layers), the one whose two slots
+    are smaller, staged when its slots and the largest shard (decided on the largest, so that every
+    rank decides alike) hold fewer elements than the whole gradient of `size`; else the planned
+    buckets, unstaged. On a tie the planned buckets: fewer, larger products and messages."""
+    candidates = [buckets]
+    if row_sizes is not None:
+        candidates.append(split_layers(buckets, layer_slices, row_sizes, limit))
+    best = min(candidates, key=lambda c: slot_elements([stop - start for start, stop, _ in c]))
+    if slot_elements([stop - start for start, stop, _ in best]) + max(b - a for a, b in shards) < size:
+        return best, True
+    return buckets, False
 
 
 class GradientSync:
@@ -123,10 +138,10 @@ class GradientSync:
         self.comm, self.algorithm, self.overlap = comm, algorithm, overlap
         self.layer_slices, self.row_sizes = list(layer_slices), row_sizes
         self.buckets = plan_buckets(self.layer_slices, grads.itemsize, bucket_mb)
-        if shard_only and shards is not None and row_sizes is not None:
-            pieces = split_layers(self.buckets, self.layer_slices, row_sizes, int(bucket_mb * MiB) // grads.itemsize)
-            if staged_elements([b - a for a, b, _ in pieces], shards) < grads.size:
-                self.buckets = pieces
+        stage = False
+        if shard_only and shards is not None:
+            self.buckets, stage = zero2_buckets(self.buckets, self.layer_slices, row_sizes,
+                                                int(bucket_mb * MiB) // grads.itemsize, shards, grads.size)
         # Buckets that are a part of one layer: launched by that layer's backward, piece by piece.
         self._pieces = {index for index, (start, stop, layer) in enumerate(self.buckets)
                         if (start, stop) != tuple(self.layer_slices[layer]) and
@@ -140,7 +155,7 @@ class GradientSync:
             for start, stop, _ in self.buckets]
         mine = shards[comm.rank] if shards is not None else (0, grads.size)
         self.shard_grads = grads[mine[0]:mine[1]]
-        self.staged = shard_only and shards is not None and self._stage(grads, mine)
+        self.staged = stage and self._stage(grads, mine)
         if comm.size > 1 and compressed is None:
             # Collective set-up now, at the same point on every rank (see allreduce_schedule): auto's
             # thresholds, and the hierarchical sum's shared slots sized for its largest bucket.
@@ -159,8 +174,10 @@ class GradientSync:
         self._gathered: set[int] = set()  # parameter buckets all-gathered since the last update
         # The bucket holding the end of each dense layer (forward order): gathered in forward order,
         # its completion means the whole layer's parameters are (a layer may span several pieces).
-        self._bucket_holding = [next(index for index, (start, stop, _) in enumerate(self.buckets)
-                                     if start < layer_stop <= stop) for _, layer_stop in self.layer_slices]
+        # None for a layer with no parameters here (a tensor slice narrower than the group).
+        self._bucket_holding = [next((index for index, (start, stop, _) in enumerate(self.buckets)
+                                      if start < layer_stop <= stop), None) if layer_stop > layer_start else None
+                                for layer_start, layer_stop in self.layer_slices]
         self._started, self._schedule_sent = 0.0, 0
         self._finished = 0  # buckets summed this step, in launch order
         # What the chosen algorithms really sent (see comm/traffic.py), cumulative.
@@ -169,18 +186,12 @@ class GradientSync:
     # ------------------------------------------------------------------------ --zero 2: the shard alone
 
     def _stage(self, grads, mine: tuple[int, int]) -> bool:
-        """--zero 2: backward writes each bucket into one of two staging slots (even and odd buckets,
-        so one bucket is summed while backward fills the next), and only this rank's shard of the
-        sum is kept. Refused (False: the whole buffer stays) where the slots and the shard would
-        not be smaller than the whole gradient, as when one layer holds most of the model."""
+        """--zero 2, where zero2_buckets chose to stage: backward writes each bucket into one of two
+        staging slots (even and odd buckets, so one bucket is summed while backward fills the
+        next), and only this rank's shard of the sum is kept. Returns True."""
         sizes = [stop - start for start, stop, _ in self.buckets]
-        slot_sizes = [max(sizes[0::2]), max(sizes[1::2], default=0)]
-        # Decided on the largest shard, so that every rank of comm decides alike: a rank that stages
-        # waits for buckets in the middle of backward, and its peers must reach the same waits.
-        if staged_elements(sizes, self.shards) >= grads.size:
-            return False
         xp = np if isinstance(grads, np.ndarray) else __import__("cupy")
-        self.slots = [xp.zeros(size, dtype=grads.dtype) for size in slot_sizes]
+        self.slots = [xp.zeros(size, dtype=grads.dtype) for size in (max(sizes[0::2]), max(sizes[1::2], default=0))]
         self.views = [self.slots[index % 2][:size] for index, size in enumerate(sizes)]
         self.shard_grads = xp.zeros(mine[1] - mine[0], dtype=grads.dtype)
         self._shard_start = mine[0]
@@ -273,8 +284,8 @@ class GradientSync:
     def parameters_ready(self, dense_index: int) -> None:
         """Wait until the parameters of dense layer `dense_index` are gathered (nothing to wait for
         when no gather runs), and progress the later buckets' gathers without waiting."""
-        if self._waiting or self._pending is not None:
-            bucket = self._bucket_holding[dense_index]
+        bucket = self._bucket_holding[dense_index]
+        if bucket is not None and (self._waiting or self._pending is not None):
             self._advance(block=True, done=lambda: bucket in self._gathered)
             self._advance(block=False)
 

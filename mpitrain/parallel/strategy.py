@@ -71,7 +71,8 @@ class GridStrategy:
     def describe(self) -> str:
         text = f"layout: {self.layout.describe()}"
         if self.zero == 2 and not self.grad_sync.staged and self.grid.dp_comm.size > 1:
-            text += ("; --zero 2 keeps the whole gradient buffer: two staging buckets and the shard would be no "
+            where = " on the first stage" if self.layout.pp > 1 else ""
+            text += (f"; --zero 2 keeps the whole gradient buffer{where}: two staging buckets and the shard would be no "
                      f"smaller (buckets of {self.config.bucket_mb:g} MiB against a {self.model.params.nbytes / 2**20:.1f} "
                      "MiB model: a smaller --bucket-mb stages)")
         return text

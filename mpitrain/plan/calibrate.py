@@ -210,7 +210,9 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         "collectives": curves, "stream": stream,
     }
     if previous:
-        if inter is None:  # one node here: keep the inter-node link a calibration across nodes measured
+        # One node here: keep the inter-node link of a calibration across nodes (one of a single
+        # node wrote its intra-node link there: that one is not kept).
+        if inter is None and previous["links"]["inter"] != previous["links"]["intra"]:
             profile["links"]["inter"] = previous["links"]["inter"]
         kept = [c for c in previous["collectives"] if (c["algorithm"], c["ranks"], c["nodes"]) not in
                 {(c2["algorithm"], c2["ranks"], c2["nodes"]) for c2 in curves}]

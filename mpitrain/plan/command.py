@@ -82,6 +82,9 @@ def run(args) -> None:
     if args.calibrate:
         _calibrate(args, widths)
         return
+    if args.out:
+        raise MpitrainError(f"--out {args.out}: it names where --calibrate writes a profile; to read one, "
+                            "use --profile")
     ranks = _ints(args.ranks, "--ranks", 1)
     zero = _ints(args.zero, "--zero", 0)
     if max(zero) > 2:

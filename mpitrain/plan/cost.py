@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from mpitrain.comm.buckets import MiB, plan_buckets, split_layers, staged_elements
+from mpitrain.comm.buckets import MiB, plan_buckets, slot_elements, zero2_buckets
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.nn.model import layer_roles
@@ -82,7 +82,10 @@ class Prediction:
 
     @property
     def dominant(self) -> str:
-        return max(self.terms, key=self.terms.get)
+        """The largest term of the step, other than "shared cores" (which, where ranks outnumber cores,
+        is the same share of every layout's step and so says nothing about any one of them)."""
+        terms = {name: seconds for name, seconds in self.terms.items() if name != "shared cores"}
+        return max(terms, key=terms.get)
 
     def as_dict(self) -> dict:
         return {"layout": self.spec.describe(), **asdict(self.spec), "step_s": self.step_s,
@@ -173,6 +176,28 @@ def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group
     return total
 
 
+def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group, placement, choose):
+    """Bytes each of dp_ranks sends under --zero: per bucket, the reduce-scatter onto the shards'
+    owners and the parameters' all-gather, with each rank's chunk the bucket's part of its shard
+    (comm/allreduce.py: the ring's or MPI's reduce-scatter sends all but one's own chunk, the
+    all-gather all but the next rank's; rd and hier sum the whole bucket instead)."""
+    total = dp_ranks * 0
+    if spec.dp == 1:
+        return total
+    for start, stop, _ in buckets:
+        count = stop - start
+        chunks = np.array([max(0, min(b, stop) - max(a, start)) for a, b in shards])
+        algorithm = choose(count * itemsize, group) if spec.algorithm == "auto" else spec.algorithm
+        if algorithm == "rd":
+            reduce = rd_sent(count, spec.dp, dp_ranks)
+        elif algorithm == "hier":
+            reduce = hier_sent(count, itemsize, *placement)
+        else:
+            reduce = count - chunks[dp_ranks]
+        total = total + (reduce + count - chunks[(dp_ranks + 1) % spec.dp]) * itemsize
+    return total
+
+
 def auto_chooser():
     """What --allreduce auto picks for n bytes over a group: the thresholds `mpitrain tune` saved
     for that many ranks and nodes, else comm/thresholds.py's defaults."""
@@ -203,15 +228,13 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             slices = np.cumsum([0] + [layer["in"] * layer["out"] + layer["bias"] for layer in layers]).tolist()
             buckets = plan_buckets(list(zip(slices[:-1], slices[1:])), itemsize, config.bucket_mb)
             params = n_params(layers)
-            staged = None  # --zero 2's slots (comm/buckets.py): the buckets it sums, its gradient elements
-            if spec.zero >= 2 and spec.dp > 1:
-                shards = chunk_bounds(params, spec.dp)
-                pieces = split_layers(buckets, list(zip(slices[:-1], slices[1:])), [layer["out"] for layer in layers],
-                                      int(config.bucket_mb * MiB) // itemsize)
-                sizes = [stop - start for start, stop, _ in pieces]
-                if staged_elements(sizes, shards) < params:
-                    buckets = pieces
-                    staged = max(sizes[0::2]) + max(sizes[1::2], default=0)
+            shards = chunk_bounds(params, spec.dp)  # ZeRO: each rank's equal block of the stage's parameters
+            staged = None  # --zero 2 (comm/buckets.py): the buckets it sums, and its slots when it stages
+            if spec.zero >= 2:
+                buckets, stage_them = zero2_buckets(buckets, list(zip(slices[:-1], slices[1:])),
+                                                    [layer["out"] for layer in layers],
+                                                    int(config.bucket_mb * MiB) // itemsize, shards, params)
+                staged = slot_elements([stop - start for start, stop, _ in buckets]) if stage_them else None
             members = (stage * spec.dp + dp_ranks) * spec.tp + tp_rank
             group = group_of(members.tolist(), ranks_per_node)
             nodes = members // ranks_per_node
@@ -234,8 +257,7 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
                 pp_bytes = pp_bytes + batches * layers[-1]["out"] * itemsize
             if stage > 0:
                 pp_bytes = pp_bytes + batches * layers[0]["in"] * itemsize
-            base, extra = divmod(params, spec.dp)
-            shard = base + (dp_ranks < extra)  # ZeRO: this rank's equal block of the stage's parameters
+            shard = np.array([stop - start for start, stop in shards])
             fields = {
                 "param": np.full(spec.dp, params * itemsize),
                 "grad": (staged + shard if staged is not None else np.full(spec.dp, params)) * itemsize,
@@ -243,8 +265,9 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
                 "activation": np.array([per_batch[rows][1] for rows in batches.tolist()]),
                 "tp": np.array([per_batch[rows][0] for rows in batches.tolist()]),
                 "pp": pp_bytes,
-                "dp": dp_sent([stop - start for start, stop, _ in buckets], itemsize, spec, dp_ranks, group,
-                              placement, choose)}
+                "dp": (zero_sent(buckets, shards, itemsize, spec, dp_ranks, group, placement, choose) if spec.zero
+                       else dp_sent([stop - start for start, stop, _ in buckets], itemsize, spec, dp_ranks, group,
+                                    placement, choose))}
             micro_rows = [b - a for a, b in micro_batch_bounds(int(batches[0]), spec.micro_batches)]
             yield stage, tp_rank, layers, micro_rows, fields
 
