@@ -193,8 +193,13 @@ def run_tune(args: argparse.Namespace) -> None:
     path = args.out or tune.cache_path()
     agree(comm, error_of(check_file, path, True) if comm.rank == 0 else None)  # before minutes of timing
     key, table = tune.tune(comm, int(args.max_mb * (1 << 20)), args.trials, path)
+    group = tune.node_group(comm)
     if comm.rank == 0:
         bands = ", ".join(f"below {bound} B {name}" if bound else f"then {name}" for bound, name in table)
+        if group.cross is not None:
+            crossover = group.two_level_bytes
+            bands += ("; hier crosses nodes from every local rank " +
+                      (f"from {crossover} B" if crossover is not None else "never (the leaders alone)"))
         print(f"{key}: {bands}\nwrote {path}")
 
 

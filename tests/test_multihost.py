@@ -167,7 +167,8 @@ def test_node_split_collectives_and_link(comm, hosts):
 
 
 def test_tune_learns_the_two_node_layout(comm, hosts, shared_dir):
-    """`mpitrain tune` on 2 + 2 ranks saves thresholds under the layout p4-n2."""
+    """`mpitrain tune` on 2 + 2 ranks saves thresholds under the layout p4-n2, and where hier
+    crosses the link from every local rank (measured from 16 KiB to the largest size)."""
     path = os.path.join(shared_dir, "tune.json")
     out = on_root(comm, lambda: run(hosts.mpiexec(*mpitrain_argv("tune", "--max-mb", "1", "--trials", "1", "--out", path))).stdout)
     with open(path) as handle:  # shared_dir is on the one file system every rank sees
@@ -176,6 +177,11 @@ def test_tune_learns_the_two_node_layout(comm, hosts, shared_dir):
     table = tune.check_table(layouts["p4-n2"]["thresholds"], path)
     assert {name for _, name in table} <= set(tune.CANDIDATES)
     assert len(layouts["p4-n2"]["measured"]["bytes"]) == (1 << 20).bit_length() - 3
+    measured = layouts["p4-n2"]["measured"]["hier"]
+    assert measured["bytes"] == [1 << e for e in range(14, 21)] and set(measured["seconds"]) == {"two-level", "leaders"}
+    crossover = layouts["p4-n2"]["hier_two_level_bytes"]
+    assert crossover is None or crossover in measured["bytes"]
+    assert "hier crosses nodes from every local rank" in out, out
 
 
 # ---------------------------------------------------------------------------- training

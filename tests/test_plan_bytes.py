@@ -5,10 +5,13 @@ on the first ranks of the test's communicator, in this process; the plan compute
 from the config alone, and every one must match exactly.
 """
 
+import json
+import os
+
 import pytest
 
 from groups import groups_of
-from mpitrain.comm import local_rank_and_size
+from mpitrain.comm import local_rank_and_size, tunefile
 from mpitrain.nn.model import parse_widths
 from mpitrain.plan.cost import Spec, usage
 from mpitrain.train import train
@@ -57,6 +60,20 @@ def test_hierarchical_bytes_across_emulated_nodes(comm, monkeypatch, per_node):
     nodes' first ranks ring the whole buffer."""
     monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", str(per_node))
     compare(comm, 4, [(Spec("grid", 4, algorithm="hier"), {"allreduce": "hier", "batch_size": 16})], per_node)
+
+
+def test_hierarchical_bytes_follow_a_tuned_crossover(comm, monkeypatch, shared_dir):
+    """A tuning file that makes hier cross nodes from every local rank at every size (the model's
+    buckets are far below the built-in 1 MiB): the run and the plan both read it."""
+    monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", "2")
+    path = os.path.join(shared_dir, "tune.json")
+    if comm.rank == 0:
+        with open(path, "w") as out:
+            json.dump({"format": tunefile.FORMAT, "layouts": {tunefile.layout_key(4, 2): {
+                "thresholds": [[None, "hier"]], "hier_two_level_bytes": 0}}}, out)
+    comm.Barrier()
+    monkeypatch.setenv(tunefile.ENV_FILE, path)
+    compare(comm, 4, [(Spec("grid", 4, algorithm="hier"), {"allreduce": "hier", "batch_size": 16})], 2)
 
 
 def compare(comm, size, layouts, ranks_on_node=None):

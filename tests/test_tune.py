@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from mpitrain.comm import allreduce, tune
+from mpitrain.comm import allreduce, hier, tune
 from mpitrain.errors import MpitrainError
 
 
@@ -89,3 +89,43 @@ def test_the_tune_command_writes_the_file_or_asks_for_ranks(comm, tmp_path, caps
     if comm.rank == 0:
         assert tune.layout_key(comm.size, 1) in written["layouts"]
         assert f"wrote {path}" in capsys.readouterr().out
+
+
+def test_fit_crossover_is_where_the_two_level_scheme_wins_from_on():
+    sizes = [1, 2, 4, 8]
+    assert tune.fit_crossover(sizes, [3, 2, 1, 1], [2, 2, 2, 2]) == 2
+    assert tune.fit_crossover(sizes, [1, 3, 1, 1], [2, 2, 2, 2]) == 4  # a loss at 2 B: from the next size on
+    assert tune.fit_crossover(sizes, [1, 1, 1, 3], [2, 2, 2, 2]) is None
+    assert tune.fit_crossover(sizes, [1, 1, 1, 1], [2, 2, 2, 2]) == 1
+
+
+def test_tune_on_nodes_of_equal_size_learns_where_hier_crosses_from_every_rank(comm, tmp_path, monkeypatch):
+    """Emulated nodes of 2 ranks: tune times both hier variants and saves the crossover with the
+    thresholds; a new communicator's hier reads it from the file (rank 0's, for all), and a value
+    that is not bytes fails on every rank alike."""
+    if comm.size < 4 or comm.size % 2:
+        pytest.skip("needs at least two emulated nodes of two ranks")
+    monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", "2")
+    path = comm.bcast(os.path.join(tmp_path, "tune.json"), root=0)
+    monkeypatch.setenv(tune.ENV_FILE, path)
+    fresh = comm.Dup()
+    key, _ = tune.tune(fresh, max_bytes=64 << 10, trials=1, path=path)
+    fresh.Free()
+    assert key == tune.layout_key(comm.size, comm.size // 2)
+    entry = comm.bcast(tune.read_file(path)["layouts"][key] if comm.rank == 0 else None, root=0)
+    assert entry["measured"]["hier"]["bytes"] == [16 << 10, 32 << 10, 64 << 10]
+    crossover = entry["hier_two_level_bytes"]
+    assert crossover is None or crossover in entry["measured"]["hier"]["bytes"]
+    fresh = comm.Dup()
+    assert hier.node_group(fresh).two_level_bytes == crossover
+    fresh.Free()
+    if comm.rank == 0:
+        contents = tune.read_file(path)
+        contents["layouts"][key]["hier_two_level_bytes"] = "1 MiB"
+        with open(path, "w") as out:
+            json.dump(contents, out)
+    comm.Barrier()
+    fresh = comm.Dup()
+    with pytest.raises(MpitrainError, match="hier_two_level_bytes '1 MiB'"):
+        hier.node_group(fresh)
+    fresh.Free()

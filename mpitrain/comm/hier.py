@@ -9,17 +9,19 @@ barrier, one pass over the slots, no MPI message, which beats MPI Allreduce from
 to a few MiB here. With several nodes the leaders then ring-all-reduce their buffers, publish
 the total in a shared slot, and after a second barrier the other ranks copy it out.
 
-When every node has the same number of ranks L > 1 and the buffer holds at least
-TWO_LEVEL_BYTES, all of them work across nodes instead of the leaders alone (the two-level scheme of NCCL's and Horovod's hierarchical all-reduce): local rank
-j sums chunk j of the node's slots (a reduce-scatter in shared memory, so each rank adds 1/L of
-the block instead of all of it), ring-all-reduces that chunk with the local ranks j of the other
-nodes, and writes the total into the shared slot, from which every rank copies the whole block
-(an all-gather in shared memory). Each rank sends 2(N-1)/N of a chunk across nodes, 1/L of what a
-leader sends, and L rings share the inter-node links. Below TWO_LEVEL_BYTES the leaders alone
-cross: L concurrent streams of 1/L of a small block each lost to one stream of the whole block
-(two emulated hosts of two ranks, 1 Gbit/s link: 256 KiB at 0.116 GB/s busbw against 0.179 for
-the leaders; from 1 MiB both 0.17-0.18; unshaped the two-level scheme leads from 1 MiB, 0.60
-against 0.50 GB/s).
+When every node has the same number of ranks L > 1 and the buffer holds at least the layout's
+two-level threshold, all of them work across nodes instead of the leaders alone (the two-level
+scheme of NCCL's and Horovod's hierarchical all-reduce): local rank j sums chunk j of the node's
+slots (a reduce-scatter in shared memory, so each rank adds 1/L of the block instead of all of
+it), ring-all-reduces that chunk with the local ranks j of the other nodes, and writes the total
+into the shared slot, from which every rank copies the whole block (an all-gather in shared
+memory). Each rank sends 2(N-1)/N of a chunk across nodes, 1/L of what a leader sends, and L
+rings share the inter-node links. Below the threshold the leaders alone cross. Where it lies
+depends on the network, so `mpitrain tune` measures it per layout (comm/tune.py); without a
+tuned value it is TWO_LEVEL_BYTES, 1 MiB, measured on two emulated hosts of two ranks: on a
+1 Gbit/s link L concurrent streams of 1/L of a small block each lost to one stream of the whole
+block (256 KiB at 0.116 GB/s busbw against 0.179 for the leaders; from 1 MiB both 0.17-0.18);
+unshaped the two-level scheme leads from 1 MiB (0.60 against 0.50 GB/s).
 
 Slots come in two sets used by alternate blocks: a rank may copy the next block in while a
 slower rank still reads the previous one, so no barrier is needed at the end. Buffers longer
@@ -35,17 +37,28 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm.ring import chunk_bounds, ring_schedule
+from mpitrain.comm.tunefile import tuned_entry
 from mpitrain.comm.world import node_comm
+from mpitrain.errors import MpitrainError
 
 SLOT_BYTES = 4 << 20
 TWO_LEVEL_BYTES = 1 << 20  # buffers from this size use every local rank across nodes (see above)
 _TAG = 140
 
 
-def two_level(nbytes: int, node_sizes: list[int]) -> bool:
+def two_level(nbytes: int, node_sizes: list[int], threshold: int | None = TWO_LEVEL_BYTES) -> bool:
     """Whether a buffer of nbytes crosses nodes from every local rank (the two-level scheme) rather
-    than from the leaders alone: several nodes, each of the same size L > 1, and a large buffer."""
-    return len(node_sizes) > 1 and node_sizes[0] > 1 and len(set(node_sizes)) == 1 and nbytes >= TWO_LEVEL_BYTES
+    than from the leaders alone: several nodes, each of the same size L > 1, and a buffer of at
+    least `threshold` bytes (None: never; `mpitrain tune` measures it per layout)."""
+    equal = len(node_sizes) > 1 and node_sizes[0] > 1 and len(set(node_sizes)) == 1
+    return equal and threshold is not None and nbytes >= threshold
+
+
+def tuned_two_level_bytes(world_size: int, nodes: int) -> int | None:
+    """The threshold `mpitrain tune` measured for this layout, else TWO_LEVEL_BYTES. MpitrainError
+    when the tuning file is unreadable."""
+    entry = tuned_entry(world_size, nodes)
+    return entry.get("hier_two_level_bytes", TWO_LEVEL_BYTES) if entry else TWO_LEVEL_BYTES
 
 
 def block_bytes(nbytes: int) -> int:
@@ -63,13 +76,28 @@ class NodeGroup:
         self.node_sizes = self.node.bcast(self.leaders.allgather(self.node.size) if self.node.rank == 0 else None,
                                           root=0)
         self.nodes = len(self.node_sizes)
-        # Local rank j of every node, when all nodes hold as many ranks: one ring per chunk.
-        equal = two_level(TWO_LEVEL_BYTES, self.node_sizes)
-        self.cross = comm.Split(self.node.rank, comm.rank) if equal else None
         self.window = None
         self.slot_bytes = 0
         self.raw = None
         self.views: dict[np.dtype, np.ndarray] = {}
+        self.cross = None
+        # From which size the ranks cross with every local rank: rank 0's tuning file, for all.
+        self.two_level_bytes = TWO_LEVEL_BYTES
+        equal = two_level(0, self.node_sizes, 0)
+        if equal:
+            found, error = None, None
+            if comm.rank == 0:
+                try:
+                    found = tuned_two_level_bytes(comm.size, self.nodes)
+                except MpitrainError as exc:
+                    error = str(exc)
+            found, error = comm.bcast((found, error), root=0)
+            if error is not None:
+                self.free()  # the same on every rank: nothing made here outlives the error
+                raise MpitrainError(error)
+            self.two_level_bytes = found
+            # Local rank j of every node, when all nodes hold as many ranks: one ring per chunk.
+            self.cross = comm.Split(self.node.rank, comm.rank)
         self.blocks = 0  # blocks reduced so far: its parity picks the set of slots
 
     def slots(self, dtype: np.dtype, block: int) -> np.ndarray:
@@ -208,7 +236,7 @@ def hier_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
     block_size = block_bytes(buf.nbytes)
     per_block = block_size // buf.itemsize
     slots = group.slots(buf.dtype, block_size) if local > 1 else None
-    every_rank = two_level(buf.nbytes, group.node_sizes)
+    every_rank = two_level(buf.nbytes, group.node_sizes, group.two_level_bytes)
     for start in range(0, buf.size, per_block):
         block = buf[start:start + per_block]
         if every_rank:

@@ -17,17 +17,16 @@ even if the ranks' file systems disagree.
 """
 
 import bisect
-import json
-import os
 
 from mpi4py import MPI
 
 from mpitrain.comm.hier import node_group
+from mpitrain.comm.tunefile import (CANDIDATES, ENV_FILE, FORMAT, cache_path, check_table, layout_key, read_file,
+                                   tuned_entry)
 from mpitrain.errors import MpitrainError
 
-ENV_FILE = "MPITRAIN_TUNE_FILE"
-CANDIDATES = ("mpi", "rd", "hier", "ring")
-FORMAT = 1
+__all__ = ["CANDIDATES", "DEFAULTS", "ENV_FILE", "FORMAT", "Thresholds", "cache_path", "check_table", "choose",
+           "default_table", "describe_source", "layout_key", "load_table", "read_file"]
 
 KiB, MiB = 1 << 10, 1 << 20
 # Measured on 2 shared cores with MPICH 5.0.2 (benchmarks/allreduce.py, `mpitrain tune`): MPI's
@@ -47,18 +46,6 @@ DEFAULTS = {
     "p4-n1": [[16 * KiB, "mpi"], [2 * MiB, "hier"], [8 * MiB, "mpi"], [None, "ring"]],
     "p4-n2": [[1 * MiB, "mpi"], [None, "hier"]],
 }
-
-
-def cache_path() -> str:
-    """MPITRAIN_TUNE_FILE, else $XDG_CACHE_HOME/mpitrain/allreduce-tune.json (~/.cache by default)."""
-    if os.environ.get(ENV_FILE):
-        return os.environ[ENV_FILE]
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "mpitrain", "allreduce-tune.json")
-
-
-def layout_key(world_size: int, nodes: int) -> str:
-    return f"p{world_size}-n{nodes}"
 
 
 def default_table(world_size: int, nodes: int) -> list:
@@ -83,48 +70,9 @@ class Thresholds:
         return self.names[bisect.bisect_right(self.bounds, nbytes)]
 
 
-def check_table(table, where: str) -> list:
-    """A well-formed threshold list (increasing bounds, known algorithms, last bound null)."""
-    entries_ok = isinstance(table, list) and len(table) > 0 and all(
-        isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and entry[1] in CANDIDATES
-        for entry in table
-    )
-    bounds = [entry[0] for entry in table[:-1]] if entries_ok else []
-    bounds_ok = all(type(bound) is int and bound > 0 for bound in bounds) and bounds == sorted(bounds)
-    if not entries_ok or table[-1][0] is not None or not bounds_ok:
-        raise MpitrainError(f"{where}: thresholds must be [[bytes, algorithm], ..., [null, algorithm]] "
-                            f"with increasing bytes and algorithms from {', '.join(CANDIDATES)}")
-    return table
-
-
-def read_file(path: str) -> dict:
-    """The cache file's contents ({} when it does not exist), every layout's thresholds checked;
-    MpitrainError when it is unreadable or not of this structure: {"format": 1, "layouts":
-    {"p4-n1": {"thresholds": [...], ...}, ...}, ...}."""
-    try:
-        with open(path) as handle:
-            contents = json.load(handle)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise MpitrainError(f"{path}: cannot read the all-reduce tuning file ({exc})") from None
-    if not isinstance(contents, dict) or type(contents.get("format")) is not int or contents["format"] != FORMAT:
-        raise MpitrainError(f"{path}: not an mpitrain tuning file of format {FORMAT}")
-    layouts = contents.get("layouts", {})
-    if not isinstance(layouts, dict):
-        raise MpitrainError(f"{path}: not an mpitrain tuning file ('layouts' is a {type(layouts).__name__}, "
-                            "not an object of layouts)")
-    for key, entry in layouts.items():
-        if not isinstance(entry, dict) or "thresholds" not in entry:
-            raise MpitrainError(f"{path}: not an mpitrain tuning file (layout {key!r} is not an object "
-                                "with 'thresholds')")
-        check_table(entry["thresholds"], f"{path}: not an mpitrain tuning file: layout {key!r}")
-    return contents
-
-
 def load_table(world_size: int, nodes: int) -> list:
     """This layout's thresholds from the cache file, or the defaults."""
-    entry = read_file(cache_path()).get("layouts", {}).get(layout_key(world_size, nodes))
+    entry = tuned_entry(world_size, nodes)
     return default_table(world_size, nodes) if entry is None else entry["thresholds"]
 
 

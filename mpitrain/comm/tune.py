@@ -1,5 +1,7 @@
 """`mpitrain tune`: measure every all-reduce algorithm per buffer size and save the thresholds
-that `auto` reads (comm/thresholds.py).
+that `auto` reads (comm/thresholds.py); on nodes of equal size, also the buffer size from which
+`hier` crosses nodes from every local rank rather than from the leaders alone (comm/hier.py),
+which depends on the network (measured on a shaped 1 Gbit/s link: 1 MiB; unshaped, lower).
 
     mpirun -n 4 mpitrain tune                      # measure every algorithm, 8 B to 64 MiB, save
     MPITRAIN_TUNE_FILE=run.json mpirun -n 4 ...    # read (and write) another file
@@ -20,7 +22,8 @@ from mpitrain.errors import MpitrainError
 from mpitrain.outputs import atomic_write, write_error
 
 __all__ = ["CANDIDATES", "DEFAULTS", "ENV_FILE", "FORMAT", "Thresholds", "cache_path", "check_table", "choose",
-           "default_table", "fit", "layout_key", "load_table", "measure", "read_file", "save", "tune"]
+           "default_table", "fit", "fit_crossover", "layout_key", "load_table", "measure", "measure_crossover",
+           "read_file", "save", "tune"]
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -60,6 +63,44 @@ def measure(comm: MPI.Intracomm, sizes: list[int], algorithms, trials: int = 5, 
     return seconds
 
 
+def measure_crossover(comm: MPI.Intracomm, sizes: list[int], trials: int = 5, trial_s: float = 0.005,
+                      dtype=np.float32) -> tuple[int | None, dict[str, list[float]]]:
+    """(hier's two-level threshold, {variant: median seconds per call at each size}): `hier` timed
+    with every local rank crossing nodes and with the leaders alone, alternating, the same count of
+    calls on every rank. Collective; for comms on nodes of equal size (node_group(comm).cross)."""
+    group = node_group(comm)
+    variants = {"two-level": 0, "leaders": None}
+    seconds = {name: [] for name in variants}
+    saved = group.two_level_bytes
+    try:
+        for nbytes in sizes:
+            buf = np.zeros(max(1, nbytes // np.dtype(dtype).itemsize), dtype=dtype)
+            group.two_level_bytes = 0
+            time_allreduce(buf, comm, "hier", 1)
+            reps = max(1, min(2000, int(trial_s / max(time_allreduce(buf, comm, "hier", 1), 1e-7))))
+            runs = {name: [] for name in variants}
+            for _ in range(trials):
+                for name, threshold in variants.items():
+                    group.two_level_bytes = threshold
+                    runs[name].append(time_allreduce(buf, comm, "hier", reps))
+            for name in variants:
+                seconds[name].append(float(np.median(runs[name])))
+    finally:
+        group.two_level_bytes = saved
+    return fit_crossover(sizes, seconds["two-level"], seconds["leaders"]), seconds
+
+
+def fit_crossover(sizes: list[int], two_level: list[float], leaders: list[float]) -> int | None:
+    """The smallest size from which the two-level scheme is at least as fast at every larger
+    measured size too (None: it loses at the largest)."""
+    crossover = None
+    for size, mine, theirs in reversed(list(zip(sizes, two_level, leaders))):
+        if mine > theirs:
+            break
+        crossover = size
+    return crossover
+
+
 def fit(sizes: list[int], seconds: dict[str, list[float]]) -> list:
     """Thresholds from timings: the fastest algorithm at each size, runs merged.
 
@@ -82,15 +123,17 @@ def fit(sizes: list[int], seconds: dict[str, list[float]]) -> list:
     return table
 
 
-def save(path: str, key: str, table: list, sizes: list[int], seconds: dict) -> None:
-    """Merge this layout's entry into the cache file, written atomically (mpitrain/outputs.py)."""
+def save(path: str, key: str, table: list, sizes: list[int], seconds: dict, hier: dict | None = None) -> None:
+    """Merge this layout's entry into the cache file, written atomically (mpitrain/outputs.py);
+    hier: {"two_level_bytes": ..., "bytes": [...], "seconds": {variant: [...]}} where measured."""
     contents = read_file(path) or {"format": FORMAT}
     contents["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
-    contents.setdefault("layouts", {})[key] = {
-        "thresholds": table,
-        "measured": {"bytes": sizes, "seconds": seconds},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    entry = {"thresholds": table, "measured": {"bytes": sizes, "seconds": seconds},
+             "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if hier is not None:
+        entry["hier_two_level_bytes"] = hier["two_level_bytes"]
+        entry["measured"]["hier"] = {"bytes": hier["bytes"], "seconds": hier["seconds"]}
+    contents.setdefault("layouts", {})[key] = entry
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as exc:
@@ -103,13 +146,19 @@ def tune(comm: MPI.Intracomm, max_bytes: int = 64 * MiB, trials: int = 5, path: 
     (default cache_path()). Returns (layout key, thresholds) on every rank. Collective on comm.
     """
     sizes = [1 << e for e in range(3, max_bytes.bit_length())]
+    group, hier = node_group(comm), None
+    if group.cross is not None:  # nodes of equal size: first where hier should cross from every rank
+        hier_sizes = [size for size in sizes if 16 << 10 <= size <= 16 * MiB] or sizes[-1:]
+        crossover, hier_seconds = measure_crossover(comm, hier_sizes, trials)
+        hier = {"two_level_bytes": crossover, "bytes": hier_sizes, "seconds": hier_seconds}
+        group.two_level_bytes = crossover  # so that hier's timings below are those of the tuned hier
     seconds = measure(comm, sizes, CANDIDATES, trials)
     table = fit(sizes, seconds)
     key = layout_key(comm.size, node_group(comm).nodes)
     error = None
     if comm.rank == 0:
         try:
-            save(path or cache_path(), key, table, sizes, seconds)
+            save(path or cache_path(), key, table, sizes, seconds, hier)
         except MpitrainError as exc:
             error = str(exc)
     error = comm.bcast(error, root=0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpitrain.comm.hier import block_bytes, two_level
+from mpitrain.comm.hier import TWO_LEVEL_BYTES, block_bytes, two_level
 from mpitrain.comm.ring import SEGMENT_BYTES, chunk_bounds
 from mpitrain.comm.traffic import ring_equivalent
 
@@ -66,19 +66,21 @@ def rd_sent(count: int, size: int, rank):
     return np.where(folded, np.where(rank % 2 == 0, count, (rounds + 1) * count), rounds * count)
 
 
-def hier_sent(count: int, itemsize: int, node_index, local_rank, node_sizes: list[int]):
+def hier_sent(count: int, itemsize: int, node_index, local_rank, node_sizes: list[int],
+              two_level_bytes: int | None = TWO_LEVEL_BYTES):
     """Elements each rank (node_index, local_rank: arrays over the group's ranks; node_sizes: the
     group's ranks on each node) sends in the hierarchical all-reduce, block by block: none within
     a node (shared memory); across nodes of equal size L > 1 for buffers of at least
-    hier.TWO_LEVEL_BYTES, local rank j rings chunk j of each block with the local ranks j of the
-    other nodes; otherwise each node's leader rings the block."""
+    two_level_bytes (what `mpitrain tune` measured, else hier.TWO_LEVEL_BYTES), local rank j rings
+    chunk j of each block with the local ranks j of the other nodes; otherwise each node's leader
+    rings the block."""
     nodes = len(node_sizes)
     if nodes == 1 or count == 0:
         return node_index * 0
     per_block = block_bytes(count * itemsize) // itemsize
     blocks = [min(per_block, count - start) for start in range(0, count, per_block)]
     local = node_sizes[0]
-    if two_level(count * itemsize, node_sizes):
+    if two_level(count * itemsize, node_sizes, two_level_bytes):
         chunks = [[b - a for a, b in chunk_bounds(block, local)] for block in blocks]
         return np.array([sum(ring_sent(sizes[j], nodes, int(n)) for sizes in chunks)
                          for n, j in zip(node_index.tolist(), local_rank.tolist())])

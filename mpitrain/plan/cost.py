@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from mpitrain.comm.buckets import MiB, plan_buckets, slot_elements, zero2_buckets
+from mpitrain.comm.hier import tuned_two_level_bytes, two_level
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.nn.model import layer_roles
@@ -242,7 +243,10 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             node_index = np.cumsum(first) - 1
             starts = np.flatnonzero(first)
             local_rank = dp_ranks - starts[node_index]
-            placement = (node_index, local_rank, np.diff(np.r_[starts, spec.dp]).tolist())
+            node_sizes = np.diff(np.r_[starts, spec.dp]).tolist()
+            # hier's crossover to every local rank, as the run will read it from a tuning file
+            crossover = tuned_two_level_bytes(spec.dp, len(node_sizes)) if two_level(0, node_sizes, 0) else None
+            placement = (node_index, local_rank, node_sizes, crossover)
             # A field that depends on the rows is computed once per distinct local batch size.
             per_batch = {}
             for rows in set(batches.tolist()):
