@@ -102,13 +102,13 @@ def link(profile: dict, group: Group) -> tuple[float, float]:
     return entry["alpha_s"], entry["beta_s_per_byte"]
 
 
-def p2p_time(profile: dict, nbytes: float, same_node: bool, share: float = 1.0) -> float:
+def p2p_time(profile: dict, nbytes: float, same_node: bool) -> float:
     """One point-to-point message: alpha + n beta + the Python cost of posting it."""
     entry = profile["links"]["intra" if same_node else "inter"]
-    return entry["alpha_s"] + nbytes * entry["beta_s_per_byte"] + profile["message_overhead_s"] / share
+    return entry["alpha_s"] + nbytes * entry["beta_s_per_byte"] + profile["message_overhead_s"]
 
 
-def ring_time(profile: dict, nbytes: float, group: Group, bandwidth: float, share: float = 1.0) -> float:
+def ring_time(profile: dict, nbytes: float, group: Group, bandwidth: float) -> float:
     """Pipelined ring: 2(p-1) steps of n/p bytes, each chunk cut into 1 MiB segments (one message
     each); the reduce-scatter half adds (p-1)/p n bytes into place."""
     p = group.size
@@ -117,11 +117,11 @@ def ring_time(profile: dict, nbytes: float, group: Group, bandwidth: float, shar
     alpha, beta = link(profile, group)
     segments = max(1, math.ceil(nbytes / p / SEGMENT_BYTES))
     messages = 2 * (p - 1) * segments
-    return (messages * (alpha + profile["message_overhead_s"] / share) + 2 * (p - 1) / p * nbytes * beta
+    return (messages * (alpha + profile["message_overhead_s"]) + 2 * (p - 1) / p * nbytes * beta
             + (p - 1) / p * nbytes * 3 / bandwidth)
 
 
-def rd_time(profile: dict, nbytes: float, group: Group, bandwidth: float, share: float = 1.0) -> float:
+def rd_time(profile: dict, nbytes: float, group: Group, bandwidth: float) -> float:
     """Recursive doubling: log2(p') rounds of the whole buffer (p' the largest power of two <= p),
     two more (fold and hand back) when p is not a power of two; each round adds n bytes."""
     p = group.size
@@ -131,11 +131,11 @@ def rd_time(profile: dict, nbytes: float, group: Group, bandwidth: float, share:
     pof2 = 1 << (p.bit_length() - 1)
     rounds = pof2.bit_length() - 1
     folds = 2 if p > pof2 else 0
-    return ((rounds + folds) * (alpha + profile["message_overhead_s"] / share + nbytes * beta)
+    return ((rounds + folds) * (alpha + profile["message_overhead_s"] + nbytes * beta)
             + (rounds + folds // 2) * nbytes * 3 / bandwidth)
 
 
-def hier_time(profile: dict, nbytes: float, group: Group, bandwidth: float, share: float = 1.0) -> float:
+def hier_time(profile: dict, nbytes: float, group: Group, bandwidth: float) -> float:
     """Hierarchical: per block of at most 4 MiB, copy into a shared slot, a node barrier, sum the
     L slots; across nodes the leaders ring the block, then a second barrier and a copy out."""
     if group.size == 1 or nbytes == 0:
@@ -143,23 +143,23 @@ def hier_time(profile: dict, nbytes: float, group: Group, bandwidth: float, shar
     alpha = profile["links"]["intra"]["alpha_s"]
     block = block_bytes(int(nbytes))
     blocks = math.ceil(nbytes / block)
-    barrier = math.ceil(math.log2(max(group.local, 2))) * (alpha + profile["message_overhead_s"] / share)
+    barrier = math.ceil(math.log2(max(group.local, 2))) * (alpha + profile["message_overhead_s"])
     in_node = (nbytes * (group.local + 2) / bandwidth + blocks * barrier) if group.local > 1 else 0.0
     if group.nodes == 1:
         return in_node
     leaders = Group(group.nodes, group.nodes, 1)
-    across = blocks * ring_time(profile, min(nbytes, block), leaders, bandwidth, share)
+    across = blocks * ring_time(profile, min(nbytes, block), leaders, bandwidth)
     copy_out = (2 * nbytes / bandwidth + blocks * barrier) if group.local > 1 else 0.0
     return in_node + across + copy_out
 
 
-def mpi_time(profile: dict, nbytes: float, group: Group, bandwidth: float, share: float = 1.0) -> float:
+def mpi_time(profile: dict, nbytes: float, group: Group, bandwidth: float) -> float:
     """MPI's Allreduce (MPICH): recursive doubling for short buffers, reduce-scatter + all-gather for
     long ones, whichever the model finds faster, with one Python call instead of one per message."""
     if group.size == 1:
         return 0.0
     free = {**profile, "message_overhead_s": 0.0}
-    return profile["message_overhead_s"] / share + min(rd_time(free, nbytes, group, bandwidth),
+    return profile["message_overhead_s"] + min(rd_time(free, nbytes, group, bandwidth),
                                                        ring_time(free, max(nbytes, group.size), group, bandwidth))
 
 
@@ -189,8 +189,7 @@ def interpolate(sizes: list[float], seconds: list[float], nbytes: float) -> floa
     return math.exp(math.log(y0) + weight * (math.log(y1) - math.log(y0)))
 
 
-def allreduce_time(profile: dict, algorithm: str, nbytes: float, group: Group, bandwidth: float,
-                   share: float = 1.0) -> float:
+def allreduce_time(profile: dict, algorithm: str, nbytes: float, group: Group, bandwidth: float) -> float:
     """Seconds of one all-reduce of nbytes over the group: the measured curve where the profile has
     one for this algorithm and group, else the algorithm's alpha-beta formula."""
     if group.size == 1 or nbytes == 0:
@@ -198,4 +197,4 @@ def allreduce_time(profile: dict, algorithm: str, nbytes: float, group: Group, b
     curve = measured(profile, algorithm, group)
     if curve is not None:
         return interpolate(curve["bytes"], curve["seconds"], nbytes)
-    return FORMULAS[algorithm](profile, nbytes, group, bandwidth, share)
+    return FORMULAS[algorithm](profile, nbytes, group, bandwidth)

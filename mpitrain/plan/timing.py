@@ -24,8 +24,9 @@ from mpitrain.plan.cost import (OPTIMIZER_PASSES, Prediction, Spec, auto_chooser
 
 @dataclass
 class Machine:
-    """What one rank of a node gets of the profile's machine: its share of a core (below 1 when
-    ranks outnumber cores), BLAS threads, GEMM rate lookup and memory bandwidth."""
+    """What one rank of a node gets of the profile's machine, for at most as many ranks as the node
+    has cores (predict stretches the step where there are more): BLAS threads, GEMM rate lookup
+    and memory bandwidth."""
 
     profile: dict
     ranks_on_node: int
@@ -34,10 +35,8 @@ class Machine:
     def __post_init__(self):
         cores = self.profile["cores_per_node"]
         self.threads = max(1, cores // self.ranks_on_node)
-        self.share = min(1.0, cores / self.ranks_on_node)
-        busy = min(self.ranks_on_node, cores)
-        self.bandwidth = self.share * min(self.profile["memory_bandwidth_per_core"],
-                                          self.profile["memory_bandwidth_per_node"] / busy)
+        self.bandwidth = min(self.profile["memory_bandwidth_per_core"],
+                             self.profile["memory_bandwidth_per_node"] / min(self.ranks_on_node, cores))
         # Shapes measured with this rank's thread count, else the one-thread (per core) ones, scaled.
         shapes = [e for e in self.profile["gemm"] if e["dtype"] == self.dtype]
         own = [e for e in shapes if e.get("threads", 1) == self.threads]
@@ -54,7 +53,7 @@ class Machine:
             def distance(e):
                 return abs(math.log(e["m"] / m)) + abs(math.log(e["k"] / k)) + abs(math.log(e["n"] / n))
             rate = min(self.shapes, key=distance)["flops_per_s"] * self.scale
-        return 2 * m * k * n / (rate * self.share) + self.call()
+        return 2 * m * k * n / rate + self.call()
 
     def bandwidth_at(self, working: float) -> float:
         """Bytes/s of element-wise work on a working set of `working` bytes: the measured entry of
@@ -63,7 +62,7 @@ class Machine:
         if not table or working <= 0:
             return self.bandwidth
         nearest = min(table, key=lambda e: abs(math.log(e["bytes"] / working)))
-        return self.share * nearest["bytes_per_s"]
+        return nearest["bytes_per_s"]
 
     def stream(self, nbytes: float, calls: int = 1, working: float | None = None) -> float:
         """Seconds of element-wise work that streams nbytes through memory in `calls` array calls,
@@ -71,7 +70,7 @@ class Machine:
         return nbytes / self.bandwidth_at(nbytes if working is None else working) + calls * self.call()
 
     def call(self) -> float:
-        return self.profile["op_overhead_s"] / self.share
+        return self.profile["op_overhead_s"]
 
 
 def layer_times(machine: Machine, layer: dict, rows: int, itemsize: int, last_layer: bool, accumulate: bool):
@@ -110,15 +109,14 @@ def stage_time(machine, profile, spec, layers, micro_rows, itemsize, n_dense, tp
             backward_layers.append(backward)
         for direction, columns in tensor_sums(layers):
             seconds = allreduce_time(profile, "ring", rows * columns * itemsize, tp_group,
-                                     machine.bandwidth_at(rows * columns * itemsize),
-                                     machine.share)
+                                     machine.bandwidth_at(rows * columns * itemsize))
             tensor += seconds
         if last_stage:  # softmax cross-entropy or squared error: a few passes over the output
             compute += machine.stream(6 * rows * layers[-1]["out"] * itemsize, 8)
         else:
-            pipeline += p2p_time(profile, rows * layers[-1]["out"] * itemsize, pp_same_node, machine.share)
+            pipeline += p2p_time(profile, rows * layers[-1]["out"] * itemsize, pp_same_node)
         if not first_stage:
-            pipeline += p2p_time(profile, rows * layers[0]["in"] * itemsize, pp_same_node, machine.share)
+            pipeline += p2p_time(profile, rows * layers[0]["in"] * itemsize, pp_same_node)
         last_backward = backward_layers
     return compute, tensor, pipeline, last_backward
 
@@ -185,8 +183,7 @@ def _predict_grid(spec, config, widths, ranks_per_node, profile, machine, choose
             nbytes = (stop - start) * itemsize
             algorithm = "ring" if spec.zero else spec.algorithm
             algorithm = choose(nbytes, dp_group) if algorithm == "auto" else algorithm
-            seconds.append(allreduce_time(profile, algorithm, nbytes, dp_group, machine.bandwidth_at(nbytes),
-                                          machine.share))
+            seconds.append(allreduce_time(profile, algorithm, nbytes, dp_group, machine.bandwidth_at(nbytes)))
         efficiency = profile["overlap_efficiency"] if config.overlap else 0.0
         data = exposed_sync(seconds, [first for _, _, first in buckets], backward, efficiency)
         count = n_params(layers)
@@ -217,8 +214,8 @@ def pipeline_bubble(stage_busy: dict[int, float], slowest: int, micro_batches: i
 def _overhead(profile, machine, world, ranks_per_node) -> float:
     """The fixed per-step cost and the agreement of every rank on the step's flags (an MPI all-reduce)."""
     world_group = group_of(list(range(world)), ranks_per_node)
-    agreement = allreduce_time(profile, "mpi", 16, world_group, machine.bandwidth, machine.share)
-    return profile["step_overhead_s"] / machine.share + agreement
+    agreement = allreduce_time(profile, "mpi", 16, world_group, machine.bandwidth)
+    return profile["step_overhead_s"] + agreement
 
 
 def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, choose):
@@ -232,10 +229,10 @@ def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, choose):
                   for layer in layers) + machine.stream(6 * rows * widths[-1] * itemsize, 8)
     share = -(-n_params(layers) // spec.servers)
     same_node = spec.world <= ranks_per_node
-    message = p2p_time(profile, share * itemsize, same_node, machine.share)
+    message = p2p_time(profile, share * itemsize, same_node)
     server = (spec.dp * (2 * message + machine.stream(3 * share * itemsize))
               + optimizer_time(machine, config, share, itemsize))
     terms = {"compute": compute, "tensor": 0.0, "pipeline": 0.0, "bubble": 0.0, "data": server,
-             "optimizer": 0.0, "overhead": profile["step_overhead_s"] / machine.share}
+             "optimizer": 0.0, "overhead": profile["step_overhead_s"]}
     traffic, memory = busiest(list(ps_ranks(spec, config, widths)))
     return terms, traffic, memory
