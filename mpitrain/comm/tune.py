@@ -45,49 +45,51 @@ def measure(comm: MPI.Intracomm, sizes: list[int], algorithms, trials: int = 5, 
     Trials of the algorithms alternate, so a burst of load from another process hits them all
     alike; each trial repeats the call for about trial_s seconds (the same count on every rank).
     """
-    itemsize = np.dtype(dtype).itemsize
-    seconds = {name: [] for name in algorithms}
-    for nbytes in sizes:
-        buf = np.zeros(max(1, nbytes // itemsize), dtype=dtype)
-        reps = {}
-        for name in algorithms:
-            time_allreduce(buf, comm, name, 1)
-            once = time_allreduce(buf, comm, name, 1)
-            reps[name] = max(1, min(2000, int(trial_s / max(once, 1e-7))))
-        runs = {name: [] for name in algorithms}
-        for _ in range(trials):
-            for name in algorithms:
-                runs[name].append(time_allreduce(buf, comm, name, reps[name]))
-        for name in algorithms:
-            seconds[name].append(float(np.median(runs[name])))
-    return seconds
+    return _alternate(comm, sizes, {name: (name, None) for name in algorithms}, trials, trial_s, dtype)
 
 
 def measure_crossover(comm: MPI.Intracomm, sizes: list[int], trials: int = 5, trial_s: float = 0.005,
                       dtype=np.float32) -> tuple[int | None, dict[str, list[float]]]:
     """(hier's two-level threshold, {variant: median seconds per call at each size}): `hier` timed
-    with every local rank crossing nodes and with the leaders alone, alternating, the same count of
-    calls on every rank. Collective; for comms on nodes of equal size (node_group(comm).cross)."""
+    with every local rank crossing nodes and with the leaders alone, alternating as `measure`.
+    Collective; for comms on nodes of equal size (node_group(comm).cross)."""
     group = node_group(comm)
-    variants = {"two-level": 0, "leaders": None}
-    seconds = {name: [] for name in variants}
+
+    def crossing_from(threshold):
+        return lambda: setattr(group, "two_level_bytes", threshold)
+
+    variants = {"two-level": ("hier", crossing_from(0)), "leaders": ("hier", crossing_from(None))}
     saved = group.two_level_bytes
     try:
-        for nbytes in sizes:
-            buf = np.zeros(max(1, nbytes // np.dtype(dtype).itemsize), dtype=dtype)
-            group.two_level_bytes = 0
-            time_allreduce(buf, comm, "hier", 1)
-            reps = max(1, min(2000, int(trial_s / max(time_allreduce(buf, comm, "hier", 1), 1e-7))))
-            runs = {name: [] for name in variants}
-            for _ in range(trials):
-                for name, threshold in variants.items():
-                    group.two_level_bytes = threshold
-                    runs[name].append(time_allreduce(buf, comm, "hier", reps))
-            for name in variants:
-                seconds[name].append(float(np.median(runs[name])))
+        seconds = _alternate(comm, sizes, variants, trials, trial_s, dtype)
     finally:
         group.two_level_bytes = saved
     return fit_crossover(sizes, seconds["two-level"], seconds["leaders"]), seconds
+
+
+def _alternate(comm, sizes, variants: dict, trials: int, trial_s: float, dtype) -> dict[str, list[float]]:
+    """{variant: median seconds per call at each size}; variants: {name: (algorithm, a function to
+    call before each timing of it, or None)}. Collective."""
+    def timed(buf, name, reps):
+        algorithm, prepare = variants[name]
+        if prepare is not None:
+            prepare()
+        return time_allreduce(buf, comm, algorithm, reps)
+
+    seconds = {name: [] for name in variants}
+    for nbytes in sizes:
+        buf = np.zeros(max(1, nbytes // np.dtype(dtype).itemsize), dtype=dtype)
+        reps = {}
+        for name in variants:
+            timed(buf, name, 1)
+            reps[name] = max(1, min(2000, int(trial_s / max(timed(buf, name, 1), 1e-7))))
+        runs = {name: [] for name in variants}
+        for _ in range(trials):
+            for name in variants:
+                runs[name].append(timed(buf, name, reps[name]))
+        for name in variants:
+            seconds[name].append(float(np.median(runs[name])))
+    return seconds
 
 
 def fit_crossover(sizes: list[int], two_level: list[float], leaders: list[float]) -> int | None:
