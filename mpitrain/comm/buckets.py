@@ -88,9 +88,13 @@ def split_layers(buckets: list[tuple[int, int, int]], layer_slices: list[tuple[i
     return out
 
 
-def slot_elements(bucket_sizes: list[int]) -> int:
+def slot_sizes(bucket_sizes: list[int]) -> tuple[int, int]:
     """--zero 2's two staging slots: the largest even and the largest odd bucket, in launch order."""
-    return max(bucket_sizes[0::2]) + max(bucket_sizes[1::2], default=0)
+    return max(bucket_sizes[0::2]), max(bucket_sizes[1::2], default=0)
+
+
+def slot_elements(bucket_sizes: list[int]) -> int:
+    return sum(slot_sizes(bucket_sizes))
 
 
 def zero2_buckets(buckets: list[tuple[int, int, int]], layer_slices: list[tuple[int, int]],
@@ -155,7 +159,9 @@ class GradientSync:
             for start, stop, _ in self.buckets]
         mine = shards[comm.rank] if shards is not None else (0, grads.size)
         self.shard_grads = grads[mine[0]:mine[1]]
-        self.staged = stage and self._stage(grads, mine)
+        self.staged = stage
+        if stage:
+            self._stage(grads, mine)
         if comm.size > 1 and compressed is None:
             # Collective set-up now, at the same point on every rank (see allreduce_schedule): auto's
             # thresholds, and the hierarchical sum's shared slots sized for its largest bucket.
@@ -185,17 +191,16 @@ class GradientSync:
 
     # ------------------------------------------------------------------------ --zero 2: the shard alone
 
-    def _stage(self, grads, mine: tuple[int, int]) -> bool:
+    def _stage(self, grads, mine: tuple[int, int]) -> None:
         """--zero 2, where zero2_buckets chose to stage: backward writes each bucket into one of two
         staging slots (even and odd buckets, so one bucket is summed while backward fills the
-        next), and only this rank's shard of the sum is kept. Returns True."""
+        next), and only this rank's shard of the sum is kept."""
         sizes = [stop - start for start, stop, _ in self.buckets]
         xp = np if isinstance(grads, np.ndarray) else __import__("cupy")
-        self.slots = [xp.zeros(size, dtype=grads.dtype) for size in (max(sizes[0::2]), max(sizes[1::2], default=0))]
+        self.slots = [xp.zeros(size, dtype=grads.dtype) for size in slot_sizes(sizes)]
         self.views = [self.slots[index % 2][:size] for index, size in enumerate(sizes)]
         self.shard_grads = xp.zeros(mine[1] - mine[0], dtype=grads.dtype)
         self._shard_start = mine[0]
-        return True
 
     def layer_grads(self) -> list:
         """Where backward must write each dense layer's gradient, in forward order: a 1-D view, or for

@@ -46,12 +46,16 @@ TWO_LEVEL_BYTES = 1 << 20  # buffers from this size use every local rank across 
 _TAG = 140
 
 
+def equal_nodes(node_sizes: list[int]) -> bool:
+    """Several nodes, each with the same number L > 1 of ranks: where the two-level scheme applies."""
+    return len(node_sizes) > 1 and node_sizes[0] > 1 and len(set(node_sizes)) == 1
+
+
 def two_level(nbytes: int, node_sizes: list[int], threshold: int | None = TWO_LEVEL_BYTES) -> bool:
     """Whether a buffer of nbytes crosses nodes from every local rank (the two-level scheme) rather
-    than from the leaders alone: several nodes, each of the same size L > 1, and a buffer of at
-    least `threshold` bytes (None: never; `mpitrain tune` measures it per layout)."""
-    equal = len(node_sizes) > 1 and node_sizes[0] > 1 and len(set(node_sizes)) == 1
-    return equal and threshold is not None and nbytes >= threshold
+    than from the leaders alone: equal nodes and a buffer of at least `threshold` bytes (None:
+    never; `mpitrain tune` measures it per layout)."""
+    return equal_nodes(node_sizes) and threshold is not None and nbytes >= threshold
 
 
 def tuned_two_level_bytes(world_size: int, nodes: int) -> int | None:
@@ -83,8 +87,7 @@ class NodeGroup:
         self.cross = None
         # From which size the ranks cross with every local rank: rank 0's tuning file, for all.
         self.two_level_bytes = TWO_LEVEL_BYTES
-        equal = two_level(0, self.node_sizes, 0)
-        if equal:
+        if equal_nodes(self.node_sizes):
             found, error = None, None
             if comm.rank == 0:
                 try:

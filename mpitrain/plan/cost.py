@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from mpitrain.comm.buckets import MiB, plan_buckets, slot_elements, zero2_buckets
-from mpitrain.comm.hier import tuned_two_level_bytes, two_level
+from mpitrain.comm.hier import equal_nodes, tuned_two_level_bytes
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.nn.model import layer_roles
@@ -199,24 +199,37 @@ def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group
     return total
 
 
-def auto_chooser():
-    """What --allreduce auto picks for n bytes over a group: the thresholds `mpitrain tune` saved
-    for that many ranks and nodes, else comm/thresholds.py's defaults."""
-    from mpitrain.comm.thresholds import Thresholds, load_table
+class AutoChooser:
+    """What --allreduce auto picks for n bytes over a group, and from which buffer size `hier`
+    crosses nodes from every local rank there: what `mpitrain tune` saved for that many ranks and
+    nodes, else the built-in defaults. Each layout's entry is read once, however many layouts
+    a plan prices."""
 
-    tables = {}
+    def __init__(self):
+        self.tables, self.crossovers = {}, {}
 
-    def choose(nbytes: int, group: Group) -> str:
+    def __call__(self, nbytes: int, group: Group) -> str:
+        from mpitrain.comm.thresholds import Thresholds, load_table
+
         key = (group.size, group.nodes)
-        if key not in tables:
-            tables[key] = Thresholds(load_table(*key))
-        return tables[key](nbytes)
-    return choose
+        if key not in self.tables:
+            self.tables[key] = Thresholds(load_table(*key))
+        return self.tables[key](nbytes)
+
+    def two_level_bytes(self, size: int, nodes: int) -> int | None:
+        if (size, nodes) not in self.crossovers:
+            self.crossovers[size, nodes] = tuned_two_level_bytes(size, nodes)
+        return self.crossovers[size, nodes]
+
+
+def auto_chooser() -> AutoChooser:
+    return AutoChooser()
 
 
 def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choose):
     """Yield (stage, tp_rank, layers, micro_rows of data-parallel rank 0, {field: bytes}) for every
-    (stage, tensor rank) of a grid, each field an array over the data-parallel ranks."""
+    (stage, tensor rank) of a grid, each field an array over the data-parallel ranks; choose: an
+    AutoChooser."""
     layout = plan_layout(replace(config, tp=spec.tp, pp=spec.pp, micro_batches=spec.micro_batches,
                                  pipeline_schedule=spec.schedule, stages=None), spec.world, widths)
     itemsize = np.dtype(config.dtype).itemsize
@@ -245,7 +258,7 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             local_rank = dp_ranks - starts[node_index]
             node_sizes = np.diff(np.r_[starts, spec.dp]).tolist()
             # hier's crossover to every local rank, as the run will read it from a tuning file
-            crossover = tuned_two_level_bytes(spec.dp, len(node_sizes)) if two_level(0, node_sizes, 0) else None
+            crossover = choose.two_level_bytes(spec.dp, len(node_sizes)) if equal_nodes(node_sizes) else None
             placement = (node_index, local_rank, node_sizes, crossover)
             # A field that depends on the rows is computed once per distinct local batch size.
             per_batch = {}
