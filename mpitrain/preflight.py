@@ -8,6 +8,7 @@ from mpitrain.checkpoint import list_checkpoints
 from mpitrain.comm import agree
 from mpitrain.errors import MpitrainError, error_of
 from mpitrain.outputs import check_file, probe_folder, reason
+from mpitrain.trace import trace_path
 
 
 def check_checkpoint_folder(folder: str, resume: str | None) -> None:
@@ -32,7 +33,7 @@ def check_outputs(config, comm) -> None:
     step 1, and the checkpoint folder is this run's. Rank 0 writes them all, so it checks and every
     rank raises alike. Collective on comm."""
     def check():
-        for flag, path in (("--save", config.save), ("--metrics", config.metrics), ("--trace", config.trace)):
+        for flag, path in (("--save", config.save), ("--metrics", config.metrics), ("--trace", trace_path(config))):
             if path:
                 try:
                     check_file(path)

@@ -39,6 +39,11 @@ PINGS = 8
 _TAG_PING = 151
 
 
+def trace_path(config) -> str | None:
+    """Where this run writes its trace: --trace, else $MPITRAIN_TRACE, else nowhere."""
+    return config.trace or os.environ.get("MPITRAIN_TRACE") or None
+
+
 def parse_steps(spec: str | None) -> tuple[int, int] | None:
     """'A:B' -> (A, B): trace steps A..B-1, counted from 0 as the metrics' step counter; None: all."""
     if spec is None:

@@ -44,7 +44,7 @@ from mpitrain.parallel.strategy import GridStrategy
 from mpitrain.report import (Reporter, TrainResult, busiest_rank, summarize, validation_metrics,
                              written_files)
 from mpitrain.resilience import Resilience, dataset_shape
-from mpitrain.trace import TRACE
+from mpitrain.trace import TRACE, trace_path
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -78,9 +78,8 @@ def train(config: TrainConfig, comm: MPI.Intracomm | None = None, callbacks=()) 
             print(chosen, flush=True)
     if config.check_collectives:
         fingerprint.enable()
-    trace_path = config.trace or os.environ.get("MPITRAIN_TRACE")
-    if trace_path:
-        TRACE.start(trace_path, config.trace_steps, comm)
+    if trace_path(config):
+        TRACE.start(trace_path(config), config.trace_steps, comm)
     guard = Resilience(config, comm)
     try:
         if config.sync == "ps":

@@ -71,6 +71,16 @@ def test_every_output_is_checked_before_step_1(comm, dataset, shared_dir, monkey
     assert "\n" not in str(caught.value)
 
 
+def test_a_trace_path_from_the_environment_is_checked_before_step_1(comm, dataset, shared_dir, monkeypatch):
+    path, holder, reason = place(comm, shared_dir, "missing folder", "out.json")
+    monkeypatch.setenv("MPITRAIN_TRACE", path)
+    calls = steps_taken(monkeypatch)
+    with holder:
+        with pytest.raises(MpitrainError, match=f"--trace: cannot write.*{reason}"):
+            train(config(data=dataset, steps=300), comm)
+    assert calls == []
+
+
 def test_save_naming_a_folder_is_refused_at_start(comm, dataset, shared_dir, monkeypatch):
     calls = steps_taken(monkeypatch)
     with pytest.raises(MpitrainError, match="cannot write .*: Is a directory"):
