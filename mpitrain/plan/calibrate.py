@@ -15,6 +15,9 @@ What is measured, every rank at once (as in training, so shared caches and memor
           between rank 0 and the first rank of the next node (across nodes, when there is one),
           fitted by least squares
   the all-reduce curves of every algorithm at this world size (comm/tune.py's timing)
+  the overlap efficiency: data-parallel steps of the model with the gradient buckets' sums
+          overlapped with backward and without, alternated; the seconds overlap saved over the
+          seconds the plan's buckets could hide at most (more than one rank only)
 A profile already at --out is updated: its curves of other world sizes are kept.
 """
 
@@ -165,6 +168,72 @@ def step_overhead(comm, dtype: str) -> float:
     return config.batch_size / record["samples_per_s"]
 
 
+def overlap_efficiency(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, profile: dict,
+                       rounds: int = 3, seconds: float = 1.0, allreduce: str = "auto") -> float:
+    """Share (0..1) of the overlappable gradient-sum seconds that --overlap really hides here.
+    Collective; 0.0 on one rank, or where the plan's buckets could hide under 5 % of a step (a
+    saving that small is inside the step's noise on a shared machine, and moves no prediction).
+
+    Both variants train the model data-parallel over comm (GridStrategy, the same bucketed sum as
+    training, with `allreduce`, on a batch held in memory), `rounds` times alternately, each timing enough steps to
+    fill about `seconds` (a step is the slowest rank's); each variant's step is its median. The
+    plan prices the same layout with efficiency 1 and 0: their difference is what overlap could
+    hide at most (timing.exposed_sync), and the measured saving over it is the efficiency."""
+    import dataclasses
+
+    from threadpoolctl import threadpool_limits
+
+    from mpitrain.backend import select_backend
+    from mpitrain.config import TrainConfig, validate
+    from mpitrain.parallel.strategy import GridStrategy
+    from mpitrain.plan.cost import Spec
+    from mpitrain.plan.timing import predict
+
+    if comm.size == 1:
+        return 0.0
+    _, ranks_on_node = local_rank_and_size(comm)
+    base = validate(dataclasses.replace(TrainConfig(), model="-".join(map(str, widths)), batch_size=batch,
+                                        dtype=dtype, device="cpu", progress=False, allreduce=allreduce))
+    spec = Spec("grid", comm.size, algorithm=allreduce)
+    hidden, exposed = (predict(spec, base, widths, ranks_on_node, {**profile, "overlap_efficiency": share}).step_s
+                       for share in (1.0, 0.0))
+    if exposed - hidden < 0.05 * exposed:
+        return 0.0
+    rows = batch // comm.size + (comm.rank < batch % comm.size)
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal((rows, widths[0])).astype(dtype)
+    y = rng.integers(0, widths[-1], rows)
+    backend = select_backend("cpu", comm)
+    strategies = [GridStrategy(dataclasses.replace(base, overlap=overlap), comm, widths, backend)
+                  for overlap in (True, False)]
+    steps = max(2, min(50, int(seconds / exposed)))
+    times = [[], []]
+    with threadpool_limits(limits=max(1, available_cores() // ranks_on_node), user_api="blas"):
+        _alternate(comm, strategies, x, y, rounds, steps, times)
+    for strategy in strategies:
+        strategy.close()
+    return hidden_share(float(np.median(times[0])), float(np.median(times[1])), exposed - hidden)
+
+
+def _alternate(comm, strategies, x, y, rounds: int, steps: int, times: list[list[float]]) -> None:
+    """Append each strategy's seconds per step (the slowest rank's), the strategies taking turns."""
+    for _ in range(rounds):
+        for strategy, samples in zip(strategies, times):
+            strategy.forward_backward(x, y)  # the first step after the other variant's refills the caches
+            strategy.update(1e-6)
+            polite_barrier(comm)
+            started = time.perf_counter()
+            for _ in range(steps):
+                strategy.forward_backward(x, y)
+                strategy.update(1e-6)
+            samples.append(comm.allreduce((time.perf_counter() - started) / steps, op=MPI.MAX))
+
+
+def hidden_share(with_overlap: float, without: float, could_hide: float) -> float:
+    """(without - with_overlap) / could_hide, kept within 0..1 (seconds; noise can push it out)."""
+    return float(min(1.0, max(0.0, (without - with_overlap) / could_hide)))
+
+
 def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, previous: dict | None) -> dict:
     """The measured profile (on every rank); `previous` (a profile) keeps its curves of other sizes."""
     _, ranks_on_node = local_rank_and_size(comm)
@@ -209,6 +278,7 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         "links": {"intra": intra, "inter": {"alpha_s": inter[0], "beta_s_per_byte": inter[1]} if inter else intra},
         "collectives": curves, "stream": stream,
     }
+    profile["overlap_efficiency"] = overlap_efficiency(comm, widths, batch, dtype, check(profile, "calibration"))
     if previous:
         # One node here: keep the inter-node link of a calibration across nodes (one of a single
         # node wrote its intra-node link there: that one is not kept).

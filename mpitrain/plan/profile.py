@@ -23,7 +23,8 @@ Fields (every rate is per core: one rank with one BLAS thread; times in seconds,
     message_overhead_s         cost in Python of one message of a hand-written collective
     step_overhead_s            fixed cost of one training step (batch, checks, loop)
     overlap_efficiency         share of a gradient bucket's all-reduce that the backward still to run
-                               hides (0: none, 1: all); 0 where one core runs both
+                               hides (0: none, 1: all), as --calibrate measures it (training
+                               with --overlap and without); 0 where one core runs both
     links                      {"intra": {alpha_s, beta_s_per_byte}, "inter": {...}}: point-to-point
                                time alpha + n beta within a node and across nodes
     collectives                [{algorithm, ranks, nodes, bytes: [...], seconds: [...]}]: measured
