@@ -1,11 +1,13 @@
 """Parameters and training checkpoints on disk, as HDF5, written atomically.
 
 A parameter file holds one dataset per parameter (`0/weight`, `0/bias`, ...). A checkpoint holds
-everything a run needs to continue bit for bit: parameters (`model/0/weight`, ...), optimizer
-state (`optimizer/m/0/weight`, ...), all unsliced whatever the layout that wrote them, RNG states
-(`rng/...`, one row per rank), and a JSON record of step, epoch, sampler position, layout and
-config, with a SHA-256 digest over all of it. Because every array is unsliced, any layout can
-read the slices it needs (parallel/state.py) from a checkpoint that any other layout wrote.
+everything a run needs to continue: parameters (`model/0/weight`, ...), optimizer state
+(`optimizer/m/0/weight`, ...), under --error-feedback the gradient-compression residual summed
+over each data-parallel group (`residual/0/weight`, ...; meta 'residual': true), all unsliced
+whatever the layout that wrote them, RNG states (`rng/...`, one row per rank), and a JSON record
+of step, epoch, sampler position, layout and config, with a SHA-256 digest over all of it.
+Because every array is unsliced, any layout can read the slices it needs (parallel/state.py)
+from a checkpoint that any other layout wrote.
 
 A write goes to an exclusive temporary with an unguessable name in the same folder, is flushed
 and fsynced, then renamed over the target (and the folder fsynced), so a crash mid-write never
@@ -175,12 +177,29 @@ RNG_ROWS = {"rng/numpy_key": ((624,), "u"), "rng/numpy_pos": ((), "i"), "rng/num
             "rng/python_state": ((625,), "i"), "rng/python_gauss": ((2,), "f")}
 
 
-def expected_datasets(shapes: dict[str, tuple], buffers, world_size: int) -> dict[str, tuple[tuple, str]]:
+def buffer_prefix(buffer: str) -> str:
+    """Where a buffer of the pieces (parallel/state.py) lies in a checkpoint: 'param' in model/, the
+    error-feedback 'residual' in residual/, an optimizer buffer b in optimizer/b/."""
+    return {"param": "model/", "residual": "residual/"}.get(buffer, f"optimizer/{buffer}/")
+
+
+def holds_residual(meta: dict, path: str) -> bool:
+    """Whether a checkpoint holds the error-feedback residual (meta 'residual'; files written before
+    it was saved have no such field, and none)."""
+    value = meta.get("residual", False)
+    if not isinstance(value, bool):
+        raise CorruptCheckpoint(f"{path}: checkpoint field 'residual' = {value!r}: must be true or false")
+    return value
+
+
+def expected_datasets(shapes: dict[str, tuple], buffers, world_size: int,
+                      residual: bool = False) -> dict[str, tuple[tuple, str]]:
     """{dataset: (shape, dtype kinds)} of a checkpoint of parameters of `shapes` ({name: shape}),
-    optimizer `buffers`, written by `world_size` ranks: what verify_checkpoint(expected=) takes."""
-    expected = {f"model/{name}": (shape, "f") for name, shape in shapes.items()}
-    for buffer in buffers:
-        expected.update({f"optimizer/{buffer}/{name}": (shape, "f") for name, shape in shapes.items()})
+    optimizer `buffers` (and the residual, if it holds one), written by `world_size` ranks: what
+    verify_checkpoint(expected=) takes."""
+    expected = {}
+    for buffer in ["param", *buffers, *(["residual"] if residual else [])]:
+        expected.update({buffer_prefix(buffer) + name: (shape, "f") for name, shape in shapes.items()})
     expected.update({name: ((world_size, *row), kinds) for name, (row, kinds) in RNG_ROWS.items()})
     return expected
 

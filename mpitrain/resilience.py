@@ -15,7 +15,9 @@ A resumed run equals an uninterrupted one bit for bit on the same layout and wor
 checkpoint holds the parameters, the optimizer's buffers and step counter, and the position in
 the data (epoch and batches taken, the order itself being a pure function of seed, epoch and
 rank), and everything after is the same arithmetic. (The parameter server repeats a run only in
-sync mode with --staleness 0; see parallel/ps_train.py.)
+sync mode with --staleness 0; see parallel/ps_train.py. Under --error-feedback on more than one
+data-parallel rank the checkpoint holds the residual's sum over the ranks, not each one's share,
+so the resumed run rounds differently: the same run to the wire dtype's rounding.)
 """
 
 import math
@@ -34,8 +36,10 @@ from mpitrain.backend import read_scalar
 from mpitrain.checkpoint import (
     Checkpoint,
     CorruptCheckpoint,
+    buffer_prefix,
     checkpoint_name,
     expected_datasets,
+    holds_residual,
     newest_valid_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -152,7 +156,8 @@ class Resilience:
         calls this before reading any data): a file holding anything else is corrupt."""
         self._check_compatible(path, meta)
         shapes = full_shapes(parse_widths(self.config.model))
-        return expected_datasets(shapes, self.strategy.optimizer.buffers, meta["world_size"])
+        return expected_datasets(shapes, self.strategy.optimizer.buffers, meta["world_size"],
+                                 holds_residual(meta, path))
 
     def _check_compatible(self, path: str, meta: dict) -> None:
         """Refuse a checkpoint this run cannot load: another model or optimizer, or a field out of
@@ -193,13 +198,20 @@ class Resilience:
                   + ("the training itself is unchanged" if repeats else "the run will not repeat an uninterrupted one"))
 
     def _restore(self, path: str, meta: dict) -> Position:
-        """Every rank reads its own pieces (parameters and optimizer state) and, on the same world
-        size, its RNG row. Raises MpitrainError or OSError; the caller agrees."""
+        """Every rank reads its own pieces (parameters, optimizer state, the summed residual of
+        --error-feedback) and, on the same world size, its RNG row. Raises MpitrainError or
+        OSError; the caller agrees."""
         strategy = self.strategy
-        buffers = {"param": "model/", **{b: f"optimizer/{b}/" for b in strategy.optimizer.buffers}}
+        residual = strategy.residual_buffer() if holds_residual(meta, path) else None
+        buffers = ["param", *strategy.optimizer.buffers, *(["residual"] if residual is not None else [])]
         with open_read(path, error=CorruptCheckpoint) as handle:
-            load_pieces(strategy.pieces(), handle, buffers)
+            load_pieces(strategy.pieces(residual), handle, {buffer: buffer_prefix(buffer) for buffer in buffers})
             rng = {name: handle[name][()] for name in _rng_arrays([_rng_state()])}
+        if residual is not None:
+            strategy.set_residual(residual)
+        elif holds_residual(meta, path):
+            self.warn(f"{path}: the checkpoint holds an --error-feedback residual but this run has no "
+                      "--error-feedback: the residual is dropped")
         strategy.optimizer.t = meta["optimizer"]["t"]
         if meta["world_size"] == self.comm.size:
             try:
@@ -331,8 +343,9 @@ class Resilience:
         path = os.path.join(folder, checkpoint_name(position.step))
         started = time.perf_counter()
         strategy, widths = self.strategy, parse_widths(self.config.model)
-        buffers = ["param", *strategy.optimizer.buffers]
-        full = gather_pieces(strategy.pieces(), buffers, strategy.holds_copy, widths,
+        residual = strategy.residual_sum()  # collective on each data-parallel group; None without --error-feedback
+        buffers = ["param", *strategy.optimizer.buffers, *(["residual"] if residual is not None else [])]
+        full = gather_pieces(strategy.pieces(residual), buffers, strategy.holds_copy, widths,
                              np.dtype(self.config.dtype), self.comm)
         t = strategy.optimizer_t()
         rng_states = self.comm.gather(_rng_state(), root=0)
@@ -356,10 +369,8 @@ class Resilience:
         return path
 
     def _snapshot(self, position: Position, full: dict, rng_states: list, t: int, loss_sums: list) -> Checkpoint:
-        arrays = {f"model/{name}": value for name, value in full["param"].items()}
-        for buffer, named in full.items():
-            if buffer != "param":
-                arrays.update({f"optimizer/{buffer}/{name}": value for name, value in named.items()})
+        arrays = {buffer_prefix(buffer) + name: value
+                  for buffer, named in full.items() for name, value in named.items()}
         arrays.update(_rng_arrays(rng_states))
         config = self.config
         meta = {
@@ -373,6 +384,7 @@ class Resilience:
             "partial_epoch": {"loss_sums": loss_sums, "kept_steps": self.epoch_sums["kept_steps"]},
             "model": {"widths": config.model, "activation": config.activation, "dtype": config.dtype},
             "optimizer": {"kind": config.optimizer, "t": int(t)},
+            "residual": "residual" in full,
             "sampler": {"kind": config.sampler, "partition": config.partition, "seed": config.seed,
                         "order": "permutation seeded by (seed, epoch[, rank]); `position` batches taken"},
             "config": {**as_dict(config), "data": self.data_given},

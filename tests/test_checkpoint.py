@@ -13,6 +13,8 @@ from mpitrain.checkpoint import (
     Checkpoint,
     CorruptCheckpoint,
     checkpoint_name,
+    expected_datasets,
+    holds_residual,
     list_checkpoints,
     load_checkpoint,
     newest_valid_checkpoint,
@@ -125,3 +127,15 @@ def test_prune_keeps_the_newest_and_removes_temporaries(tmp_path):
     prune_checkpoints(str(tmp_path), keep=2)
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [8, 100]
     assert not os.path.exists(stale) and os.path.exists(unrelated)
+
+
+def test_the_residual_datasets_are_expected_only_where_the_metadata_says_so():
+    """A checkpoint of --error-feedback holds residual/<name> per parameter and says so ('residual':
+    true); one written before residuals were saved has no such field and none is expected of it."""
+    shapes = {"0/weight": (5, 3), "0/bias": (3,)}
+    older = expected_datasets(shapes, ["m", "v"], 2, holds_residual({"step": 4}, "old.h5"))
+    now = expected_datasets(shapes, ["m", "v"], 2, holds_residual({"step": 4, "residual": True}, "new.h5"))
+    assert set(now) - set(older) == {"residual/0/weight", "residual/0/bias"}
+    assert now["residual/0/weight"] == ((5, 3), "f")
+    with pytest.raises(CorruptCheckpoint, match="bad.h5: checkpoint field 'residual' = 'yes'"):
+        holds_residual({"residual": "yes"}, "bad.h5")

@@ -125,9 +125,10 @@ class GradientSync:
 
     shards: [start, stop) of the flat buffer per rank of comm (--zero 1, 2): buckets are
     reduce-scattered and `shard_grads` holds this rank's summed block (else all of grads).
-    compressed: a CompressedSum for --grad-dtype. shard_only (--zero 2): keep the shard and two
-    staging slots instead of grads, where smaller; then `staged` is True and backward must write
-    into `layer_grads()` (Model.bind_grads). row_sizes (--zero 2): elements per weight row of each
+    compressed: a CompressedSum for --grad-dtype, of grads.size entries (each bucket's residual is
+    found by its offset in grads). shard_only (--zero 2): keep the shard and two staging slots
+    instead of grads, where smaller; then `staged` is True and backward must write into
+    `layer_grads()` (Model.bind_grads). row_sizes (--zero 2): elements per weight row of each
     layer, to cut layers larger than a bucket into pieces of rows (split_layers).
     """
 
@@ -261,7 +262,9 @@ class GradientSync:
         view = self.views[bucket]
         if self.compressed is not None:
             chunks = chunk_bounds(view.size, self.comm.size) if self.shards is None else self.bucket_chunks[bucket]
-            return self.compressed.schedule(view, self.comm, chunks, gather=self.shards is None)
+            # The offset in the flat buffer, not the view (a --zero 2 staging slot): the residual follows the entries.
+            return self.compressed.schedule(view, self.comm, chunks, gather=self.shards is None,
+                                            offset=self.buckets[bucket][0])
         if self.shards is None:
             return allreduce_schedule(view, self.comm, self.algorithm)
         return shard_reduce_schedule(view, self.comm, self.algorithm, self.bucket_chunks[bucket])

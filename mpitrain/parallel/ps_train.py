@@ -136,7 +136,9 @@ class ServerState:
         self.optimizer = server.optimizer if server else SimpleNamespace(
             buffers=dict.fromkeys(buffer_names(config)), t=0)
 
-    def pieces(self) -> list[tuple[str, tuple, dict]]:
+    def pieces(self, residual=None) -> list[tuple[str, tuple, dict]]:
+        """Every server's range of θ and of the optimizer state; workers hold none. `residual` is
+        always None here: workers send full-precision gradients (--grad-dtype needs --sync allreduce)."""
         if self.server is None:
             return []
         a, b = self.roles.bounds[self.roles.server_index]
@@ -149,6 +151,12 @@ class ServerState:
                 views.update({buffer: flat[lo - a:hi - a] for buffer, flat in self.optimizer.buffers.items()})
                 out.append((name, ("flat", lo - start, hi - start), views))
         return out
+
+    def residual_sum(self) -> None:
+        """No gradient-compression residual: see pieces."""
+        return None
+
+    residual_buffer = residual_sum
 
     def optimizer_t(self) -> int:
         """The servers' optimizer step count on every rank. Collective."""

@@ -1,7 +1,9 @@
 """One on-disk layout for every run layout: full, unsliced arrays named as the whole model names them.
 
 A rank's holdings are *pieces*: (parameter name, index into the unsliced parameter, {buffer:
-local view}) with buffers 'param' and the optimizer's ('m', 'v', 'velocity'). An index is a tuple
+local view}) with buffers 'param', the optimizer's ('m', 'v', 'velocity') and, when a checkpoint of
+--error-feedback is written or read, 'residual' (summed over the data-parallel group, see
+GridStrategy.residual_sum). An index is a tuple
 of slices (a tensor-parallel shard, or everything), or ('flat', a, b) for a range of the raveled
 parameter (a parameter server's range of the flat buffer).
 
@@ -18,7 +20,8 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.backend import to_host
-from mpitrain.checkpoint import CorruptCheckpoint, expected_datasets, is_checkpoint, save_parameters, verify_checkpoint
+from mpitrain.checkpoint import (CorruptCheckpoint, expected_datasets, holds_residual, is_checkpoint, save_parameters,
+                                 verify_checkpoint)
 from mpitrain.comm import agree
 from mpitrain.config import as_dict
 from mpitrain.data import normalize
@@ -187,14 +190,14 @@ def check_parameter_file(handle: h5py.File, path: str, widths: list[int], prefix
 
 
 def _checkpoint_datasets(path: str, meta: dict, widths: list[int]) -> dict:
-    """What a checkpoint written for this model holds, from its metadata (optimizer and world
-    size): any other dataset makes it corrupt, before anything is read."""
+    """What a checkpoint written for this model holds, from its metadata (optimizer, world size,
+    residual): any other dataset makes it corrupt, before anything is read."""
     optimizer, config = meta.get("optimizer"), meta.get("config")
     world_size = meta.get("world_size")
     if not (isinstance(optimizer, dict) and isinstance(config, dict) and type(world_size) is int and world_size > 0):
         raise CorruptCheckpoint(f"{path}: checkpoint metadata lacks its optimizer, config or world size")
     settings = SimpleNamespace(optimizer=optimizer.get("kind"), momentum=config.get("momentum"))
-    return expected_datasets(full_shapes(widths), buffer_names(settings), world_size)
+    return expected_datasets(full_shapes(widths), buffer_names(settings), world_size, holds_residual(meta, path))
 
 
 def init_from(path: str, pieces, widths: list[int], comm: MPI.Intracomm) -> None:

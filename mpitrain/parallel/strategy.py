@@ -54,7 +54,7 @@ class GridStrategy:
         start, stop = self.shard
         self.compressed = None
         if config.grad_dtype is not None and wire_dtype(config.grad_dtype).itemsize < params.itemsize:
-            self.compressed = CompressedSum(wire_dtype(config.grad_dtype), config.error_feedback)
+            self.compressed = CompressedSum(wire_dtype(config.grad_dtype), config.error_feedback, params.size)
         self.grad_sync = GradientSync(grads, self.model.layer_grad_slices(), grid.dp_comm, config.allreduce,
                                       config.bucket_mb, config.overlap, shards, self.compressed, config.zero == 2,
                                       [layer.weight_shape[1] for layer in self.model.dense])
@@ -120,22 +120,62 @@ class GridStrategy:
 
     # ------------------------------------------------------------------------ state and metrics
 
-    def pieces(self) -> list[tuple[str, tuple, dict]]:
+    def pieces(self, residual: np.ndarray | None = None) -> list[tuple[str, tuple, dict]]:
         """(parameter name, index into the unsliced parameter, {'param': view, optimizer buffer
-        name: view}) for every shard this rank holds: what a checkpoint saves and restores.
-        Collective under --zero (a parameter all-gather still in flight is finished first)."""
+        name: view}) for every shard this rank holds: what a checkpoint saves and restores. With
+        `residual` (residual_sum or residual_buffer: one entry per entry of this rank's shard) its
+        views too, as buffer 'residual'. Collective under --zero (a parameter all-gather still in
+        flight is finished first)."""
         self.grad_sync.finish_gather()
+        state = {**self.optimizer.buffers, **({"residual": residual} if residual is not None else {})}
+        start, stop = self.shard
         if self.zero:
-            start, stop = self.shard
-            return range_pieces(self.model.shards(), self.widths, start, stop, self.model.params,
-                                self.optimizer.buffers)
+            return range_pieces(self.model.shards(), self.widths, start, stop, self.model.params, state)
         out = []
-        for name, index, view, (start, stop) in self.model.shards():
+        for name, index, view, (first, last) in self.model.shards():
             views = {"param": view}
-            for buffer, flat in self.optimizer.buffers.items():
-                views[buffer] = flat[start:stop].reshape(view.shape)
+            for buffer, flat in state.items():
+                views[buffer] = flat[first:last].reshape(view.shape)
             out.append((name, index, views))
         return out
+
+    # The --error-feedback residual is each data-parallel rank's; what the next steps need is its sum
+    # over the group (the summed gradient carries every rank's), so a checkpoint holds that sum, as
+    # one more unsliced buffer: any world size, layout or --zero stage can read it.
+
+    def _residual_owners(self) -> list[tuple[int, int]]:
+        """[start, stop) of the flat buffer whose summed residual each data-parallel rank holds: its
+        shard under --zero, else all of it on rank 0 (the rank whose pieces a checkpoint takes)."""
+        if self.zero:
+            return self.grad_sync.shards
+        size, dp = self.model.params.size, self.grid.dp_comm.size
+        return [(0, size)] + [(size, size)] * (dp - 1)
+
+    def residual_sum(self) -> np.ndarray | None:
+        """This rank's shard of the error-feedback residual summed over its data-parallel group, for
+        pieces() (host array, one entry per shard entry, in the parameters' dtype; zeros where this
+        rank holds no copy), or None without --error-feedback. Collective on the data-parallel
+        group (every rank of comm calls it: each group sums its own)."""
+        if self.compressed is None or not self.compressed.error_feedback:
+            return None
+        self.grad_sync.finish_gather()  # no parameter all-gather left in flight beside these messages
+        summed = self.compressed.residual_sum(self.grid.dp_comm, self._residual_owners(), self.model.params.dtype)
+        start, stop = self.shard
+        return summed if self.holds_copy else np.zeros(stop - start, summed.dtype)
+
+    def residual_buffer(self) -> np.ndarray | None:
+        """Zeros to read a checkpoint's summed residual into through pieces(residual=...), then to
+        give to set_residual; None without --error-feedback. Local."""
+        if self.compressed is None or not self.compressed.error_feedback:
+            return None
+        start, stop = self.shard
+        return np.zeros(stop - start, self.model.params.dtype)
+
+    def set_residual(self, summed: np.ndarray) -> None:
+        """The summed residual read into residual_buffer()'s array becomes the residual of the rank that
+        holds each entry (the one residual_sum gives it to), zero on the others: the group's sum is
+        the saved one, bit for bit. Local."""
+        self.compressed.set_residual(self.shard[0], summed if self.holds_copy else None)
 
     def optimizer_t(self) -> int:
         """The optimizer's step count (the same on every rank)."""
