@@ -21,8 +21,8 @@ FIELDS = ("tp_bytes_per_step", "pp_bytes_per_step", "dp_bytes_per_step", "sent_b
           "param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "activation_bytes_per_rank")
 
 # world size: [(spec, config overrides)]: every grid axis, micro-batching under both schedules,
-# each hand-written all-reduce and MPI's, the parameter server, and ZeRO stages 1 and 2 (buckets
-# of 1e-4 MiB, so --zero 2 cuts every layer into pieces of rows).
+# each hand-written all-reduce and MPI's, the parameter server in both modes, and ZeRO stages 1
+# and 2 (buckets of 1e-4 MiB, so --zero 2 cuts every layer into pieces of rows).
 LAYOUTS = {
     1: [(Spec("grid", 1), {})],
     2: [(Spec("grid", 2, algorithm="ring"), {"allreduce": "ring"}),
@@ -31,6 +31,7 @@ LAYOUTS = {
         (Spec("grid", 1, pp=2, micro_batches=3, schedule="gpipe"),
          {"pp": 2, "micro_batches": 3, "pipeline_schedule": "gpipe"}),
         (Spec("ps", 1, servers=1), {"sync": "ps"}),
+        (Spec("ps", 1, servers=1, ps_mode="async"), {"sync": "ps", "ps_mode": "async"}),
         (Spec("grid", 2, zero=1, algorithm="ring"), {"zero": 1, "allreduce": "ring", "bucket_mb": 1e-4}),
         (Spec("grid", 2, zero=2, algorithm="mpi"), {"zero": 2, "allreduce": "mpi", "bucket_mb": 1e-4})],
     4: [(Spec("grid", 1, tp=2, pp=2, micro_batches=2), {"tp": 2, "pp": 2, "micro_batches": 2}),
@@ -38,6 +39,7 @@ LAYOUTS = {
         (Spec("grid", 2, pp=2, micro_batches=2, algorithm="hier"), {"pp": 2, "micro_batches": 2, "allreduce": "hier"}),
         (Spec("grid", 4, algorithm="auto", zero=0), {"batch_size": 14}),
         (Spec("ps", 2, servers=2), {"sync": "ps", "servers": 2}),
+        (Spec("ps", 3, servers=1, ps_mode="async"), {"sync": "ps", "ps_mode": "async"}),
         (Spec("grid", 4, zero=2, algorithm="auto"), {"zero": 2, "bucket_mb": 1e-4, "batch_size": 16}),
         (Spec("grid", 2, tp=2, zero=2, algorithm="hier"), {"tp": 2, "zero": 2, "allreduce": "hier", "bucket_mb": 1e-4}),
         (Spec("grid", 2, pp=2, micro_batches=2, zero=1, algorithm="rd"),

@@ -17,6 +17,7 @@ each field. Time per step, on the busiest stage (units: seconds):
     bubble      the idle share (P-1)/(M+P-1) of the pipelined part (parallel/pipeline.py)
     data        the gradient buckets' all-reduces, minus what overlaps with the backward still to run
     optimizer   its passes over this rank's parameters (1/dp of them from ZeRO stage 1 on)
+    server queue the asynchronous parameter server's wait for the server, behind other workers' gradients
     overhead    the fixed per-step cost and the per-step agreement of every rank
 
 ZeRO stages (Rajbhandari et al., "ZeRO", SC 2020; --zero, comm/buckets.py): stage 1 keeps 1/dp of
@@ -45,7 +46,8 @@ OPTIMIZER_PASSES = {"adam": (30, 13), "sgd": (5, 2), "sgd-momentum": (9, 4)}
 
 @dataclass(frozen=True)
 class Spec:
-    """One candidate: kind 'grid' (dp x tp x pp) or 'ps' (dp workers + servers, tp = pp = 1)."""
+    """One candidate: kind 'grid' (dp x tp x pp) or 'ps' (dp workers + servers, tp = pp = 1,
+    ps_mode 'sync' or 'async' as --ps-mode)."""
 
     kind: str
     dp: int
@@ -56,6 +58,12 @@ class Spec:
     zero: int = 0
     algorithm: str = "ring"
     servers: int = 0
+    ps_mode: str = "sync"
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether updates use stale gradients (the asynchronous parameter server), unlike the one-process run."""
+        return self.kind == "ps" and self.ps_mode == "async"
 
     @property
     def world(self) -> int:
@@ -63,7 +71,7 @@ class Spec:
 
     def describe(self) -> str:
         if self.kind == "ps":
-            return f"ps {self.dp} workers + {self.servers} server(s)"
+            return f"ps {self.ps_mode} {self.dp} workers + {self.servers} server(s)"
         parts = [f"dp{self.dp} tp{self.tp} pp{self.pp}"]
         if self.pp > 1:
             parts.append(f"m{self.micro_batches} {self.schedule}")
@@ -290,7 +298,9 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
 
 
 def ps_ranks(spec: Spec, config, widths: list[int]):
-    """Yield {field: bytes} of every worker and server of a parameter-server layout (ps_train.py)."""
+    """Yield {field: bytes} of every worker and server of a parameter-server layout (ps_train.py),
+    the same in both modes: per global step a worker sends one gradient (in async mode that is the
+    mean over workers, W gradients per step) and a server answers W of them."""
     itemsize = np.dtype(config.dtype).itemsize
     layers = local_layers(widths, 1, 0, (0, len(widths) - 1))
     params = n_params(layers)
