@@ -135,13 +135,3 @@ def explain(ranked: list) -> str:
                      f"{synchronous.step_s / best.step_s:.2f}x slower")
     return line
 
-
-def auto_layout(config, world: int, widths: list[int], ranks_per_node: int, profile: dict) -> Spec:
-    """The layout `train --layout auto` runs: the fastest predicted grid layout that the training
-    loop implements (no ZeRO, a concrete all-reduce); MpitrainError when none fits."""
-    ranked, infeasible = search(world, config, widths, ranks_per_node, profile, zero_stages=(0,),
-                                parameter_server=False)
-    if not ranked:
-        reasons = "; ".join(sorted({entry.reason for entry in infeasible}))[:300]
-        raise MpitrainError(f"--layout auto: no layout of {world} rank(s) fits --model {config.model} ({reasons})")
-    return ranked[0].spec
