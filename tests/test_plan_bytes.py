@@ -2,7 +2,9 @@
 
 Each layout trains a tiny model (uneven widths, so slices and chunks differ by rank) for two steps
 on the first ranks of the test's communicator, in this process; the plan computes the same fields
-from the config alone, and every one must match exactly.
+from the config alone, and every one must match exactly. The memory check before a run
+(memory.py) counts the plan's fullest rank of the layout its flags describe, so its parts are
+within the metrics' field by field.
 """
 
 import json
@@ -12,6 +14,7 @@ import pytest
 
 from groups import groups_of
 from mpitrain.comm import local_rank_and_size, tunefile
+from mpitrain.memory import model_bytes
 from mpitrain.nn.model import parse_widths
 from mpitrain.plan.cost import Spec, usage
 from mpitrain.train import train
@@ -30,6 +33,7 @@ LAYOUTS = {
         (Spec("grid", 1, tp=2), {"tp": 2}),
         (Spec("grid", 1, pp=2, micro_batches=3, schedule="gpipe"),
          {"pp": 2, "micro_batches": 3, "pipeline_schedule": "gpipe"}),
+        (Spec("grid", 1, pp=2, micro_batches=2, stages="3,1"), {"pp": 2, "micro_batches": 2, "stages": "3,1"}),
         (Spec("ps", 1, servers=1), {"sync": "ps"}),
         (Spec("ps", 1, servers=1, ps_mode="async"), {"sync": "ps", "ps_mode": "async"}),
         (Spec("grid", 2, zero=1, algorithm="ring"), {"zero": 1, "allreduce": "ring", "bucket_mb": 1e-4}),
@@ -93,3 +97,7 @@ def compare(comm, size, layouts, ranks_on_node=None):
             predicted = {**traffic, **memory}
             for field in FIELDS:
                 assert predicted[field] == record[field], (spec.describe(), field)
+            parts = model_bytes(run_config, widths, size)
+            assert sum(parts.values()) == memory["total_bytes_per_rank"], spec.describe()
+            for part, field in zip(parts.values(), FIELDS[4:]):
+                assert part <= record[field], (spec.describe(), field)

@@ -19,7 +19,7 @@ from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.optim import buffer_names
 from mpitrain.plan.collectives import allreduce_time, group_of, p2p_time
 from mpitrain.plan.cost import (OPTIMIZER_PASSES, Prediction, Spec, auto_chooser, busiest, grid_ranks,
-                                local_layers, n_params, ps_ranks, tensor_sums)
+                                local_layers, n_params, tensor_sums, usage)
 
 
 @dataclass
@@ -253,5 +253,5 @@ def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, choose):
     else:
         server = spec.dp * (2 * message + machine.stream(3 * share * itemsize)) + update
         terms.update({"data": server, "optimizer": 0.0, "overhead": overhead})
-    traffic, memory = busiest(list(ps_ranks(spec, config, widths)))
+    traffic, memory = usage(spec, config, widths, ranks_per_node)
     return terms, traffic, memory
