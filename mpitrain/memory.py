@@ -6,8 +6,10 @@
 Without this a model or a data file that does not fit dies in NumPy's allocator, rank by rank,
 with a MemoryError traceback (a 32-1000000000-5 MLP wants 142 GiB of parameters alone; a file
 declaring 10^12 rows makes every rank build a 10^12-row permutation for the validation split).
-The estimate is deliberately simple (the large arrays, not Python's overhead): it is there to stop
-what cannot fit, naming what is too large, not to predict the peak to the byte.
+The model's part, the fullest rank's parameters, gradients, optimizer state and activations, is
+`mpitrain plan`'s count for the run's layout (plan/cost.py), the numbers the metrics report; the
+data's part is an estimate of its large arrays. Neither counts Python's overhead: this is there
+to stop what cannot fit, naming what is too large, not to predict the peak to the byte.
 
 The limit is --max-memory (per rank), else the memory the kernel reports available
 (MemAvailable) shared by the ranks of this node.
@@ -22,7 +24,7 @@ from mpi4py import MPI
 
 from mpitrain.comm import agree, local_rank_and_size
 from mpitrain.errors import MpitrainError, error_of
-from mpitrain.optim import buffer_names
+from mpitrain.plan.cost import AutoChooser, config_spec, fullest_rank, rank_fields
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Every rank builds these per dataset row: the validation split's permutation (int64) and mask
@@ -64,35 +66,19 @@ def available_bytes() -> int | None:
 
 
 def model_bytes(config, widths: list[int], job_size: int) -> dict[str, float]:
-    """{part: bytes} of the busiest rank's parameters, gradients, optimizer state and activations."""
-    from mpitrain.parallel.grid import dense_param_counts, plan_layout
-
-    itemsize = np.dtype(config.dtype).itemsize
-    counts = dense_param_counts(widths)
-    buffers = len(buffer_names(config))
-    if config.sync == "ps":
-        workers = max(1, job_size - config.servers)
-        server_params = math.ceil(sum(counts) / max(1, config.servers))
-        # A worker holds the whole model, its gradient, and host copies of θ and ∇ for the exchange.
-        worker = {"parameters": 2 * sum(counts) * itemsize, "gradients": 2 * sum(counts) * itemsize,
-                  "optimizer state": 0}
-        server = {"parameters": server_params * itemsize, "gradients": server_params * itemsize,
-                  "optimizer state": buffers * server_params * itemsize}
-        parts = max(worker, server, key=lambda part: sum(part.values()))
-        rows, layers, in_flight = math.ceil(config.batch_size / workers), (0, len(counts)), 1
-    else:
-        layout = plan_layout(config, job_size, widths)
-        per_stage = [sum(counts[a:b]) for a, b in layout.stages]
-        per_rank = math.ceil(max(per_stage) / layout.tp)
-        parts = {"parameters": per_rank * itemsize, "gradients": per_rank * itemsize,
-                 "optimizer state": buffers * per_rank * itemsize}
-        rows = math.ceil(math.ceil(config.batch_size / layout.dp) / layout.micro_batches)
-        layers = max(layout.stages, key=lambda span: sum(counts[span[0]:span[1]]))
-        in_flight = layout.micro_batches if layout.schedule == "gpipe" else min(layout.micro_batches, layout.pp)
-    # Each dense layer keeps its input and its pre-activation for the backward pass.
-    kept = sum(widths[i] + widths[i + 1] for i in range(*layers))
-    parts["activations"] = 2 * in_flight * rows * kept * itemsize
-    return parts
+    """{part: bytes} of the rank of a job of `job_size` ranks that holds the most: its parameters,
+    gradients, optimizer state and the activations it keeps for backward, as `mpitrain plan`
+    counts them for the layout of config's flags (plan/cost.py, the rules the metrics follow:
+    ZeRO stages, pipeline schedules, parameter-server workers and servers). MpitrainError when a
+    grid layout does not fit."""
+    spec = config_spec(config, job_size, widths)
+    # Where ranks sit and which all-reduce runs change the bytes sent, not what a rank holds: any
+    # ranks per node and the built-in `auto` will do, and every rank stays off the tuning file
+    # (the run reads it on one rank and broadcasts it).
+    counted = rank_fields(spec, config, widths, ranks_per_node=job_size, choose=AutoChooser(tuned=False))
+    parts = fullest_rank(counted)
+    return {"parameters": parts["param"], "gradients": parts["grad"], "optimizer state": parts["optimizer"],
+            "activations": parts["activation"]}
 
 
 def data_bytes(config, rows: int, row_bytes: int, model_row_bytes: int, data_groups: int) -> dict[str, float]:

@@ -95,8 +95,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                        help="gpipe: all forwards then all backwards; 1f1b: fewer activations in flight (default 1f1b)")
     group.add_argument("--layout", metavar=one_of("layout"),
                        help="auto: the tensor, pipeline and micro-batch sizes and the all-reduce algorithm that "
-                       "`mpitrain plan` predicts fastest for this job's ranks, printed at start (default manual: "
-                       "the flags above)")
+                       "`mpitrain plan` predicts fastest for this job's ranks, printed at start; never a parameter "
+                       "server, whose async mode changes the optimization (default manual: the flags above)")
     group.add_argument("--profile", metavar="FILE.json", help="machine profile for --layout auto (default: "
                        "$MPITRAIN_PROFILE, else the one `mpitrain plan --calibrate` wrote, else built-in)")
     group.add_argument("--init-from", metavar="FILE.h5", help="start from a --save file or a checkpoint (any "

@@ -16,10 +16,10 @@ from mpitrain.config import TrainConfig, validate
 from mpitrain.errors import MpitrainError
 from mpitrain.parallel.grid import dense_param_counts
 from mpitrain.parallel.pipeline import bubble_fraction
-from mpitrain.plan import collectives, profile
-from mpitrain.plan.cost import Spec, usage
-from mpitrain.plan.search import search
-from mpitrain.plan.timing import pipeline_bubble, predict
+from mpitrain.plan import collectives, profile, show
+from mpitrain.plan.cost import Prediction, Spec, usage
+from mpitrain.plan.search import candidates, explain, search
+from mpitrain.plan.timing import Machine, optimizer_time, pipeline_bubble, predict
 
 WIDTHS = [16, 32, 32, 8]
 
@@ -32,7 +32,7 @@ def plan_config(**overrides) -> TrainConfig:
 def free_profile(**changes) -> dict:
     """The built-in profile with the costs a test does not look at set to (almost) nothing."""
     base = profile.builtin()
-    base.update(op_overhead_s=0.0, message_overhead_s=0.0, step_overhead_s=0.0, **changes)
+    base.update({"op_overhead_s": 0.0, "message_overhead_s": 0.0, "step_overhead_s": 0.0, **changes})
     return profile.check(base, "test")
 
 
@@ -147,6 +147,75 @@ def test_without_overlap_the_gradient_sum_is_exposed_whole():
     assert overlapped.terms["data"] < exposed.terms["data"]
 
 
+def closed_queue_step(workers: int, think: float, service: float, gradients: int = 3000) -> float:
+    """Seconds per W gradients of W workers that each compute for `think` s, then wait for a server
+    that takes `service` s per gradient, first come first served: simulated, the async oracle."""
+    arrives, free, done = [0.0] * workers, 0.0, []
+    for _ in range(gradients):
+        worker = min(range(workers), key=arrives.__getitem__)
+        free = max(arrives[worker], free) + service
+        arrives[worker] = free + think
+        done.append(free)
+    # Whole rounds of W gradients from the middle on, past the start's transient.
+    start, rounds = gradients // 2, (gradients - 1 - gradients // 2) // workers
+    return (done[start + rounds * workers] - done[start]) / rounds
+
+
+@pytest.mark.parametrize("flops, bound", [(1e7, "workers"), (1e12, "server")])
+def test_async_parameter_server_is_a_closed_queue_of_workers_and_a_server(flops, bound):
+    """Slow GEMMs: the workers pace the job and a step is one worker's cycle z + t; fast GEMMs: the
+    server does, a step is W gradients' service W t, and the difference is the wait in its queue."""
+    prof = free_profile(cores_per_node=4, gemm=[], gemm_flops_per_s={"float32": flops}, step_overhead_s=1e-4,
+                        links={"intra": {"alpha_s": 1e-6, "beta_s_per_byte": 1e-8}})
+    config, workers = plan_config(), 3
+    spec = Spec("ps", workers, servers=1, ps_mode="async")
+    p = predict(spec, config, WIDTHS, 4, prof)
+    params = sum(dense_param_counts(WIDTHS))
+    service = 2 * collectives.p2p_time(prof, params * 4, True) + optimizer_time(Machine(prof, 4, "float32"),
+                                                                                 config, params, 4)
+    think = predict(Spec("ps", workers, servers=1), config, WIDTHS, 4, prof).terms["compute"] + 1e-4
+    assert p.step_s == pytest.approx(max(think + service, workers * service))
+    assert p.step_s == pytest.approx(closed_queue_step(workers, think, service), rel=1e-9)
+    assert p.samples_per_s == pytest.approx(config.batch_size / p.step_s)
+    if bound == "workers":
+        assert p.terms["server queue"] == 0 and p.dominant == "compute"
+    else:
+        assert p.terms["server queue"] == pytest.approx(workers * service - think - service)
+        assert p.dominant == "server queue"
+    # One worker never queues: its cycle is the synchronous step without the sum.
+    alone = predict(Spec("ps", 1, servers=1, ps_mode="async"), config, WIDTHS, 2, prof)
+    assert alone.terms["server queue"] == 0
+
+
+def test_parameter_server_layouts_are_listed_in_both_modes_and_labelled_apart(comm, capsys):
+    specs = candidates(4, 3, 4)
+    ps = [spec for spec in specs if spec.kind == "ps"]
+    assert {(spec.dp, spec.servers, spec.ps_mode) for spec in ps} == {
+        (w, 4 - w, mode) for w in (3, 2) for mode in ("sync", "async")}
+    assert len({spec.describe() for spec in ps}) == len(ps)
+    assert len({show._shape(spec) for spec in ps}) == 2  # --plot: one family per mode
+    assert not any(spec.kind == "ps" for spec in candidates(4, 3, 4, parameter_server=False))
+    run(["plan", "--model", "16-32-32-8", "--batch-size", "64", "--ranks", "4", "--json"])
+    out = capsys.readouterr().out
+    if comm.rank == 0:
+        ranked = json.loads(out)["worlds"]["4"]["ranked"]
+        listed = {(p["layout"], p["ps_mode"]) for p in ranked if p["kind"] == "ps"}
+        assert ("ps async 3 workers + 1 server(s)", "async") in listed
+        assert ("ps sync 3 workers + 1 server(s)", "sync") in listed
+
+
+def test_an_asynchronous_pick_names_the_fastest_synchronous_layout():
+    def made(spec, step):
+        return Prediction(spec, step, 64 / step, {"compute": step}, {}, {"total_bytes_per_rank": 0})
+
+    ranked = [made(Spec("ps", 3, servers=1, ps_mode="async"), 1.0), made(Spec("ps", 3, servers=1), 1.5),
+              made(Spec("grid", 4), 2.0)]
+    line = explain(ranked)
+    assert "async applies stale gradients" in line
+    assert "the fastest synchronous layout, ps sync 3 workers + 1 server(s), is 1.50x slower" in line
+    assert "stale" not in explain(ranked[1:])
+
+
 # ---------------------------------------------------------------------------- feasibility and ranking
 
 
@@ -226,6 +295,23 @@ def test_layout_auto_refuses_layout_flags_and_runs_the_plans_pick(comm, capsys):
                                                            ranked[0].spec.micro_batches)
     assert line.startswith(f"layout auto: {ranked[0].spec.describe()}")
     assert np.isfinite(ranked[0].step_s)
+
+
+def test_layout_auto_never_picks_a_parameter_server_even_when_predicted_fastest(comm, monkeypatch):
+    from mpitrain.plan import search as searching
+    from mpitrain.plan.auto import choose
+
+    real = searching.predict
+
+    def async_fastest(spec, *args):
+        p = real(spec, *args)
+        if spec.kind == "ps":
+            p.step_s = 1e-9
+        return p
+
+    monkeypatch.setattr(searching, "predict", async_fastest)
+    chosen, line = choose(plan_config(layout="auto", steps=1), comm)
+    assert chosen.sync == "allreduce" and "layout auto: dp" in line
 
 
 def test_ranks_beyond_the_cores_stretch_the_step_and_the_dominant_term_is_another():

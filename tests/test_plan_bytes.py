@@ -2,7 +2,9 @@
 
 Each layout trains a tiny model (uneven widths, so slices and chunks differ by rank) for two steps
 on the first ranks of the test's communicator, in this process; the plan computes the same fields
-from the config alone, and every one must match exactly.
+from the config alone, and every one must match exactly. The memory check before a run
+(memory.py) counts the plan's fullest rank of the layout its flags describe, so its parts are
+within the metrics' field by field.
 """
 
 import json
@@ -12,6 +14,7 @@ import pytest
 
 from groups import groups_of
 from mpitrain.comm import local_rank_and_size, tunefile
+from mpitrain.memory import model_bytes
 from mpitrain.nn.model import parse_widths
 from mpitrain.plan.cost import Spec, usage
 from mpitrain.train import train
@@ -21,8 +24,8 @@ FIELDS = ("tp_bytes_per_step", "pp_bytes_per_step", "dp_bytes_per_step", "sent_b
           "param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "activation_bytes_per_rank")
 
 # world size: [(spec, config overrides)]: every grid axis, micro-batching under both schedules,
-# each hand-written all-reduce and MPI's, the parameter server, and ZeRO stages 1 and 2 (buckets
-# of 1e-4 MiB, so --zero 2 cuts every layer into pieces of rows).
+# each hand-written all-reduce and MPI's, the parameter server in both modes, and ZeRO stages 1
+# and 2 (buckets of 1e-4 MiB, so --zero 2 cuts every layer into pieces of rows).
 LAYOUTS = {
     1: [(Spec("grid", 1), {})],
     2: [(Spec("grid", 2, algorithm="ring"), {"allreduce": "ring"}),
@@ -30,7 +33,9 @@ LAYOUTS = {
         (Spec("grid", 1, tp=2), {"tp": 2}),
         (Spec("grid", 1, pp=2, micro_batches=3, schedule="gpipe"),
          {"pp": 2, "micro_batches": 3, "pipeline_schedule": "gpipe"}),
+        (Spec("grid", 1, pp=2, micro_batches=2, stages="3,1"), {"pp": 2, "micro_batches": 2, "stages": "3,1"}),
         (Spec("ps", 1, servers=1), {"sync": "ps"}),
+        (Spec("ps", 1, servers=1, ps_mode="async"), {"sync": "ps", "ps_mode": "async"}),
         (Spec("grid", 2, zero=1, algorithm="ring"), {"zero": 1, "allreduce": "ring", "bucket_mb": 1e-4}),
         (Spec("grid", 2, zero=2, algorithm="mpi"), {"zero": 2, "allreduce": "mpi", "bucket_mb": 1e-4})],
     4: [(Spec("grid", 1, tp=2, pp=2, micro_batches=2), {"tp": 2, "pp": 2, "micro_batches": 2}),
@@ -38,6 +43,7 @@ LAYOUTS = {
         (Spec("grid", 2, pp=2, micro_batches=2, algorithm="hier"), {"pp": 2, "micro_batches": 2, "allreduce": "hier"}),
         (Spec("grid", 4, algorithm="auto", zero=0), {"batch_size": 14}),
         (Spec("ps", 2, servers=2), {"sync": "ps", "servers": 2}),
+        (Spec("ps", 3, servers=1, ps_mode="async"), {"sync": "ps", "ps_mode": "async"}),
         (Spec("grid", 4, zero=2, algorithm="auto"), {"zero": 2, "bucket_mb": 1e-4, "batch_size": 16}),
         (Spec("grid", 2, tp=2, zero=2, algorithm="hier"), {"tp": 2, "zero": 2, "allreduce": "hier", "bucket_mb": 1e-4}),
         (Spec("grid", 2, pp=2, micro_batches=2, zero=1, algorithm="rd"),
@@ -91,3 +97,7 @@ def compare(comm, size, layouts, ranks_on_node=None):
             predicted = {**traffic, **memory}
             for field in FIELDS:
                 assert predicted[field] == record[field], (spec.describe(), field)
+            parts = model_bytes(run_config, widths, size)
+            assert sum(parts.values()) == memory["total_bytes_per_rank"], spec.describe()
+            for part, field in zip(parts.values(), FIELDS[4:]):
+                assert part <= record[field], (spec.describe(), field)

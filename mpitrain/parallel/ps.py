@@ -257,7 +257,6 @@ class Server:
         self.stop: Stop | None = None
         self.leader = roles.server_index == 0
         self.peer_signal, self.signal_sent, self.signals_received = False, False, 0
-        self._incoming = np.empty_like(params)
 
     def serve(self, start: int, end: int) -> None:
         """Answer workers from global step `start` until step `end` (or server 0's earlier limit) is

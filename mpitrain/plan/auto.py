@@ -3,6 +3,11 @@
 Rank 0 reads the profile (--profile, else the calibrated default, else the built-in one) and
 broadcasts it, so every rank searches the same numbers and reaches the same choice without
 further messages; the search itself is pure (plan/search.py).
+
+The choice is among grid layouts without ZeRO, the ones the flags it sets describe. Never a
+parameter server: those are a split of the ranks into roles that a run asks for (--sync ps), and
+the asynchronous one applies stale gradients, a different optimization from the one-process run,
+which no automatic choice may switch a run to because it happens to be predicted faster.
 """
 
 import dataclasses

@@ -15,10 +15,12 @@ from mpitrain.plan.profile import default_profile_path, load_profile
 
 DESCRIPTION = """Predict the step time, samples/s, memory per rank and bytes sent per rank per step of
 every layout (data x tensor x pipeline parallel degrees, micro-batches, pipeline schedule, ZeRO
-stage, all-reduce algorithm; parameter server) for each world size in --ranks, rank them, and say
-which the model picks and why (its dominant term). Times come from a machine profile: --profile,
-else the one --calibrate wrote to the default place, else the built-in profile of the 2-core
-development machine. --calibrate measures a profile on the current allocation (run it under mpirun
+stage, all-reduce algorithm; parameter server, sync and async) for each world size in --ranks, rank
+them, and say which the model picks and why (its dominant term). Async parameter-server layouts
+apply stale gradients, not the one-process run's updates: when one is the pick, the line says so
+and names the fastest synchronous layout; `train --layout auto` never picks one. Times come from a
+machine profile: --profile, else the one --calibrate wrote to the default place, else the built-in
+profile of the 2-core development machine. --calibrate measures a profile on the current allocation (run it under mpirun
 on the nodes you will train on). Bytes per rank are exact: they equal the metrics of a run."""
 
 PROFILE_HELP = """profile fields (JSON): format 1; cores_per_node; gemm_flops_per_s {dtype: FLOP/s per core};
@@ -44,7 +46,7 @@ def add_parser(commands) -> None:
     add("--dtype", choices=("float32", "float64"), default="float32", help="(default float32)")
     add("--optimizer", choices=("adam", "sgd"), default="adam", help="(default adam)")
     add("--zero", default="0,1,2", metavar="S1,S2", help="ZeRO stages to consider (default 0,1,2)")
-    add("--no-ps", dest="ps", action="store_false", help="leave out parameter-server layouts")
+    add("--no-ps", dest="ps", action="store_false", help="leave out parameter-server layouts (sync and async)")
     add("--top", type=int, default=8, metavar="N", help="layouts shown per world size (default 8)")
     add("--json", action="store_true", help="print every prediction and infeasible layout as JSON")
     add("--plot", metavar="FILE.png", help="predicted samples/s and parallel efficiency against ranks for the "

@@ -2,12 +2,14 @@
 
     spec = Spec("grid", dp=2, tp=2, pp=1, algorithm="ring")
     traffic, memory = usage(Spec("grid", dp=2, tp=2), config, widths, ranks_per_node=4)
+    fullest_rank(rank_fields(config_spec(config, 8, widths), config, widths, ranks_per_node=4))
     prediction = timing.predict(spec, config, widths, ranks_per_node=4, profile=profile)
 
 Bytes and memory are computed for every rank from the same rules the code follows (the tensor-group
 sums of parallel/mappings.py, the stage links of parallel/pipeline.py, the gradient buckets of
 comm/buckets.py, the parameter server's ranges) and reported like the metrics: the busiest rank of
-each field. Time per step, on the busiest stage (units: seconds):
+each field. The memory check before a run (memory.py) takes the parts of the fullest rank of the
+layout its flags describe (`config_spec`). Time per step, on the busiest stage (units: seconds):
 
     compute     GEMMs (2 r in out FLOPs each: forward, weight gradient, input gradient but on the
                 first layer) at the profile's rate for that shape; element-wise work and the loss
@@ -17,6 +19,7 @@ each field. Time per step, on the busiest stage (units: seconds):
     bubble      the idle share (P-1)/(M+P-1) of the pipelined part (parallel/pipeline.py)
     data        the gradient buckets' all-reduces, minus what overlaps with the backward still to run
     optimizer   its passes over this rank's parameters (1/dp of them from ZeRO stage 1 on)
+    server queue the asynchronous parameter server's wait for the server, behind other workers' gradients
     overhead    the fixed per-step cost and the per-step agreement of every rank
 
 ZeRO stages (Rajbhandari et al., "ZeRO", SC 2020; --zero, comm/buckets.py): stage 1 keeps 1/dp of
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from mpitrain.comm.buckets import MiB, plan_buckets, slot_elements, zero2_buckets
-from mpitrain.comm.hier import equal_nodes, tuned_two_level_bytes
+from mpitrain.comm.hier import TWO_LEVEL_BYTES, equal_nodes, tuned_two_level_bytes
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.nn.model import layer_roles
@@ -45,7 +48,8 @@ OPTIMIZER_PASSES = {"adam": (30, 13), "sgd": (5, 2), "sgd-momentum": (9, 4)}
 
 @dataclass(frozen=True)
 class Spec:
-    """One candidate: kind 'grid' (dp x tp x pp) or 'ps' (dp workers + servers, tp = pp = 1)."""
+    """One candidate: kind 'grid' (dp x tp x pp; stages: --stages as given, None to balance them by
+    parameters) or 'ps' (dp workers + servers, tp = pp = 1, ps_mode 'sync' or 'async' as --ps-mode)."""
 
     kind: str
     dp: int
@@ -56,6 +60,13 @@ class Spec:
     zero: int = 0
     algorithm: str = "ring"
     servers: int = 0
+    ps_mode: str = "sync"
+    stages: str | None = None
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether updates use stale gradients (the asynchronous parameter server), unlike the one-process run."""
+        return self.kind == "ps" and self.ps_mode == "async"
 
     @property
     def world(self) -> int:
@@ -63,10 +74,10 @@ class Spec:
 
     def describe(self) -> str:
         if self.kind == "ps":
-            return f"ps {self.dp} workers + {self.servers} server(s)"
+            return f"ps {self.ps_mode} {self.dp} workers + {self.servers} server(s)"
         parts = [f"dp{self.dp} tp{self.tp} pp{self.pp}"]
         if self.pp > 1:
-            parts.append(f"m{self.micro_batches} {self.schedule}")
+            parts.append(f"m{self.micro_batches} {self.schedule}" + (f" stages {self.stages}" if self.stages else ""))
         if self.dp > 1:
             parts.append(f"zero{self.zero} {self.algorithm}" if self.zero else self.algorithm)
         return " ".join(parts)
@@ -203,22 +214,24 @@ class AutoChooser:
     """What --allreduce auto picks for n bytes over a group, and from which buffer size `hier`
     crosses nodes from every local rank there: what `mpitrain tune` saved for that many ranks and
     nodes, else the built-in defaults. Each layout's entry is read once, however many layouts
-    a plan prices."""
+    a plan prices. tuned=False: the built-in defaults alone, reading no file, for counts that do
+    not depend on the algorithm (memory), which every rank of a run makes."""
 
-    def __init__(self):
+    def __init__(self, tuned: bool = True):
+        self.tuned = tuned
         self.tables, self.crossovers = {}, {}
 
     def __call__(self, nbytes: int, group: Group) -> str:
-        from mpitrain.comm.thresholds import Thresholds, load_table
+        from mpitrain.comm.thresholds import Thresholds, default_table, load_table
 
         key = (group.size, group.nodes)
         if key not in self.tables:
-            self.tables[key] = Thresholds(load_table(*key))
+            self.tables[key] = Thresholds((load_table if self.tuned else default_table)(*key))
         return self.tables[key](nbytes)
 
     def two_level_bytes(self, size: int, nodes: int) -> int | None:
         if (size, nodes) not in self.crossovers:
-            self.crossovers[size, nodes] = tuned_two_level_bytes(size, nodes)
+            self.crossovers[size, nodes] = tuned_two_level_bytes(size, nodes) if self.tuned else TWO_LEVEL_BYTES
         return self.crossovers[size, nodes]
 
 
@@ -231,7 +244,7 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
     (stage, tensor rank) of a grid, each field an array over the data-parallel ranks; choose: an
     AutoChooser."""
     layout = plan_layout(replace(config, tp=spec.tp, pp=spec.pp, micro_batches=spec.micro_batches,
-                                 pipeline_schedule=spec.schedule, stages=None), spec.world, widths)
+                                 pipeline_schedule=spec.schedule, stages=spec.stages), spec.world, widths)
     itemsize = np.dtype(config.dtype).itemsize
     batches = np.array(local_batch_sizes(config.batch_size, spec.dp))
     dp_ranks = np.arange(spec.dp)
@@ -290,7 +303,9 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
 
 
 def ps_ranks(spec: Spec, config, widths: list[int]):
-    """Yield {field: bytes} of every worker and server of a parameter-server layout (ps_train.py)."""
+    """Yield {field: bytes} of every worker and server of a parameter-server layout (ps_train.py),
+    the same in both modes: per global step a worker sends one gradient (in async mode that is the
+    mean over workers, W gradients per step) and a server answers W of them."""
     itemsize = np.dtype(config.dtype).itemsize
     layers = local_layers(widths, 1, 0, (0, len(widths) - 1))
     params = n_params(layers)
@@ -305,27 +320,57 @@ def ps_ranks(spec: Spec, config, widths: list[int]):
                "tp": 0, "pp": 0, "dp": spec.dp * (b - a) * itemsize}
 
 
+MEMORY_FIELDS = ("param", "grad", "optimizer", "activation")
+
+
+def fullest_rank(per_rank: list[dict]) -> dict:
+    """{param, grad, optimizer, activation} bytes of the rank that holds the most in all (per_rank:
+    {field: bytes} of every rank, a field's value one rank's number or an array over ranks)."""
+    fullest, most = None, -1
+    for fields in per_rank:
+        parts = [np.ravel(part) for part in np.broadcast_arrays(*(fields[name] for name in MEMORY_FIELDS))]
+        totals = sum(parts)
+        rank = int(np.argmax(totals))
+        if totals[rank] > most:
+            fullest, most = {name: int(part[rank]) for name, part in zip(MEMORY_FIELDS, parts)}, totals[rank]
+    return fullest
+
+
 def busiest(per_rank: list[dict]) -> tuple[dict, dict]:
     """(bytes, memory) as the metrics report them: each field's maximum over ranks, the total sent
-    the maximum of each rank's sum; memory also the largest per-rank total. A field's value may be
-    one rank's number or an array over ranks."""
+    the maximum of each rank's sum; memory also the largest per-rank total (the fullest rank's).
+    A field's value may be one rank's number or an array over ranks."""
     def top(values) -> int:
         return int(max(np.max(value) for value in values))
 
     traffic = {"tp_bytes_per_step": top(r["tp"] for r in per_rank), "pp_bytes_per_step": top(r["pp"] for r in per_rank),
                "dp_bytes_per_step": top(r["dp"] for r in per_rank),
                "sent_bytes_per_step": top(np.add(np.add(r["tp"], r["pp"]), r["dp"]) for r in per_rank)}
-    memory = {f"{name}_bytes_per_rank": top(r[name] for r in per_rank)
-              for name in ("param", "grad", "optimizer", "activation")}
-    memory["total_bytes_per_rank"] = top(np.add(np.add(r["param"], r["grad"]), np.add(r["optimizer"], r["activation"]))
-                                         for r in per_rank)
+    memory = {f"{name}_bytes_per_rank": top(r[name] for r in per_rank) for name in MEMORY_FIELDS}
+    memory["total_bytes_per_rank"] = sum(fullest_rank(per_rank).values())
     return traffic, memory
+
+
+def rank_fields(spec: Spec, config, widths: list[int], ranks_per_node: int, choose=None) -> list[dict]:
+    """{field: bytes} of every rank of a layout (a grid's values are arrays over its data-parallel
+    ranks), fields as in `busiest`; MpitrainError (from plan_layout) when a grid layout does not fit."""
+    if spec.kind == "ps":
+        return list(ps_ranks(spec, config, widths))
+    return [fields for *_, fields in grid_ranks(spec, config, widths, ranks_per_node, choose or auto_chooser())]
 
 
 def usage(spec: Spec, config, widths: list[int], ranks_per_node: int, choose=None) -> tuple[dict, dict]:
     """(bytes sent per step, memory) of the busiest rank of a layout, in the metrics' field names
     (see `busiest`); MpitrainError (from plan_layout) when a grid layout does not fit."""
-    if spec.kind == "ps":
-        return busiest(list(ps_ranks(spec, config, widths)))
-    ranks = grid_ranks(spec, config, widths, ranks_per_node, choose or auto_chooser())
-    return busiest([fields for *_, fields in ranks])
+    return busiest(rank_fields(spec, config, widths, ranks_per_node, choose))
+
+
+def config_spec(config, world: int, widths: list[int]) -> Spec:
+    """The Spec of the layout a run's flags describe on `world` ranks; MpitrainError (from
+    plan_layout) when a grid layout does not fit. For a parameter server, check_config (ps.py)
+    has made sure there is a worker and a server."""
+    if config.sync == "ps":
+        return Spec("ps", world - config.servers, servers=config.servers, ps_mode=config.ps_mode)
+    layout = plan_layout(config, world, widths)
+    return Spec("grid", layout.dp, layout.tp, layout.pp, layout.micro_batches, layout.schedule, config.zero,
+                config.allreduce, stages=config.stages)

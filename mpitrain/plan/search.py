@@ -6,9 +6,15 @@
 
 A grid layout is dp x tp x pp with tp and pp dividing the world, micro-batches (pipelines only),
 the pipeline schedule (it changes memory, not time), the ZeRO stage and the all-reduce algorithm
-(data-parallel groups only); a parameter-server layout is W workers and S servers. Tensor groups
-stay within a node: they exchange activations twice per layer pair and micro-batch, the most
-frequent messages of any layout.
+(data-parallel groups only); a parameter-server layout is W workers and S servers, synchronous or
+asynchronous (--ps-mode). Tensor groups stay within a node: they exchange activations twice per
+layer pair and micro-batch, the most frequent messages of any layout.
+
+Every layout but the asynchronous parameter server computes the one-process run's updates (to
+rounding); async applies each gradient to parameters some W - 1 updates newer than those it was
+computed on (more for a slow worker), a different optimization, so `explain` says so when it is
+the fastest and names the fastest synchronous layout, and `train --layout auto` (plan/auto.py)
+never picks it.
 """
 
 from dataclasses import dataclass, replace
@@ -57,7 +63,7 @@ def candidates(world: int, n_dense: int, ranks_per_node: int, zero_stages=ZERO_S
     if parameter_server and world > 1:
         servers = 1
         while servers <= world // 2:
-            specs.append(Spec("ps", world - servers, servers=servers))
+            specs += [Spec("ps", world - servers, servers=servers, ps_mode=mode) for mode in ("sync", "async")]
             servers *= 2
     return specs
 
@@ -108,7 +114,8 @@ def search(world: int, config, widths: list[int], ranks_per_node: int, profile: 
 
 def explain(ranked: list) -> str:
     """One line: the pick, its dominant term and share of the step, and how far behind the next
-    layout of another shape is."""
+    layout of another shape is; when the pick is the asynchronous parameter server, also the
+    fastest synchronous layout."""
     if not ranked:
         return "no layout fits"
     best = ranked[0]
@@ -120,15 +127,11 @@ def explain(ranked: list) -> str:
     if other is not None:
         line += (f"; the best other shape, {other.spec.describe()}, is {other.step_s / best.step_s:.2f}x slower "
                  f"(its {other.dominant}: {other.terms[other.dominant] / other.step_s:.0%})")
+    if best.spec.asynchronous:
+        line += "; async applies stale gradients, not the one-process run's updates"
+        synchronous = next((p for p in ranked if not p.spec.asynchronous), None)
+        if synchronous is not None:
+            line += (f": the fastest synchronous layout, {synchronous.spec.describe()}, is "
+                     f"{synchronous.step_s / best.step_s:.2f}x slower")
     return line
 
-
-def auto_layout(config, world: int, widths: list[int], ranks_per_node: int, profile: dict) -> Spec:
-    """The layout `train --layout auto` runs: the fastest predicted grid layout that the training
-    loop implements (no ZeRO, a concrete all-reduce); MpitrainError when none fits."""
-    ranked, infeasible = search(world, config, widths, ranks_per_node, profile, zero_stages=(0,),
-                                parameter_server=False)
-    if not ranked:
-        reasons = "; ".join(sorted({entry.reason for entry in infeasible}))[:300]
-        raise MpitrainError(f"--layout auto: no layout of {world} rank(s) fits --model {config.model} ({reasons})")
-    return ranked[0].spec

@@ -108,6 +108,6 @@ def plot(results: dict, path: str, model: str, best: int = 4) -> None:
 def _shape(spec) -> str:
     """A layout family that exists at several world sizes: which axes are used, not their sizes."""
     if spec.kind == "ps":
-        return "parameter server"
+        return f"parameter server {spec.ps_mode}"
     used = [axis for axis, size in (("dp", spec.dp), ("tp", spec.tp), ("pp", spec.pp)) if size > 1] or ["one rank"]
     return " x ".join(used) + (f" zero{spec.zero}" if spec.zero else "")

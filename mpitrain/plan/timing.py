@@ -19,7 +19,7 @@ from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.optim import buffer_names
 from mpitrain.plan.collectives import allreduce_time, group_of, p2p_time
 from mpitrain.plan.cost import (OPTIMIZER_PASSES, Prediction, Spec, auto_chooser, busiest, grid_ranks,
-                                local_layers, n_params, ps_ranks, tensor_sums)
+                                local_layers, n_params, tensor_sums, usage)
 
 
 @dataclass
@@ -219,8 +219,21 @@ def _overhead(profile, machine, world, ranks_per_node) -> float:
 
 
 def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, choose):
-    """Synchronous parameter server: a worker computes its gradient, then every server takes the
-    W gradients of its range one message at a time, sums them, steps, and answers each worker."""
+    """Parameter server (parallel/ps.py): a worker computes the gradient of its rows, sends each of
+    the S servers its range and waits for that range of θ back; a server's share is 1/S of θ.
+
+    sync: every server takes the W gradients of its range one message at a time, sums them, steps
+    once and answers each worker, so the step is a worker's compute, then the server's work.
+
+    async: a server applies each gradient on arrival (an optimizer step per gradient, no sum) and
+    answers at once, so the workers' compute overlaps the server's work: a closed queue of W workers
+    and one server. With t = receive + update + answer, the server's seconds per gradient, and z a
+    worker's compute and fixed cost, a worker alone would push every z + t seconds and the server
+    can take one gradient every t: X = min(W / (z + t), 1 / t) gradients/s (the bounds of a closed
+    queue, reached when times vary little). ps_train counts W gradients as a step and reports
+    samples/s = W rows / (W / X), so the step is W / X = max(z + t, W t); where the server is the
+    bottleneck each worker waits W t - (z + t) in its queue ("server queue"). --staleness-lr costs
+    nothing here: it divides the update's learning rate, one scalar."""
     itemsize = np.dtype(config.dtype).itemsize
     n_dense = len(widths) - 1
     layers = local_layers(widths, 1, 0, (0, n_dense))
@@ -230,9 +243,15 @@ def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, choose):
     share = -(-n_params(layers) // spec.servers)
     same_node = spec.world <= ranks_per_node
     message = p2p_time(profile, share * itemsize, same_node)
-    server = (spec.dp * (2 * message + machine.stream(3 * share * itemsize))
-              + optimizer_time(machine, config, share, itemsize))
-    terms = {"compute": compute, "tensor": 0.0, "pipeline": 0.0, "bubble": 0.0, "data": server,
-             "optimizer": 0.0, "overhead": profile["step_overhead_s"]}
-    traffic, memory = busiest(list(ps_ranks(spec, config, widths)))
+    update = optimizer_time(machine, config, share, itemsize)
+    overhead = profile["step_overhead_s"]
+    terms = {"compute": compute, "tensor": 0.0, "pipeline": 0.0, "bubble": 0.0}
+    if spec.ps_mode == "async":
+        per_gradient = 2 * message + update
+        queue = max(0.0, spec.dp * per_gradient - (compute + overhead + per_gradient))
+        terms.update({"data": 2 * message, "optimizer": update, "server queue": queue, "overhead": overhead})
+    else:
+        server = spec.dp * (2 * message + machine.stream(3 * share * itemsize)) + update
+        terms.update({"data": server, "optimizer": 0.0, "overhead": overhead})
+    traffic, memory = usage(spec, config, widths, ranks_per_node)
     return terms, traffic, memory
