@@ -38,3 +38,38 @@ def test_overlap_efficiency_is_a_share_every_rank_agrees_on(comm):
 def test_overlap_efficiency_is_zero_where_the_buckets_hide_almost_nothing(comm):
     # the built-in profile's fast link: a 16-8-2 model's one bucket is not worth measuring
     assert overlap_efficiency(comm, [16, 8, 2], 8, "float64", profile.builtin()) == 0.0
+
+
+def test_scaled_rates_predict_the_measured_one_rank_step_exactly():
+    import dataclasses
+
+    from mpitrain.config import TrainConfig, validate
+    from mpitrain.plan.calibrate import scale_to_step
+    from mpitrain.plan.timing import Machine, update_time, whole_model_compute
+
+    widths = [64, 256, 128, 10]
+    config = validate(dataclasses.replace(TrainConfig(), model="64-256-128-10", batch_size=32, device="cpu"))
+    base = profile.builtin()
+    base["gemm"] = [{"dtype": "float32", "m": 32, "k": 64, "n": 256, "flops_per_s": 4e10, "threads": 1},
+                    {"dtype": "float32", "m": 32, "k": 64, "n": 256, "flops_per_s": 7e10, "threads": 2}]
+    base = profile.check(base, "test")
+    alone, together = (3e-3, 2e-3), (5e-3, 4e-3)  # (forward and backward, update), seconds
+    scaled = scale_to_step(base, config, widths, 2, alone, together)
+    count = 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+    for ranks, (compute, update) in ((1, alone), (2, together)):
+        machine = Machine(scaled, ranks, "float32")
+        assert whole_model_compute(machine, widths, 32, 4) == pytest.approx(compute, rel=1e-9)
+        assert update_time(machine, config, count, count, 4) == pytest.approx(update, rel=1e-9)
+    assert scaled["stream_alone_factor"] == pytest.approx(2.0, rel=0.05)  # the update alone: half the time
+    assert "rates scaled to a step's" in scaled["source"]
+
+
+def test_a_rank_alone_streams_faster_by_the_profiles_factor():
+    from mpitrain.plan.timing import Machine
+
+    fast = profile.check({**profile.builtin(), "stream_alone_factor": 1.5}, "test")
+    working = fast["stream"][0]["bytes"]
+    assert Machine(fast, 1, "float32").bandwidth_at(working) == pytest.approx(1.5 * fast["stream"][0]["bytes_per_s"])
+    assert Machine(fast, 2, "float32").bandwidth_at(working) == pytest.approx(fast["stream"][0]["bytes_per_s"])
+    with pytest.raises(Exception, match="stream_alone_factor"):
+        profile.check({**profile.builtin(), "stream_alone_factor": 0}, "test")

@@ -15,6 +15,9 @@ What is measured, every rank at once (as in training, so shared caches and memor
           between rank 0 and the first rank of the next node (across nodes, when there is one),
           fitted by least squares
   the all-reduce curves of every algorithm at this world size (comm/tune.py's timing)
+  the rates as a step sees them: the model's own one-rank step (forward and backward, then the
+          update) timed with every core's threads on rank 0 alone and with a thread per rank on
+          every rank at once; each part over its prediction scales the GEMM or stream rates
   the overlap efficiency: data-parallel steps of the model with the gradient buckets' sums
           overlapped with backward and without, alternated; the seconds overlap saved over the
           seconds the plan's buckets could hide at most (more than one rank only)
@@ -33,6 +36,7 @@ from mpitrain.backend import available_cores
 from mpitrain.comm import local_rank_and_size
 from mpitrain.comm.hier import node_group
 from mpitrain.comm.tune import measure
+from mpitrain.resilience import step_finite
 from mpitrain.plan.cost import OPTIMIZER_PASSES
 from mpitrain.plan.profile import FORMAT, check
 
@@ -168,6 +172,124 @@ def step_overhead(comm, dtype: str) -> float:
     return config.batch_size / record["samples_per_s"]
 
 
+def _one_rank_step(widths: list[int], batch: int, dtype: str):
+    """A one-rank training step of the model on `batch` rows held in memory, and its parameter count."""
+    import dataclasses
+
+    from mpitrain.backend import select_backend
+    from mpitrain.config import TrainConfig, validate
+    from mpitrain.parallel.strategy import GridStrategy
+
+    config = validate(dataclasses.replace(TrainConfig(), model="-".join(map(str, widths)), batch_size=batch,
+                                          dtype=dtype, device="cpu", progress=False))
+    strategy = GridStrategy(config, MPI.COMM_SELF, widths, select_backend("cpu", MPI.COMM_SELF))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, widths[0])).astype(dtype)
+    y = rng.integers(0, widths[-1], batch)
+    return config, strategy, x, y
+
+
+def _step_parts(strategy, x, y, threads: int, reps: int, comm=None) -> tuple[float, float]:
+    """Median seconds of (forward and backward, NaN/Inf check and update) over `reps` steps with `threads` BLAS
+    threads; with comm, the ranks of comm start each step together, as synchronous training does
+    (so that their updates stream memory at the same time). Collective on comm when given."""
+    from threadpoolctl import threadpool_limits
+
+    parts = []
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for rep in range(reps + 1):  # the first allocates what the others reuse
+            if comm is not None:
+                polite_barrier(comm)
+            started = time.perf_counter()
+            loss = strategy.forward_backward(x, y)
+            middle = time.perf_counter()
+            step_finite(loss, strategy.grads_to_check)  # the loop's NaN/Inf check, priced with the update
+            strategy.update(1e-6)
+            if rep:
+                parts.append((middle - started, time.perf_counter() - middle))
+    return float(np.median([p[0] for p in parts])), float(np.median([p[1] for p in parts]))
+
+
+def step_scaled(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, profile: dict,
+                reps: int = 5) -> dict:
+    """The profile with its GEMM and stream rates scaled to what a training step gets. Collective.
+
+    Rates timed in a tight loop keep their operands in cache and the BLAS threads spinning; a step
+    runs its products between element-wise work and the optimizer's sweep over memory, so they
+    come out slower there. The model's own one-rank step is timed (GridStrategy on COMM_SELF,
+    `batch` rows held in memory, the median of `reps` steps): with every core's BLAS threads on
+    rank 0 alone (the others asleep), and with the threads a rank gets in training on every rank
+    at once, each step started together (per core, as measure_gemm); scale_to_step fits the
+    rates to those times."""
+    _, ranks_on_node = local_rank_and_size(comm)
+    cores = profile["cores_per_node"]
+    share = min(1.0, cores / ranks_on_node)
+    config, strategy, x, y = _one_rank_step(widths, batch, dtype)
+    polite_barrier(comm)
+    alone = _step_parts(strategy, x, y, cores, reps) if comm.rank == 0 else (0.0, 0.0)
+    polite_barrier(comm)
+    together = _step_parts(strategy, x, y, max(1, cores // ranks_on_node), reps, comm)
+    alone = comm.bcast(alone, root=0)
+    together = tuple(comm.allreduce(seconds * share, op=MPI.SUM) / comm.size for seconds in together)
+    strategy.close()
+    return scale_to_step(profile, config, widths, min(ranks_on_node, cores), alone, together)
+
+
+def _linear_solve(seconds_at, target: float) -> float:
+    """k with seconds_at(k) = target, for seconds_at linear in k (rates divided by k)."""
+    slope = seconds_at(2.0) - seconds_at(1.0)
+    return max(1e-3, (target - (seconds_at(1.0) - slope)) / slope) if slope > 0 else 1.0
+
+
+def _gemm_divided(profile: dict, threads: int, k: float) -> dict:
+    """The profile with the GEMM rates a rank of `threads` BLAS threads uses divided by k: its own
+    entries, or the one-thread entries Machine scales where it has none (and the default rate)."""
+    own = any(e.get("threads", 1) == threads for e in profile["gemm"])
+    which = threads if own else 1
+    out = {**profile, "gemm": [{**e, "flops_per_s": e["flops_per_s"] / k} if e.get("threads", 1) == which else e
+                               for e in profile["gemm"]]}
+    if which == 1:
+        out["gemm_flops_per_s"] = {name: rate / k for name, rate in profile["gemm_flops_per_s"].items()}
+    return out
+
+
+def scale_to_step(profile: dict, config, widths: list[int], ranks_on_node: int,
+                  alone: tuple[float, float], together: tuple[float, float]) -> dict:
+    """The profile whose predictions of a one-rank step equal the measured (forward and backward,
+    update) seconds: `alone`, rank 0 alone on the node with every core's threads, and
+    `together`, per core, every rank of `ranks_on_node` at once. The stream rates are divided by
+    what makes update_time (the NaN/Inf check and the update) the update together, then
+    stream_alone_factor set so it is the update alone; the GEMM rates of each thread count are divided by what makes
+    whole_model_compute its forward and backward (every prediction is linear in 1 / rate, so
+    each factor is solved exactly from two evaluations). The factors are named in the source."""
+    from mpitrain.plan.timing import Machine, update_time, whole_model_compute
+
+    dtype, itemsize = config.dtype, np.dtype(config.dtype).itemsize
+    count = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+    def stream_divided(k, alone_factor=1.0):
+        return {**profile, "stream": [{**e, "bytes_per_s": e["bytes_per_s"] / k} for e in profile["stream"]],
+                "memory_bandwidth_per_core": profile["memory_bandwidth_per_core"] / k,
+                "memory_bandwidth_per_node": profile["memory_bandwidth_per_node"] / k,
+                "stream_alone_factor": alone_factor}
+
+    stream = _linear_solve(lambda k: update_time(Machine(stream_divided(k), ranks_on_node, dtype), config, count,
+                                                 count, itemsize), together[1])
+    slower = _linear_solve(lambda k: update_time(Machine(stream_divided(stream, 1 / k), 1, dtype), config, count,
+                                                 count, itemsize), alone[1])
+    scaled = stream_divided(stream, 1 / slower)
+    factors = {}
+    for ranks, seconds in ((1, alone[0]), (ranks_on_node, together[0])):
+        threads = Machine(scaled, ranks, dtype).threads
+        factor = _linear_solve(lambda k: whole_model_compute(Machine(_gemm_divided(scaled, threads, k), ranks, dtype),
+                                                             widths, config.batch_size, itemsize), seconds)
+        scaled, factors[threads] = _gemm_divided(scaled, threads, factor), factor
+    named = ", ".join(f"{threads} thread(s) /{factor:.2f}" for threads, factor in sorted(factors.items()))
+    scaled["source"] = (f"{profile['source']}; rates scaled to a step's: GEMM {named}, stream /{stream:.2f}, "
+                        f"a rank alone streams x{1 / slower:.2f}")
+    return check(scaled, "calibration")
+
+
 def overlap_efficiency(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, profile: dict,
                        rounds: int = 3, seconds: float = 1.0, allreduce: str = "auto") -> float:
     """Share (0..1) of the overlappable gradient-sum seconds that --overlap really hides here.
@@ -278,7 +400,8 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         "links": {"intra": intra, "inter": {"alpha_s": inter[0], "beta_s_per_byte": inter[1]} if inter else intra},
         "collectives": curves, "stream": stream,
     }
-    profile["overlap_efficiency"] = overlap_efficiency(comm, widths, batch, dtype, check(profile, "calibration"))
+    profile = step_scaled(comm, widths, batch, dtype, check(profile, "calibration"))
+    profile["overlap_efficiency"] = overlap_efficiency(comm, widths, batch, dtype, profile)
     if previous:
         # One node here: keep the inter-node link of a calibration across nodes (one of a single
         # node wrote its intra-node link there: that one is not kept).

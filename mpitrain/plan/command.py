@@ -20,14 +20,15 @@ them, and say which the model picks and why (its dominant term). Async parameter
 apply stale gradients, not the one-process run's updates: when one is the pick, the line says so
 and names the fastest synchronous layout; `train --layout auto` never picks one. Times come from a
 machine profile: --profile, else the one --calibrate wrote to the default place, else the built-in
-profile of the 2-core development machine. --calibrate measures a profile on the current allocation (run it under mpirun
-on the nodes you will train on). Bytes per rank are exact: they equal the metrics of a run."""
+profile of the 2-core development machine. --calibrate measures a profile on the current
+allocation (run it under mpirun on the nodes you will train on). Bytes per rank are exact: they
+equal the metrics of a run."""
 
 PROFILE_HELP = """profile fields (JSON): format 1; cores_per_node; gemm_flops_per_s {dtype: FLOP/s per core};
 gemm [{dtype, m, k, n, flops_per_s}] measured shapes; memory_bandwidth_per_core and _per_node
-(bytes/s); op_overhead_s, message_overhead_s, step_overhead_s (s); overlap_efficiency (0..1);
-links {intra: {alpha_s, beta_s_per_byte}, inter: {...}}; collectives [{algorithm, ranks, nodes,
-bytes, seconds}]. A hand-written profile needs the first five and links.intra (mpitrain/plan/profile.py)."""
+(bytes/s); stream [{bytes, bytes_per_s}] by working set; stream_alone_factor; op_overhead_s,
+message_overhead_s, step_overhead_s (s); overlap_efficiency (0..1); links {intra: {alpha_s,
+beta_s_per_byte}, inter: {...}}; collectives [{algorithm, ranks, nodes, bytes, seconds}]. A hand-written profile needs the first five and links.intra (mpitrain/plan/profile.py)."""
 
 
 def add_parser(commands) -> None:

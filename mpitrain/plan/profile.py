@@ -19,6 +19,8 @@ Fields (every rate is per core: one rank with one BLAS thread; times in seconds,
     stream                     [{bytes, bytes_per_s}]: measured bandwidth per core, every core busy,
                                by working set (caches make small buffers faster); when present,
                                element-wise work takes the entry nearest its working set
+    stream_alone_factor        how much faster a rank alone on its node streams than the `stream`
+                               table says (1: no faster; --calibrate measures it in a step)
     op_overhead_s              cost of one array call regardless of its size (Python and dispatch)
     message_overhead_s         cost in Python of one message of a hand-written collective
     step_overhead_s            fixed cost of one training step (batch, checks, loop)
@@ -45,7 +47,8 @@ from mpitrain.errors import MpitrainError
 FORMAT = 1
 REQUIRED = ("cores_per_node", "gemm_flops_per_s", "memory_bandwidth_per_core", "memory_bandwidth_per_node", "links")
 OPTIONAL = {"name": "", "source": "", "gemm": [], "op_overhead_s": 0.0, "message_overhead_s": 0.0,
-            "step_overhead_s": 0.0, "overlap_efficiency": 0.0, "collectives": [], "stream": []}
+            "step_overhead_s": 0.0, "overlap_efficiency": 0.0, "collectives": [], "stream": [],
+            "stream_alone_factor": 1.0}
 
 # The scalars of `mpitrain plan --calibrate` (inside benchmarks/plan_vs_measured.py --calibrate,
 # 2 ranks, 2026-11-30) on the project's 2-core development machine, MPICH 5.0.2 over shared memory,
@@ -106,7 +109,7 @@ def check(profile, where: str) -> dict:
         raise MpitrainError(f"{where}: gemm_flops_per_s: expected {{dtype: FLOP/s}}, like {{\"float32\": 5e10}}")
     for dtype, rate in out["gemm_flops_per_s"].items():
         _positive(rate, f"{where}: gemm_flops_per_s.{dtype}")
-    for name in ("memory_bandwidth_per_core", "memory_bandwidth_per_node"):
+    for name in ("memory_bandwidth_per_core", "memory_bandwidth_per_node", "stream_alone_factor"):
         _positive(out[name], f"{where}: {name}")
     for name in ("op_overhead_s", "message_overhead_s", "step_overhead_s"):
         _non_negative(out[name], f"{where}: {name}")

@@ -57,12 +57,14 @@ class Machine:
 
     def bandwidth_at(self, working: float) -> float:
         """Bytes/s of element-wise work on a working set of `working` bytes: the measured entry of
-        the nearest size where the profile has a `stream` table, else the per-core/per-node rates."""
+        the nearest size where the profile has a `stream` table (times stream_alone_factor for a
+        rank alone on its node), else the per-core/per-node rates."""
         table = self.profile["stream"]
         if not table or working <= 0:
             return self.bandwidth
         nearest = min(table, key=lambda e: abs(math.log(e["bytes"] / working)))
-        return nearest["bytes_per_s"]
+        alone = self.profile["stream_alone_factor"] if self.ranks_on_node == 1 else 1.0
+        return nearest["bytes_per_s"] * alone
 
     def stream(self, nbytes: float, calls: int = 1, working: float | None = None) -> float:
         """Seconds of element-wise work that streams nbytes through memory in `calls` array calls,
@@ -88,12 +90,29 @@ def layer_times(machine: Machine, layer: dict, rows: int, itemsize: int, last_la
     return forward, backward
 
 
+def whole_model_compute(machine: Machine, widths: list[int], rows: int, itemsize: int) -> float:
+    """Seconds of one forward and backward of the whole model on `rows` rows on one rank: every
+    layer's products and element-wise work, and the loss (a parameter-server worker's compute,
+    and the one-rank step --calibrate measures to scale the rates to a step's)."""
+    n_dense = len(widths) - 1
+    layers = local_layers(widths, 1, 0, (0, n_dense))
+    return (sum(sum(layer_times(machine, layer, rows, itemsize, layer["index"] == n_dense - 1, False))
+                for layer in layers) + machine.stream(6 * rows * widths[-1] * itemsize, 8))
+
+
 def optimizer_time(machine: Machine, config, count: int, itemsize: int) -> float:
     key = config.optimizer if config.optimizer == "adam" or not config.momentum else "sgd-momentum"
     passes, calls = OPTIMIZER_PASSES[key]
     # The working set: parameters, gradients, the state buffers and a scratch buffer.
     working = (3 + len(buffer_names(config))) * count * itemsize
     return machine.stream(passes * count * itemsize, calls, working)
+
+
+def update_time(machine: Machine, config, count: int, checked: int, itemsize: int) -> float:
+    """Seconds of a rank's update of `count` parameters, with the step's NaN/Inf check before it
+    (resilience.step_finite: one dot product over the `checked` entries of the summed gradient
+    this rank reads, 1/dp of it)."""
+    return optimizer_time(machine, config, count, itemsize) + machine.stream(checked * itemsize)
 
 
 def stage_time(machine, profile, spec, layers, micro_rows, itemsize, n_dense, tp_group, pp_same_node,
@@ -189,7 +208,7 @@ def _predict_grid(spec, config, widths, ranks_per_node, profile, machine, choose
         count = n_params(layers)
         count = -(-count // spec.dp) if spec.zero else count
         stage_terms = {"compute": compute, "tensor": tensor, "pipeline": pipeline, "data": data,
-                       "optimizer": optimizer_time(machine, config, count, itemsize)}
+                       "optimizer": update_time(machine, config, count, -(-n_params(layers) // spec.dp), itemsize)}
         busy = compute + tensor + pipeline
         stage_busy[stage] = max(busy, stage_busy.get(stage, 0.0))
         if worst is None or busy > worst[0]:
@@ -238,8 +257,7 @@ def _predict_ps(spec, config, widths, ranks_per_node, profile, machine, choose):
     n_dense = len(widths) - 1
     layers = local_layers(widths, 1, 0, (0, n_dense))
     rows = local_batch_sizes(config.batch_size, spec.dp)[0]
-    compute = sum(sum(layer_times(machine, layer, rows, itemsize, layer["index"] == n_dense - 1, False))
-                  for layer in layers) + machine.stream(6 * rows * widths[-1] * itemsize, 8)
+    compute = whole_model_compute(machine, widths, rows, itemsize)
     share = -(-n_params(layers) // spec.servers)
     same_node = spec.world <= ranks_per_node
     message = p2p_time(profile, share * itemsize, same_node)
