@@ -7,6 +7,7 @@ split; several ranks may share one GPU.
 """
 
 import ctypes
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -242,3 +243,20 @@ def limit_blas_threads(comm: MPI.Intracomm, requested: int | None = None) -> int
     threads = blas_threads_per_rank(ranks_on_node, requested)
     threadpool_limits(limits=threads, user_api="blas")
     return threads
+
+
+def step_finite(loss, grads) -> bool:
+    """No NaN or Inf in a step's loss (a float or a 0-d NumPy/CuPy value) nor in `grads` (NumPy
+    or CuPy, any shape). One counted device-to-host read in the common case.
+
+    The common case costs one BLAS dot product, a single read of the gradient with no temporary
+    (a NaN or an Inf makes loss + sum of squares non-finite), about half the time of
+    isfinite().all(), which also writes a byte per element. A non-finite result may also be an
+    overflow of finite values (|g| above ~1e19 in float32), so only the exact test says no."""
+    xp = np if isinstance(grads, np.ndarray) else sys.modules["cupy"]
+    flat = grads.reshape(-1)
+    if flat.dtype in (np.float32, np.float64):
+        with np.errstate(over="ignore", invalid="ignore"):
+            if read_scalar(xp.isfinite(loss + xp.dot(flat, flat))):
+                return True
+    return math.isfinite(read_scalar(loss)) and bool(read_scalar(xp.isfinite(flat).all()))

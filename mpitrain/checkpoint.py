@@ -19,6 +19,7 @@ evaluated.
 import hashlib
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 
@@ -316,3 +317,34 @@ def prune_checkpoints(folder: str, keep: int, written: str | None = None) -> lis
 
 def _same(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
+
+
+# ---------------------------------------------------------------------------- generator states
+
+
+def rng_state() -> tuple:
+    """This process's global NumPy and Python generator states. mpitrain draws from neither (its
+    randomness is seeded per use), but code around it may, and a resume restores them."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return key, pos, has_gauss, gauss, internal, gauss_next
+
+
+def rng_arrays(states: list[tuple]) -> dict[str, np.ndarray]:
+    """One row per rank."""
+    return {
+        "rng/numpy_key": np.stack([s[0] for s in states]).astype(np.uint32),
+        "rng/numpy_pos": np.array([s[1] for s in states], dtype=np.int64),
+        "rng/numpy_gauss": np.array([[s[2], s[3]] for s in states], dtype=np.float64),
+        "rng/python_state": np.array([s[4] for s in states], dtype=np.int64),
+        "rng/python_gauss": np.array([[s[5] is not None, s[5] or 0.0] for s in states], dtype=np.float64),
+    }
+
+
+def set_rng_state(arrays: dict[str, np.ndarray], rank: int) -> None:
+    if not all(name in arrays for name in rng_arrays([rng_state()])):
+        return
+    np.random.set_state(("MT19937", arrays["rng/numpy_key"][rank], int(arrays["rng/numpy_pos"][rank]),
+                         int(arrays["rng/numpy_gauss"][rank, 0]), float(arrays["rng/numpy_gauss"][rank, 1])))
+    has_gauss, gauss = arrays["rng/python_gauss"][rank]
+    random.setstate((3, tuple(int(v) for v in arrays["rng/python_state"][rank]), float(gauss) if has_gauss else None))

@@ -22,7 +22,6 @@ so the resumed run rounds differently: the same run to the wire dtype's rounding
 
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -32,8 +31,11 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain import __version__
-from mpitrain.backend import read_scalar
+from mpitrain.backend import read_scalar, step_finite
 from mpitrain.checkpoint import (
+    rng_arrays,
+    rng_state,
+    set_rng_state,
     Checkpoint,
     CorruptCheckpoint,
     buffer_prefix,
@@ -206,7 +208,7 @@ class Resilience:
         buffers = ["param", *strategy.optimizer.buffers, *(["residual"] if residual is not None else [])]
         with open_read(path, error=CorruptCheckpoint) as handle:
             load_pieces(strategy.pieces(residual), handle, {buffer: buffer_prefix(buffer) for buffer in buffers})
-            rng = {name: handle[name][()] for name in _rng_arrays([_rng_state()])}
+            rng = {name: handle[name][()] for name in rng_arrays([rng_state()])}
         if residual is not None:
             strategy.set_residual(residual)
         elif holds_residual(meta, path):
@@ -215,7 +217,7 @@ class Resilience:
         strategy.optimizer.t = meta["optimizer"]["t"]
         if meta["world_size"] == self.comm.size:
             try:
-                _set_rng_state(rng, self.comm.rank)
+                set_rng_state(rng, self.comm.rank)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise MpitrainError(f"{path}: checkpoint field 'rng/...' of rank {self.comm.rank} is not a "
                                     f"generator state ({exc})") from None
@@ -348,7 +350,7 @@ class Resilience:
         full = gather_pieces(strategy.pieces(residual), buffers, strategy.holds_copy, widths,
                              np.dtype(self.config.dtype), self.comm)
         t = strategy.optimizer_t()
-        rng_states = self.comm.gather(_rng_state(), root=0)
+        rng_states = self.comm.gather(rng_state(), root=0)
         loss_sums = self.comm.gather(read_scalar(self.epoch_sums["loss_sum"]), root=0)
         error = None
         if self.comm.rank == 0:
@@ -371,7 +373,7 @@ class Resilience:
     def _snapshot(self, position: Position, full: dict, rng_states: list, t: int, loss_sums: list) -> Checkpoint:
         arrays = {buffer_prefix(buffer) + name: value
                   for buffer, named in full.items() for name, value in named.items()}
-        arrays.update(_rng_arrays(rng_states))
+        arrays.update(rng_arrays(rng_states))
         config = self.config
         meta = {
             "step": position.step,
@@ -405,23 +407,6 @@ def signal_reason(comm: MPI.Intracomm, signum: int) -> str:
     return f"{'/'.join(names)} on rank(s) {_compact(ranks)}"
 
 
-def step_finite(loss, grads) -> bool:
-    """No NaN or Inf in a step's loss (a float or a 0-d NumPy/CuPy value) nor in `grads` (NumPy
-    or CuPy, any shape). One counted device-to-host read in the common case.
-
-    The common case costs one BLAS dot product, a single read of the gradient with no temporary
-    (a NaN or an Inf makes loss + sum of squares non-finite), about half the time of
-    isfinite().all(), which also writes a byte per element. A non-finite result may also be an
-    overflow of finite values (|g| above ~1e19 in float32), so only the exact test says no."""
-    xp = np if isinstance(grads, np.ndarray) else sys.modules["cupy"]
-    flat = grads.reshape(-1)
-    if flat.dtype in (np.float32, np.float64):
-        with np.errstate(over="ignore", invalid="ignore"):
-            if read_scalar(xp.isfinite(loss + xp.dot(flat, flat))):
-                return True
-    return math.isfinite(read_scalar(loss)) and bool(read_scalar(xp.isfinite(flat).all()))
-
-
 def dataset_shape(dataset) -> dict:
     """The fields of a dataset every rank must agree on at start-up."""
     return {"rows": dataset.n_rows, "features": dataset.n_features, "x dtype": str(dataset.x_dtype),
@@ -444,31 +429,3 @@ def _field(mapping: dict, key: str, kind: type, path: str, low=None, high=None, 
 
 def _compact(ranks: list[int]) -> str:
     return ", ".join(map(str, ranks[:8])) + (", ..." if len(ranks) > 8 else "")
-
-
-def _rng_state() -> tuple:
-    """This process's global NumPy and Python generator states. mpitrain draws from neither (its
-    randomness is seeded per use), but code around it may, and a resume restores them."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return key, pos, has_gauss, gauss, internal, gauss_next
-
-
-def _rng_arrays(states: list[tuple]) -> dict[str, np.ndarray]:
-    """One row per rank."""
-    return {
-        "rng/numpy_key": np.stack([s[0] for s in states]).astype(np.uint32),
-        "rng/numpy_pos": np.array([s[1] for s in states], dtype=np.int64),
-        "rng/numpy_gauss": np.array([[s[2], s[3]] for s in states], dtype=np.float64),
-        "rng/python_state": np.array([s[4] for s in states], dtype=np.int64),
-        "rng/python_gauss": np.array([[s[5] is not None, s[5] or 0.0] for s in states], dtype=np.float64),
-    }
-
-
-def _set_rng_state(arrays: dict[str, np.ndarray], rank: int) -> None:
-    if not all(name in arrays for name in _rng_arrays([_rng_state()])):
-        return
-    np.random.set_state(("MT19937", arrays["rng/numpy_key"][rank], int(arrays["rng/numpy_pos"][rank]),
-                         int(arrays["rng/numpy_gauss"][rank, 0]), float(arrays["rng/numpy_gauss"][rank, 1])))
-    has_gauss, gauss = arrays["rng/python_gauss"][rank]
-    random.setstate((3, tuple(int(v) for v in arrays["rng/python_state"][rank]), float(gauss) if has_gauss else None))

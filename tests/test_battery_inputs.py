@@ -381,9 +381,9 @@ def test_max_memory_is_the_limit(comm, shared_dir):
 
 def test_rng_layout_matches_what_a_checkpoint_writes():
     from mpitrain.checkpoint import RNG_ROWS
-    from mpitrain.resilience import _rng_arrays, _rng_state
+    from mpitrain.checkpoint import rng_arrays, rng_state
 
-    written = _rng_arrays([_rng_state()] * 3)
+    written = rng_arrays([rng_state()] * 3)
     assert {name: (array.shape, array.dtype.kind) for name, array in written.items()} == \
         {name: ((3, *row), kind) for name, (row, kind) in RNG_ROWS.items()}
 

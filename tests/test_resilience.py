@@ -20,7 +20,7 @@ from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
 from mpitrain.errors import MpitrainError
 from mpitrain.preempt import EXIT_PREEMPTED, Preempted
-from mpitrain.resilience import step_finite
+from mpitrain.backend import step_finite
 from mpitrain.train import train
 
 ROWS, FEATURES, CLASSES = 480, 12, 3

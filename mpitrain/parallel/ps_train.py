@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import CPU, limit_blas_threads, read_scalar, select_backend
+from mpitrain.backend import CPU, limit_blas_threads, read_scalar, select_backend, step_finite
 from mpitrain.comm import agree
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.config import TrainConfig
@@ -41,7 +41,7 @@ from mpitrain.parallel.ps import (FLAG_BAD_INPUT, FLAG_NONFINITE, FLAG_SIGNAL, R
 from mpitrain.parallel.stage import Stage
 from mpitrain.parallel.state import init_from, save_model
 from mpitrain.report import Reporter, TrainResult, busiest_rank, summarize, validation_metrics, written_files
-from mpitrain.resilience import Position, dataset_shape, signal_reason, step_finite
+from mpitrain.resilience import Position, dataset_shape, signal_reason
 from mpitrain.trace import TRACE
 
 

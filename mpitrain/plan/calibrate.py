@@ -32,11 +32,10 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import available_cores
+from mpitrain.backend import available_cores, step_finite
 from mpitrain.comm import local_rank_and_size
 from mpitrain.comm.hier import node_group
 from mpitrain.comm.tune import measure
-from mpitrain.resilience import step_finite
 from mpitrain.plan.cost import OPTIMIZER_PASSES
 from mpitrain.plan.profile import FORMAT, check
 

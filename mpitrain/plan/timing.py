@@ -110,7 +110,7 @@ def optimizer_time(machine: Machine, config, count: int, itemsize: int) -> float
 
 def update_time(machine: Machine, config, count: int, checked: int, itemsize: int) -> float:
     """Seconds of a rank's update of `count` parameters, with the step's NaN/Inf check before it
-    (resilience.step_finite: one dot product over the `checked` entries of the summed gradient
+    (backend.step_finite: one dot product over the `checked` entries of the summed gradient
     this rank reads, 1/dp of it)."""
     return optimizer_time(machine, config, count, itemsize) + machine.stream(checked * itemsize)
 
