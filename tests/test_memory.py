@@ -25,14 +25,22 @@ def settings(**overrides) -> TrainConfig:
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_parameter_server_counts_its_fullest_rank_worker_or_server(mode):
     params = sum(dense_param_counts(WIDTHS)) * ITEMSIZE
-    # 3 workers + 1 server: the server, with Adam's two buffers of the whole range, holds the most.
+    # 3 workers + 1 server: the server, with Adam's two buffers of the whole range, holds the most;
+    # in sync mode its gradients are the sum and a slot per worker (async receives into the sum).
+    slots = 3 if mode == "sync" else 0
     assert model_bytes(settings(sync="ps", ps_mode=mode), WIDTHS, 4) == {
-        "parameters": params, "gradients": params, "optimizer state": 2 * params, "activations": 0}
+        "parameters": params, "gradients": (1 + slots) * params, "optimizer state": 2 * params, "activations": 0}
     # 1 worker + 3 servers: the worker, whose CPU link exchanges the model's own buffers (no copies),
     # and which keeps every layer's input for backward: 64 rows of 16 + 32 + 32 values.
     assert model_bytes(settings(sync="ps", ps_mode=mode, servers=3), WIDTHS, 4) == {
         "parameters": params, "gradients": params, "optimizer state": 0,
         "activations": 64 * sum(WIDTHS[:-1]) * ITEMSIZE}
+
+
+def test_a_stale_synchronous_server_counts_its_bound_of_slots():
+    """--staleness K: up to K + 1 steps of W gradients each are held at once, besides the sum."""
+    params = sum(dense_param_counts(WIDTHS)) * ITEMSIZE
+    assert model_bytes(settings(sync="ps", staleness=2), WIDTHS, 4)["gradients"] == (1 + 3 * 3) * params
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])

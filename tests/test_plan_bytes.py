@@ -10,12 +10,14 @@ within the metrics' field by field.
 import json
 import os
 
+import numpy as np
 import pytest
 
 from groups import groups_of
 from mpitrain.comm import local_rank_and_size, tunefile
 from mpitrain.memory import model_bytes
 from mpitrain.nn.model import parse_widths
+from mpitrain.parallel.grid import dense_param_counts
 from mpitrain.plan.cost import Spec, usage
 from mpitrain.train import train
 from parallel_runs import config
@@ -24,8 +26,8 @@ FIELDS = ("tp_bytes_per_step", "pp_bytes_per_step", "dp_bytes_per_step", "sent_b
           "param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "activation_bytes_per_rank")
 
 # world size: [(spec, config overrides)]: every grid axis, micro-batching under both schedules,
-# each hand-written all-reduce and MPI's, the parameter server in both modes, and ZeRO stages 1
-# and 2 (buckets of 1e-4 MiB, so --zero 2 cuts every layer into pieces of rows).
+# each hand-written all-reduce and MPI's, the parameter server in both modes (at --staleness 0,
+# where a sync server's W gradient slots are exact), and ZeRO stages 1 and 2 (buckets of 1e-4 MiB, so --zero 2 cuts every layer into pieces of rows).
 LAYOUTS = {
     1: [(Spec("grid", 1), {})],
     2: [(Spec("grid", 2, algorithm="ring"), {"allreduce": "ring"}),
@@ -58,6 +60,29 @@ LAYOUTS = {
 @pytest.mark.parametrize("size", sorted(LAYOUTS))
 def test_predicted_bytes_and_memory_equal_the_metrics(comm, size):
     compare(comm, size, LAYOUTS[size])
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_a_stale_synchronous_server_is_planned_at_its_bound(comm, size):
+    """At --staleness K a server holds as many gradient slots as its workers ran apart: the plan gives
+    the bound, the sum and (K + 1) x W slots, and a run's count lies between lock-step's W and it;
+    every other field is exact."""
+    staleness, workers = 2, size - 1
+    with groups_of(comm, size) as group:
+        if group is None:
+            return
+        run_config = config(steps=4, sync="ps", staleness=staleness)
+        record = train(run_config, group).history[-1]
+        widths = parse_widths(run_config.model)
+        traffic, memory = usage(Spec("ps", workers, servers=1), run_config, widths, size)
+        predicted = {**traffic, **memory}
+        # One server holds all of θ: its gradients are the busiest rank's.
+        share = sum(dense_param_counts(widths)) * np.dtype(run_config.dtype).itemsize
+        assert predicted["grad_bytes_per_rank"] == (1 + (staleness + 1) * workers) * share
+        assert (1 + workers) * share <= record["grad_bytes_per_rank"] <= predicted["grad_bytes_per_rank"]
+        for field in FIELDS:
+            if field != "grad_bytes_per_rank":
+                assert predicted[field] == record[field], field
 
 
 @pytest.mark.parametrize("per_node", [2, 3])

@@ -15,7 +15,8 @@ from harness import mpitrain_argv, run_on_root, write_on_root
 from mpitrain.config import TrainConfig, validate
 from mpitrain.data import synth
 from mpitrain.errors import MpitrainError
-from mpitrain.nn.model import Model
+from mpitrain.nn.model import Model, parse_widths
+from mpitrain.parallel.grid import dense_param_counts
 from mpitrain.presets import PRESETS
 from mpitrain.train import train
 
@@ -190,6 +191,19 @@ def test_async_lets_fast_workers_do_more(comm, small_classification, monkeypatch
     if workers > 1:
         assert updates[0] < min(updates[1:]), updates
         assert summary["max_staleness"] >= 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_server_reports_the_gradient_slots_it_holds(comm, small_classification, mode):
+    """Sync mode receives each worker's gradient into a slot of its own and, at --staleness 0,
+    holds a step's W slots until the last arrives: a server's gradients are its sum and W slots.
+    Async mode receives into the sum. One server holds all of θ, so it is the busiest rank."""
+    need_ranks(comm, 1)
+    run_config = config(data=small_classification, steps=3, ps_mode=mode)
+    record = train(run_config, comm).history[-1]
+    share = sum(dense_param_counts(parse_widths(run_config.model))) * np.dtype(run_config.dtype).itemsize
+    slots = comm.size - 1 if mode == "sync" else 0
+    assert record["grad_bytes_per_rank"] == (1 + slots) * share
 
 
 def test_metrics_report_the_servers_counts(comm, small_classification, shared_dir):

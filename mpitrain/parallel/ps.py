@@ -249,6 +249,10 @@ class Server:
         self.params = params
         self.grads = np.zeros_like(params)
         self.optimizer = make_optimizer(config, self.params, self.grads)
+        # Sync mode's gradient slots (serve_by_step), kept across segments: one is allocated only
+        # when every earlier one is held, so the count allocated is the most held at once.
+        self.spare: list[np.ndarray] = []
+        self.slots = 0
         self.version = 0
         self.pulled = [0] * roles.n_workers
         self.stats = ServerStats([0] * roles.n_workers)
@@ -266,6 +270,12 @@ class Server:
             self.serve_each(start, end)
         else:
             self.serve_by_step(start, end, self.config.staleness)
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of the gradient buffers this server holds: the update's sum and the slots sync mode
+        has allocated, (1 + slots) x (b - a) x itemsize; async mode receives into the sum itself."""
+        return (1 + self.slots) * self.grads.nbytes
 
     @property
     def step(self) -> int:
@@ -353,12 +363,12 @@ class Server:
         An update with a non-finite gradient from any worker is skipped (--on-nan).
 
         Each worker's gradient lands in a slot of its own and a step's slots are added in worker
-        order once all are in: the sum, and so the run, does not depend on arrival order (slots
-        are reused, at most (bound + 1) x W of them)."""
+        order once all are in: the sum, and so the run, does not depend on arrival order. Slots are
+        reused: W of them at bound 0 (a step holds all W until its last arrives), at most
+        (bound + 1) x W otherwise; `slots` counts them."""
         workers = self.roles.n_workers
         self.limit = end
         open_steps: dict[int, list] = {}  # step -> [{worker: slot}, any non-finite]
-        spare: list[np.ndarray] = []
         self.version = start
         self.pulled = [start] * workers
         pushes, allowed = [start] * workers, [start] * workers
@@ -371,7 +381,10 @@ class Server:
             if not self._message(message, source, tag):
                 worker, flags, step = source, tag - TAG_GRAD, pushes[source]
                 entry = open_steps.setdefault(step, [{}, False])
-                slot = entry[0][worker] = spare.pop() if spare else np.empty_like(self.grads)
+                if not self.spare:
+                    self.spare.append(np.empty_like(self.grads))
+                    self.slots += 1
+                slot = entry[0][worker] = self.spare.pop()
                 if CHECK.active:
                     CHECK.recv(self.comm, slot, source, tag)
                 started = TRACE.now() if TRACE.active else 0.0
@@ -390,7 +403,7 @@ class Server:
                     self.limit = max(allowed)
                     self._send_limit(self.limit)
                 if len(entry[0]) == workers:  # the last gradient of step `version` is in
-                    self._apply_step(open_steps.pop(step), spare)
+                    self._apply_step(open_steps.pop(step))
                 held.append(worker)
             self._forward_signal()
             released = [w for w in held if self._release(w, pushes[w], bound)]
@@ -398,7 +411,7 @@ class Server:
             for w in released:
                 allowed[w] = pushes[w] + (pushes[w] < self.limit)
 
-    def _apply_step(self, entry: list, spare: list) -> None:
+    def _apply_step(self, entry: list) -> None:
         slots, bad = entry
         if bad:
             self.skipped += 1
@@ -412,7 +425,7 @@ class Server:
             if TRACE.active:
                 TRACE.span("optimizer", "update", started)
         self.version += 1
-        spare.extend(slots.values())
+        self.spare.extend(slots.values())
 
     def _warn(self, line: str) -> None:
         # Server 0 alone knows when an update is skipped, so it says so (rank 0 is a worker).

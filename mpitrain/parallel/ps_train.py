@@ -307,7 +307,7 @@ def _usage(config: TrainConfig, roles: Roles, model: Model, server: Server | Non
         a, b = roles.bounds[roles.server_index]
         sent = roles.n_workers * (b - a) * itemsize
         optimizer = sum(buffer.nbytes for buffer in server.optimizer.buffers.values())
-        memory = [server.params.nbytes, server.grads.nbytes, optimizer, 0]
+        memory = [server.params.nbytes, server.grad_bytes, optimizer, 0]
     else:
         sent, memory = model.params.nbytes, [model.params.nbytes, model.grads.nbytes, 0, model.peak_bytes]
     return busiest_rank(comm, np.array([0, 0, sent], dtype=np.float64), 0.0, np.array(memory, dtype=np.float64))

@@ -303,10 +303,14 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
 
 
 def ps_ranks(spec: Spec, config, widths: list[int]):
-    """Yield {field: bytes} of every worker and server of a parameter-server layout (ps_train.py),
-    the same in both modes: per global step a worker sends one gradient (in async mode that is the
-    mean over workers, W gradients per step) and a server answers W of them."""
+    """Yield {field: bytes} of every worker and server of a parameter-server layout (ps_train.py).
+    Bytes are the same in both modes: per global step a worker sends one gradient (in async mode that
+    is the mean over workers, W gradients per step) and a server answers W of them. A server's
+    gradients are its sum plus, in sync mode, the slots it receives into (ps.py's serve_by_step):
+    W at --staleness 0, exactly what a run allocates; (K + 1) x W at --staleness K, the bound, which a
+    run reaches only when workers do run K steps apart. Async mode receives into the sum itself."""
     itemsize = np.dtype(config.dtype).itemsize
+    slots = 0 if spec.ps_mode == "async" else (config.staleness + 1) * spec.dp
     layers = local_layers(widths, 1, 0, (0, len(widths) - 1))
     params = n_params(layers)
     for rows in local_batch_sizes(config.batch_size, spec.dp):
@@ -315,7 +319,7 @@ def ps_ranks(spec: Spec, config, widths: list[int]):
                "activation": saved_bytes(layers, rows, itemsize, config.activation, len(widths) - 1),
                "tp": 0, "pp": 0, "dp": params * itemsize}
     for a, b in chunk_bounds(params, spec.servers):
-        yield {"param": (b - a) * itemsize, "grad": (b - a) * itemsize,
+        yield {"param": (b - a) * itemsize, "grad": (1 + slots) * (b - a) * itemsize,
                "optimizer": len(buffer_names(config)) * (b - a) * itemsize, "activation": 0,
                "tp": 0, "pp": 0, "dp": spec.dp * (b - a) * itemsize}
 
