@@ -189,7 +189,7 @@ def holds_residual(meta: dict, path: str) -> bool:
     it was saved have no such field, and none)."""
     value = meta.get("residual", False)
     if not isinstance(value, bool):
-        raise CorruptCheckpoint(f"{path}: checkpoint field 'residual' = {value!r}: must be true or false")
+        raise CorruptCheckpoint(f"{path}: checkpoint field 'residual' = {json.dumps(value)}: must be true or false")
     return value
 
 

@@ -126,8 +126,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grad-dtype", metavar="{" + ",".join(GRAD_DTYPE_BYTES) + "}",
                        help="exchange gradient buckets in this dtype and sum them in the parameters' (bfloat16 "
                        "needs ml_dtypes); halves the bytes sent (default: the parameters' dtype)")
-    group.add_argument("--error-feedback", action="store_const", const=True,
-                       help="with --grad-dtype: add what rounding lost at one step to the next step's gradient")
+    group.add_argument("--error-feedback", action=argparse.BooleanOptionalAction,
+                       help="with --grad-dtype: add what rounding lost at one step to the next step's gradient "
+                       "(--no-error-feedback: not, e.g. on resuming a run that had it)")
     group.add_argument("--zero", type=int, metavar="STAGE",
                        help="shard over the data-parallel ranks: 1 the optimizer state (gradients reduce-scattered, "
                        "each rank updates its 1/dp of the parameters, then they are all-gathered), 2 also the "

@@ -262,7 +262,7 @@ INVALID_FIELDS = [
     (("steps_per_epoch",), 0, "'steps_per_epoch' = 0"), (("position",), 10**6, "'position' = 1000000"),
     (("position",), "3", "'position' is missing or not a int"), (("step",), True, "'step' is missing"),
     (("optimizer",), [], "'optimizer' is missing"), (("config",), None, "'config' is missing"),
-    (("residual",), "yes", "'residual' = 'yes'"),
+    (("residual",), "yes", "'residual' = \"yes\""),
 ]
 
 

@@ -73,3 +73,52 @@ def test_a_rank_alone_streams_faster_by_the_profiles_factor():
     assert Machine(fast, 2, "float32").bandwidth_at(working) == pytest.approx(fast["stream"][0]["bytes_per_s"])
     with pytest.raises(Exception, match="stream_alone_factor"):
         profile.check({**profile.builtin(), "stream_alone_factor": 0}, "test")
+
+
+def test_a_calibration_over_an_earlier_profile_keeps_its_step_scaled_rates(monkeypatch):
+    """The profile --calibrate writes over an earlier one holds the new rates as scaled to a step,
+    not the tight-loop ones it measured first (the merge took the raw list)."""
+    from mpi4py import MPI
+
+    from mpitrain.plan import calibrate as cal
+
+    def fake_gemm(comm, widths, batch, dtype, share, cores):
+        return [{"dtype": dtype, "m": 8, "k": 8, "n": 8, "threads": 1, "flops_per_s": 1e9}]
+
+    def halved(comm, widths, batch, dtype, profile):
+        return {**profile, "gemm": [{**e, "flops_per_s": e["flops_per_s"] / 2} for e in profile["gemm"]]}
+
+    monkeypatch.setattr(cal, "measure_gemm", fake_gemm)
+    monkeypatch.setattr(cal, "stream_rate", lambda working: 1e10)
+    monkeypatch.setattr(cal, "step_overhead", lambda comm, dtype: 1e-3)
+    monkeypatch.setattr(cal, "step_scaled", halved)
+    monkeypatch.setattr(cal, "overlap_efficiency", lambda *args: 0.0)
+    earlier = profile.builtin()
+    earlier["gemm"] = [{"dtype": "float32", "m": 64, "k": 64, "n": 64, "threads": 1, "flops_per_s": 3e9},
+                       {"dtype": "float32", "m": 8, "k": 8, "n": 8, "threads": 1, "flops_per_s": 7e9}]
+    for previous in (None, profile.check(earlier, "test")):
+        made = cal.calibrate(MPI.COMM_SELF, [8, 8, 2], 8, "float32", previous)
+        rates = {(e["m"], e["k"], e["n"]): e["flops_per_s"] for e in made["gemm"]}
+        assert rates[8, 8, 8] == 0.5e9  # this calibration's shape: measured, then scaled
+        if previous is not None:
+            assert rates[64, 64, 64] == 3e9  # the earlier profile's other shape: kept as it was
+
+
+def test_one_rank_per_node_names_the_factor_its_rates_got():
+    import dataclasses
+
+    from mpitrain.config import TrainConfig, validate
+    from mpitrain.plan.calibrate import scale_to_step
+    from mpitrain.plan.timing import Machine, update_time, whole_model_compute
+
+    widths = [16, 32, 4]
+    config = validate(dataclasses.replace(TrainConfig(), model="16-32-4", batch_size=32, device="cpu"))
+    base = profile.builtin()
+    predicted = whole_model_compute(Machine(base, 1, "float32"), widths, 32, 4)
+    count = 16 * 32 + 32 + 32 * 4 + 4
+    update = update_time(Machine(base, 1, "float32"), config, count, count, 4)  # the stream rates stay
+    scaled = scale_to_step(base, config, widths, 1, (10 * predicted, update), (10 * predicted, update))
+    threads = base["cores_per_node"]
+    ratio = base["gemm_flops_per_s"]["float32"] / scaled["gemm_flops_per_s"]["float32"]
+    assert f"{threads} thread(s) /{ratio:.2f}" in scaled["source"]
+    assert whole_model_compute(Machine(scaled, 1, "float32"), widths, 32, 4) == pytest.approx(10 * predicted)

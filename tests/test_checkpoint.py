@@ -137,5 +137,5 @@ def test_the_residual_datasets_are_expected_only_where_the_metadata_says_so():
     now = expected_datasets(shapes, ["m", "v"], 2, holds_residual({"step": 4, "residual": True}, "new.h5"))
     assert set(now) - set(older) == {"residual/0/weight", "residual/0/bias"}
     assert now["residual/0/weight"] == ((5, 3), "f")
-    with pytest.raises(CorruptCheckpoint, match="bad.h5: checkpoint field 'residual' = 'yes'"):
+    with pytest.raises(CorruptCheckpoint, match="bad.h5: checkpoint field 'residual' = \"yes\""):
         holds_residual({"residual": "yes"}, "bad.h5")

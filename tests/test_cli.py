@@ -185,3 +185,15 @@ def test_trace_summary_top_and_plan_out_are_checked():
         run(["trace-summary", "run.json", "--top", "-1"])
     with pytest.raises(MpitrainError, match="--out p.json: it names where --calibrate writes a profile"):
         run(["plan", "--model", "8-4-2", "--ranks", "2", "--out", "p.json"])
+
+
+def test_error_feedback_can_be_switched_off_on_the_command_line(comm):
+    """A resumed run takes its checkpoint's settings, so a stored --error-feedback needs a flag that
+    turns it off: --no-error-feedback sets False (given, so it overrides what is stored)."""
+    from mpitrain.cli import train_config
+
+    parse = make_parser().parse_args
+    assert parse(["train", "--grad-dtype", "float16", "--no-error-feedback"]).error_feedback is False
+    assert parse(["train"]).error_feedback is None  # not given: the stored or default value stands
+    on = train_config(parse(["train", "--grad-dtype", "float16", "--error-feedback"]))
+    assert on.error_feedback is True

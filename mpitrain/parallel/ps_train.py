@@ -153,10 +153,12 @@ class ServerState:
         return out
 
     def residual_sum(self) -> None:
-        """No gradient-compression residual: see pieces."""
+        """No gradient-compression residual to save (--sync ps has no --grad-dtype): see pieces."""
         return None
 
-    residual_buffer = residual_sum
+    def residual_buffer(self) -> None:
+        """No gradient-compression residual to read a checkpoint's into."""
+        return None
 
     def optimizer_t(self) -> int:
         """The servers' optimizer step count on every rank. Collective."""

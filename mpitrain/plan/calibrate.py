@@ -234,10 +234,12 @@ def step_scaled(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, 
     return scale_to_step(profile, config, widths, min(ranks_on_node, cores), alone, together)
 
 
-def _linear_solve(seconds_at, target: float) -> float:
-    """k with seconds_at(k) = target, for seconds_at linear in k (rates divided by k)."""
+def _linear_solve(seconds_at, target: float) -> float | None:
+    """k with seconds_at(k) = target, for seconds_at linear in k (rates divided by k); None where
+    no positive k gives it (the target below the prediction's fixed per-call costs)."""
     slope = seconds_at(2.0) - seconds_at(1.0)
-    return max(1e-3, (target - (seconds_at(1.0) - slope)) / slope) if slope > 0 else 1.0
+    k = (target - (seconds_at(1.0) - slope)) / slope if slope > 0 else 0.0
+    return k if k > 0 else None
 
 
 def _gemm_divided(profile: dict, threads: int, k: float) -> dict:
@@ -272,20 +274,30 @@ def scale_to_step(profile: dict, config, widths: list[int], ranks_on_node: int,
                 "memory_bandwidth_per_node": profile["memory_bandwidth_per_node"] / k,
                 "stream_alone_factor": alone_factor}
 
+    unfitted = []
     stream = _linear_solve(lambda k: update_time(Machine(stream_divided(k), ranks_on_node, dtype), config, count,
                                                  count, itemsize), together[1])
+    if stream is None:
+        stream = 1.0
+        unfitted.append("stream")
     slower = _linear_solve(lambda k: update_time(Machine(stream_divided(stream, 1 / k), 1, dtype), config, count,
-                                                 count, itemsize), alone[1])
+                                                 count, itemsize), alone[1]) or 1.0
     scaled = stream_divided(stream, 1 / slower)
     factors = {}
+    # One rank per node: both measurements price the same rates; the second refines the first.
     for ranks, seconds in ((1, alone[0]), (ranks_on_node, together[0])):
         threads = Machine(scaled, ranks, dtype).threads
         factor = _linear_solve(lambda k: whole_model_compute(Machine(_gemm_divided(scaled, threads, k), ranks, dtype),
                                                              widths, config.batch_size, itemsize), seconds)
-        scaled, factors[threads] = _gemm_divided(scaled, threads, factor), factor
+        if factor is None:
+            unfitted.append(f"GEMM {threads} thread(s)")
+            continue
+        scaled, factors[threads] = _gemm_divided(scaled, threads, factor), factors.get(threads, 1.0) * factor
     named = ", ".join(f"{threads} thread(s) /{factor:.2f}" for threads, factor in sorted(factors.items()))
-    scaled["source"] = (f"{profile['source']}; rates scaled to a step's: GEMM {named}, stream /{stream:.2f}, "
-                        f"a rank alone streams x{1 / slower:.2f}")
+    scaled["source"] = (f"{profile['source']}; rates scaled to a step's: GEMM {named or 'none'}, stream "
+                        f"/{stream:.2f}, a rank alone streams x{1 / slower:.2f}"
+                        + (f"; not fitted (the step took less than the fixed per-call costs): {', '.join(unfitted)}"
+                           if unfitted else ""))
     return check(scaled, "calibration")
 
 
@@ -411,6 +423,6 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         profile["collectives"] = kept + curves
         shapes = {(e["dtype"], e["m"], e["k"], e["n"], e["threads"]) for e in gemm}
         profile["gemm"] = [e for e in previous["gemm"]
-                           if (e["dtype"], e["m"], e["k"], e["n"], e.get("threads", 1)) not in shapes] + gemm
+                           if (e["dtype"], e["m"], e["k"], e["n"], e.get("threads", 1)) not in shapes] + profile["gemm"]
         profile["gemm_flops_per_s"] = {**previous["gemm_flops_per_s"], **profile["gemm_flops_per_s"]}
     return check(profile, "calibration")

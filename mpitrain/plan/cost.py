@@ -100,7 +100,10 @@ class Prediction:
         return max(terms, key=terms.get)
 
     def as_dict(self) -> dict:
-        return {"layout": self.spec.describe(), **asdict(self.spec), "step_s": self.step_s,
+        spec = asdict(self.spec)
+        if self.spec.kind != "ps":
+            del spec["ps_mode"]  # a grid layout has no server
+        return {"layout": self.spec.describe(), **spec, "step_s": self.step_s,
                 "samples_per_s": self.samples_per_s, "dominant": self.dominant, "terms": self.terms,
                 "bytes": self.bytes, "memory": self.memory}
 

@@ -20,7 +20,8 @@ Fields (every rate is per core: one rank with one BLAS thread; times in seconds,
                                by working set (caches make small buffers faster); when present,
                                element-wise work takes the entry nearest its working set
     stream_alone_factor        how much faster a rank alone on its node streams than the `stream`
-                               table says (1: no faster; --calibrate measures it in a step)
+                               table says (1: no faster; --calibrate measures it in a step); without
+                               a table the per-core bandwidth is already a rank alone's
     op_overhead_s              cost of one array call regardless of its size (Python and dispatch)
     message_overhead_s         cost in Python of one message of a hand-written collective
     step_overhead_s            fixed cost of one training step (batch, checks, loop)
