@@ -12,7 +12,7 @@ found, so every rank builds the same config (compared again at start-up).
 
 from mpi4py import MPI
 
-from mpitrain.checkpoint import CorruptCheckpoint, is_checkpoint, list_checkpoints, read_meta
+from mpitrain.checkpoint import CorruptCheckpoint, is_checkpoint, list_checkpoints, read_meta, verify_checkpoint
 from mpitrain.comm import agree
 from mpitrain.config import FIELD_TYPES, coerce
 from mpitrain.errors import MpitrainError
@@ -25,14 +25,19 @@ NOT_RESTORED = ("resume", "progress", "threads", "init_from")
 
 def stored_settings(resume: str, checkpoint_dir: str | None) -> tuple[str, dict] | None:
     """(path, {field: value}) of the config stored in the checkpoint `resume` names (a path, or
-    'auto': the newest in checkpoint_dir with readable metadata); None when 'auto' finds none.
-    Raises MpitrainError naming the file for a missing or unreadable one, or a bad stored value. Local."""
+    'auto': the newest in checkpoint_dir whose digest checks out, the one the resume will load);
+    None when 'auto' finds none. Raises MpitrainError naming the file for a missing or unreadable
+    one, or a bad stored value. Local.
+
+    Under 'auto' a damaged newest file is skipped here as the resume skips it (the digest is read
+    in full, once more than the resume reads it): taking its settings while resuming from the one
+    before applied another run's --save path and steps to it."""
     if resume == "auto":
         if not checkpoint_dir:
             return None  # validation names what is missing, with the command line's message
         for _, path in reversed(list_checkpoints(checkpoint_dir)):
             try:
-                return path, _checked(path, read_meta(path))
+                return path, _checked(path, verify_checkpoint(path)[0])
             except CorruptCheckpoint:
                 continue  # the resume itself warns about it and falls back the same way
         return None

@@ -61,3 +61,28 @@ def test_init_from_gives_the_model(comm, small_classification, shared_dir):
 def test_init_from_a_file_without_a_model_is_one_line(comm, small_classification):
     with pytest.raises(MpitrainError, match="--init-from .*small.h5: the file does not say its model; give --model"):
         complete({"init_from": small_classification}, comm)
+
+
+def test_resume_auto_takes_the_settings_of_the_checkpoint_it_resumes_from(comm, small_classification, shared_dir):
+    """A damaged newest checkpoint is skipped by the resume; its settings must be skipped with it
+    (they were taken while the run resumed from the file before it)."""
+    import h5py
+
+    from mpitrain.checkpoint import list_checkpoints
+
+    folder = os.path.join(shared_dir, "ck-damaged")
+    run(first_run(small_classification, folder, "--epochs", "1"))
+    run(["train", "--checkpoint-dir", folder, "--resume", "auto", "--epochs", "2", "--lr", "0.02", "--no-progress"])
+    newest = list_checkpoints(folder)[-1][1]
+    if comm.rank == 0:
+        with h5py.File(newest, "r") as handle:
+            offset = handle["model/0/weight"].id.get_offset()
+        with open(newest, "r+b") as raw:  # one flipped bit: the digest no longer checks out
+            raw.seek(offset + 5)
+            byte = raw.read(1)
+            raw.seek(offset + 5)
+            raw.write(bytes([byte[0] ^ 0x01]))
+    comm.Barrier()
+    resume = ["train", "--checkpoint-dir", folder, "--resume", "auto", "--no-progress"]
+    settings = complete(train_settings(make_parser().parse_args(resume)), comm)
+    assert settings["lr"] == 0.01 and settings["epochs"] == 1  # the older checkpoint's run
