@@ -171,27 +171,37 @@ def step_overhead(comm, dtype: str) -> float:
     return config.batch_size / record["samples_per_s"]
 
 
-def _one_rank_step(widths: list[int], batch: int, dtype: str):
-    """A one-rank training step of the model on `batch` rows held in memory, and its parameter count."""
+def _model_config(widths: list[int], batch: int, dtype: str, **changes):
+    """The validated TrainConfig of the model being calibrated, on the CPU, with `changes`."""
     import dataclasses
 
-    from mpitrain.backend import select_backend
     from mpitrain.config import TrainConfig, validate
+
+    return validate(dataclasses.replace(TrainConfig(), model="-".join(map(str, widths)), batch_size=batch,
+                                        dtype=dtype, device="cpu", progress=False, **changes))
+
+
+def _rows(widths: list[int], rows: int, dtype: str, seed: int):
+    """(x, y): `rows` synthetic rows for the model, held in memory."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, widths[0])).astype(dtype), rng.integers(0, widths[-1], rows)
+
+
+def _one_rank_step(widths: list[int], batch: int, dtype: str):
+    """(config, a one-rank GridStrategy of the model, x, y): a training step on `batch` rows."""
+    from mpitrain.backend import select_backend
     from mpitrain.parallel.strategy import GridStrategy
 
-    config = validate(dataclasses.replace(TrainConfig(), model="-".join(map(str, widths)), batch_size=batch,
-                                          dtype=dtype, device="cpu", progress=False))
+    config = _model_config(widths, batch, dtype)
     strategy = GridStrategy(config, MPI.COMM_SELF, widths, select_backend("cpu", MPI.COMM_SELF))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, widths[0])).astype(dtype)
-    y = rng.integers(0, widths[-1], batch)
-    return config, strategy, x, y
+    return (config, strategy, *_rows(widths, batch, dtype, 0))
 
 
 def _step_parts(strategy, x, y, threads: int, reps: int, comm=None) -> tuple[float, float]:
-    """Median seconds of (forward and backward, NaN/Inf check and update) over `reps` steps with `threads` BLAS
-    threads; with comm, the ranks of comm start each step together, as synchronous training does
-    (so that their updates stream memory at the same time). Collective on comm when given."""
+    """Median seconds of (forward and backward, NaN/Inf check and update) over `reps` steps with
+    `threads` BLAS threads; with comm, the ranks of comm start each step together, as synchronous
+    training does (so that their updates stream memory at the same time). Collective on comm
+    when given."""
     from threadpoolctl import threadpool_limits
 
     parts = []
@@ -260,13 +270,14 @@ def scale_to_step(profile: dict, config, widths: list[int], ranks_on_node: int,
     update) seconds: `alone`, rank 0 alone on the node with every core's threads, and
     `together`, per core, every rank of `ranks_on_node` at once. The stream rates are divided by
     what makes update_time (the NaN/Inf check and the update) the update together, then
-    stream_alone_factor set so it is the update alone; the GEMM rates of each thread count are divided by what makes
-    whole_model_compute its forward and backward (every prediction is linear in 1 / rate, so
+    stream_alone_factor set so it is the update alone; the GEMM rates of each thread count are
+    divided by what makes whole_model_compute its forward and backward (every prediction is linear in 1 / rate, so
     each factor is solved exactly from two evaluations). The factors are named in the source."""
+    from mpitrain.parallel.grid import dense_param_counts
     from mpitrain.plan.timing import Machine, update_time, whole_model_compute
 
     dtype, itemsize = config.dtype, np.dtype(config.dtype).itemsize
-    count = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    count = sum(dense_param_counts(widths))
 
     def stream_divided(k, alone_factor=1.0):
         return {**profile, "stream": [{**e, "bytes_per_s": e["bytes_per_s"] / k} for e in profile["stream"]],
@@ -308,8 +319,9 @@ def overlap_efficiency(comm: MPI.Intracomm, widths: list[int], batch: int, dtype
     saving that small is inside the step's noise on a shared machine, and moves no prediction).
 
     Both variants train the model data-parallel over comm (GridStrategy, the same bucketed sum as
-    training, with `allreduce`, on a batch held in memory), `rounds` times alternately, each timing enough steps to
-    fill about `seconds` (a step is the slowest rank's); each variant's step is its median. The
+    training, with `allreduce`, on a batch held in memory), `rounds` times alternately, each timing
+    enough steps to fill about `seconds` (a step is the slowest rank's); each variant's step is
+    its median. The
     plan prices the same layout with efficiency 1 and 0: their difference is what overlap could
     hide at most (timing.exposed_sync), and the measured saving over it is the efficiency."""
     import dataclasses
@@ -317,7 +329,6 @@ def overlap_efficiency(comm: MPI.Intracomm, widths: list[int], batch: int, dtype
     from threadpoolctl import threadpool_limits
 
     from mpitrain.backend import select_backend
-    from mpitrain.config import TrainConfig, validate
     from mpitrain.parallel.strategy import GridStrategy
     from mpitrain.plan.cost import Spec
     from mpitrain.plan.timing import predict
@@ -325,17 +336,13 @@ def overlap_efficiency(comm: MPI.Intracomm, widths: list[int], batch: int, dtype
     if comm.size == 1:
         return 0.0
     _, ranks_on_node = local_rank_and_size(comm)
-    base = validate(dataclasses.replace(TrainConfig(), model="-".join(map(str, widths)), batch_size=batch,
-                                        dtype=dtype, device="cpu", progress=False, allreduce=allreduce))
+    base = _model_config(widths, batch, dtype, allreduce=allreduce)
     spec = Spec("grid", comm.size, algorithm=allreduce)
     hidden, exposed = (predict(spec, base, widths, ranks_on_node, {**profile, "overlap_efficiency": share}).step_s
                        for share in (1.0, 0.0))
     if exposed - hidden < 0.05 * exposed:
         return 0.0
-    rows = batch // comm.size + (comm.rank < batch % comm.size)
-    rng = np.random.default_rng(comm.rank)
-    x = rng.standard_normal((rows, widths[0])).astype(dtype)
-    y = rng.integers(0, widths[-1], rows)
+    x, y = _rows(widths, batch // comm.size + (comm.rank < batch % comm.size), dtype, comm.rank)
     backend = select_backend("cpu", comm)
     strategies = [GridStrategy(dataclasses.replace(base, overlap=overlap), comm, widths, backend)
                   for overlap in (True, False)]

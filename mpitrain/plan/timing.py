@@ -205,10 +205,10 @@ def _predict_grid(spec, config, widths, ranks_per_node, profile, machine, choose
             seconds.append(allreduce_time(profile, algorithm, nbytes, dp_group, machine.bandwidth_at(nbytes)))
         efficiency = profile["overlap_efficiency"] if config.overlap else 0.0
         data = exposed_sync(seconds, [first for _, _, first in buckets], backward, efficiency)
-        count = n_params(layers)
-        count = -(-count // spec.dp) if spec.zero else count
+        block = -(-n_params(layers) // spec.dp)  # this rank's 1/dp of the stage: its shard under ZeRO
+        count = block if spec.zero else n_params(layers)
         stage_terms = {"compute": compute, "tensor": tensor, "pipeline": pipeline, "data": data,
-                       "optimizer": update_time(machine, config, count, -(-n_params(layers) // spec.dp), itemsize)}
+                       "optimizer": update_time(machine, config, count, block, itemsize)}
         busy = compute + tensor + pipeline
         stage_busy[stage] = max(busy, stage_busy.get(stage, 0.0))
         if worst is None or busy > worst[0]:
