@@ -125,9 +125,15 @@ class Adam(_FlatOptimizer):
         lr = self.lr if lr is None else lr
         xp = self.xp
         self.t += 1
-        # m_hat / (sqrt(v_hat) + eps) = (m / bias1) / (sqrt(v) / sqrt(bias2) + eps): the scalar
-        # corrections go into the denominator and the step size instead of two more array passes.
+        # m_hat / (sqrt(v_hat) + eps) = (m / bias1) / (sqrt(v) / sqrt(bias2) + eps)
+        #                           = (sqrt(bias2) / bias1) m / (sqrt(v) + eps sqrt(bias2)):
+        # both corrections are scalars folded into eps and the step size, so the denominator is
+        # two passes (sqrt, +) and the block's update twelve in all, not thirteen: 1.96 against
+        # 2.20 ms on the reference model's 813k parameters, 29.0 against 31.0 ms on 10 M (one
+        # thread, the two forms alternated in one process). The results differ in the last bits.
         bias1, bias2 = 1 - self.beta1**self.t, 1 - self.beta2**self.t
+        root2 = math.sqrt(bias2)
+        eps, step = self.eps * root2, lr * root2 / bias1
         for start, stop, (decayed, w) in self._blocks():
             m, v = self.buffers["m"][start:stop], self.buffers["v"][start:stop]
             g = self._gradient(start, stop, decayed)
@@ -139,10 +145,9 @@ class Adam(_FlatOptimizer):
             w *= 1 - self.beta2
             v += w
             xp.sqrt(v, out=w)
-            w /= math.sqrt(bias2)
-            w += self.eps
+            w += eps
             xp.divide(m, w, out=w)
-            w *= lr / bias1
+            w *= step
             self.params[start:stop] -= w
 
 

@@ -118,7 +118,7 @@ def measure_gemm(comm, widths, batch, dtype, share: float, cores: int, passes: i
 
 def stream_rate(working: int) -> float:
     """Bytes/s of element-wise work on a working set of `working` bytes, measured as the model
-    counts it: one Adam step over float32 buffers (params, grads, m, v, scratch), 30 passes."""
+    counts it: one Adam step over float32 buffers (params, grads, m, v, scratch), 28 buffer passes."""
     from mpitrain.optim import Adam
 
     count = max(1, working // (5 * 4))

@@ -42,8 +42,8 @@ from mpitrain.parallel.pipeline import micro_batch_bounds, schedule
 from mpitrain.plan.collectives import Group, group_of, hier_sent, mpi_sent_bytes, rd_sent, ring_sent
 
 # Passes over the parameter buffer of one optimizer step and its array calls (optim.py: Adam's
-# 13 in-place operations read and write 30 buffers' worth; SGD multiplies then subtracts).
-OPTIMIZER_PASSES = {"adam": (30, 13), "sgd": (5, 2), "sgd-momentum": (9, 4)}
+# 12 in-place operations read and write 28 buffers' worth; SGD multiplies then subtracts).
+OPTIMIZER_PASSES = {"adam": (28, 12), "sgd": (5, 2), "sgd-momentum": (9, 4)}
 
 
 @dataclass(frozen=True)
