@@ -34,6 +34,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mpitrain.backend import settle_threads  # noqa: E402
 from mpitrain.comm import world  # noqa: E402
 from mpitrain.config import TrainConfig, validate  # noqa: E402
 from mpitrain.nn.model import parse_widths  # noqa: E402
@@ -81,6 +82,7 @@ def measure(args, comm, model: str, ranks: int, spec: Spec) -> float | None:
             record = train(settings(args, model, spec), group).history[1]
         seconds = args.batch_size / record["samples_per_s"]
         group.Free()
+    settle_threads()  # a one-rank layout's second BLAS thread spins on, on the next layout's core
     polite_barrier(comm)
     return comm.bcast(seconds, root=0)
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import available_cores
+from mpitrain.backend import available_cores, settle_threads
 from mpitrain.config import TrainConfig, validate
 from mpitrain.train import train
 
@@ -61,6 +61,7 @@ def measure(base: TrainConfig, overrides: dict, comm: MPI.Intracomm) -> dict:
             with contextlib.redirect_stdout(io.StringIO()):
                 threads = min(comm.size, available_cores())
                 record = train(dataclasses.replace(config, threads=threads), MPI.COMM_SELF).history[-1]
+            settle_threads()  # its idle BLAS workers spin on for 0.1 s, on the cores of the run after it
         sleep_until_all_arrive(comm)
         record = comm.bcast(record, root=0)
     return {"samples_per_s": record["samples_per_s"], **{field: record[field] for field in FIELDS}}

@@ -10,6 +10,7 @@ import ctypes
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -243,6 +244,27 @@ def limit_blas_threads(comm: MPI.Intracomm, requested: int | None = None) -> int
     threads = blas_threads_per_rank(ranks_on_node, requested)
     threadpool_limits(limits=threads, user_api="blas")
     return threads
+
+
+def settle_threads(timeout: float = 1.0, window: float = 0.01) -> float:
+    """Sleep until this process's other threads stop using CPU, at most `timeout` seconds; returns
+    the seconds waited. Call after work with more BLAS threads than what follows uses, before
+    timing the next thing on a node whose cores are all taken.
+
+    OpenBLAS's idle worker threads spin for a while after a multi-threaded call before they sleep
+    (its THREAD_TIMEOUT, 2^28 cycles: about 0.1 s), each holding a core, and lowering the thread
+    count does not stop them. Measured on the 2-core machine: for 0.1-0.15 s after 2-thread
+    products the process used a whole core while its main thread slept, and a one-thread step of
+    784-1024-10 run then on each of 2 ranks took 9.5-17 ms of forward and backward against 5 ms
+    after it. Settled when the process's CPU time grows by under a quarter of the wall time over
+    one `window` of sleep."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(window)
+        if time.process_time() - cpu < 0.25 * (time.perf_counter() - wall):
+            break
+    return time.perf_counter() - started
 
 
 def step_finite(loss, grads) -> bool:

@@ -58,3 +58,48 @@ def test_host_buffers_go_to_mpi_as_they_are(monkeypatch):
         assert backend.for_mpi(array) is array
         assert isinstance(backend.receive_buffer(np, (2, 3), np.float32), np.ndarray)
     backend.cuda_aware_mpi.cache_clear()
+
+
+def test_settle_threads_waits_out_the_blas_workers_spinning_after_a_multithreaded_call(comm):
+    """After 2-thread products OpenBLAS's idle worker spins on a core for about 0.1 s; settle_threads
+    returns only once the process uses under a quarter of a core while its main thread sleeps,
+    which is what a one-thread measurement started then needs. Without the wait the process used
+    a whole core in the next 50 ms (checked here first, so the test shows the effect it removes).
+    As in a calibration, rank 0 does it while the other ranks sleep, so its threads have the cores."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from mpitrain.plan.calibrate import polite_barrier
+
+    if backend.available_cores() < 2 or not any(lib["internal_api"] == "openblas" for lib in threadpool_info()):
+        pytest.skip("needs 2 cores and NumPy's OpenBLAS")
+    import time
+
+    polite_barrier(comm)
+    if comm.rank != 0:
+        polite_barrier(comm)
+        return
+
+    a = np.ones((512, 512), dtype=np.float32)
+
+    def busy_share_after(settle: bool) -> float:
+        with threadpool_limits(limits=2, user_api="blas"):
+            for _ in range(20):
+                a @ a
+        if settle:
+            waited = backend.settle_threads()
+            assert waited < 1.0
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(0.05)
+        return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+    try:
+        unsettled = busy_share_after(settle=False)
+        settled = busy_share_after(settle=True)
+    finally:
+        polite_barrier(comm)
+    assert settled < 0.25, (unsettled, settled)
+    assert settled < unsettled
+
+
+def test_settle_threads_returns_at_once_when_nothing_spins():
+    assert backend.settle_threads(window=0.01) < 0.2

@@ -32,7 +32,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.backend import available_cores, step_finite
+from mpitrain.backend import available_cores, settle_threads, step_finite
 from mpitrain.comm import local_rank_and_size
 from mpitrain.comm.hier import node_group
 from mpitrain.comm.tune import measure
@@ -95,6 +95,7 @@ def measure_gemm(comm, widths, batch, dtype, share: float, cores: int, passes: i
     from threadpoolctl import threadpool_limits
 
     entries = []
+    settle_threads()  # threads a phase before this one left spinning would take the timed ranks' cores
     for threads in sorted({1, cores}):
         shapes = gemm_shapes(widths, batch, comm.size)
         rates = {shape: [] for shape in shapes}
@@ -113,6 +114,7 @@ def measure_gemm(comm, widths, batch, dtype, share: float, cores: int, passes: i
                         rates[m, k, n].append(2 * m * k * n / comm.bcast(seconds, root=0))
         entries += [{"dtype": np.dtype(dtype).name, "m": m, "k": k, "n": n, "threads": threads,
                      "flops_per_s": float(np.median(rates[m, k, n]))} for m, k, n in shapes]
+    settle_threads()  # rank 0's workers of the all-cores pass: what follows times every rank
     return entries
 
 
@@ -236,6 +238,7 @@ def step_scaled(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, 
     config, strategy, x, y = _one_rank_step(widths, batch, dtype)
     polite_barrier(comm)
     alone = _step_parts(strategy, x, y, cores, reps) if comm.rank == 0 else (0.0, 0.0)
+    settle_threads()  # rank 0's idle workers spun on for 0.1 s: in that time `together` took 2-3x as long
     polite_barrier(comm)
     together = _step_parts(strategy, x, y, max(1, cores // ranks_on_node), reps, comm)
     alone = comm.bcast(alone, root=0)
