@@ -109,3 +109,70 @@ def test_equal_nodes_cross_with_every_local_rank(comm, monkeypatch, two_level):
     assert sent == expected_sent
     np.testing.assert_allclose(buf, expected, rtol=1e-12, atol=1e-12)
     assert comm.allgather(buf.tobytes()) == [buf.tobytes()] * comm.size
+
+
+def _chunks(length: int, size: int, kind: str):
+    """[start, stop) per rank: equal blocks, or unequal ones with an empty chunk in the middle."""
+    if kind == "equal" or size == 1:
+        return chunk_bounds(length, size)
+    cuts = [0] + [min(length, (length * q * q) // (size * size)) for q in range(1, size)] + [length]
+    cuts[size // 2] = cuts[size // 2 - 1] if size > 1 else cuts[0]  # rank size//2 - 1 owns nothing
+    return [(cuts[q], cuts[q + 1]) for q in range(size)]
+
+
+@pytest.mark.parametrize("per_node", [None, "2"])
+@pytest.mark.parametrize("kind", ["equal", "unequal"])
+def test_hier_reduce_scatter_then_allgather_equals_the_hier_allreduce_bit_for_bit(comm, monkeypatch, per_node,
+                                                                                  kind):
+    """--zero's halves on the hierarchical algorithm (shared memory on one node, the all-reduce and
+    the ring all-gather across emulated nodes), in blocks of small slots so several slot sets
+    alternate: each rank's chunk after the reduce-scatter, and every entry after the all-gather,
+    equal the hierarchical all-reduce's bits; no message is counted within one node."""
+    from mpitrain.comm.allreduce import shard_gather_schedule, shard_reduce_schedule
+    from mpitrain.comm.ring import complete
+
+    monkeypatch.setattr(hier, "SLOT_BYTES", 512)
+    if per_node:
+        monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", per_node)
+    fresh = comm.Dup()
+    failures = []
+    for length in (1, 7, 1001):
+        chunks = _chunks(length, comm.size, kind)
+        data = np.random.default_rng(comm.rank + length).standard_normal(length).astype(np.float32)
+        expected = data.copy()
+        allreduce(expected, fresh, "hier")
+        buf = data.copy()
+        complete(shard_reduce_schedule(buf, fresh, "hier", chunks))
+        start, stop = chunks[comm.rank]
+        if not np.array_equal(buf[start:stop], expected[start:stop]):
+            failures.append(("reduce-scatter", length))
+        gathered = np.full(length, np.nan, dtype=np.float32)
+        gathered[start:stop] = buf[start:stop]
+        complete(shard_gather_schedule(gathered, fresh, "hier", chunks))
+        if not np.array_equal(gathered, expected):
+            failures.append(("all-gather", length))
+    nodes = hier.node_group(fresh).nodes
+    fresh.Free()
+    assert nodes == (1 if per_node is None else -(-comm.size // 2))
+    assert not failures, failures
+
+
+def test_one_node_hier_halves_send_no_message(comm):
+    """On one node the hierarchical reduce-scatter and all-gather go through shared memory: the
+    traffic counter (what the metrics report as bytes sent) does not move."""
+    from mpitrain.comm.allreduce import shard_gather_schedule, shard_reduce_schedule
+    from mpitrain.comm.ring import complete
+
+    fresh = comm.Dup()
+    if hier.node_group(fresh).nodes > 1 or comm.size == 1:
+        fresh.Free()
+        pytest.skip("needs several ranks on one node")
+    buf = np.ones(1000, dtype=np.float32)
+    chunks = chunk_bounds(buf.size, comm.size)
+    before = traffic.sent()
+    complete(shard_reduce_schedule(buf, fresh, "hier", chunks))
+    complete(shard_gather_schedule(buf, fresh, "hier", chunks))
+    after = traffic.sent()
+    fresh.Free()
+    assert after == before
+    assert np.all(buf == comm.size)

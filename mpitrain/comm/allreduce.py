@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from mpitrain.comm import thresholds, traffic
 from mpitrain.comm.fingerprint import CHECK
-from mpitrain.comm.hier import hier_schedule
+from mpitrain.comm.hier import hier_allgather_schedule, hier_reduce_scatter_schedule, hier_schedule
 from mpitrain.comm.rd import rd_schedule
 from mpitrain.comm.ring import (allgather_schedule, chunk_bounds, complete, reduce_scatter_schedule, ring_schedule,
                                 scratch_buffer)
@@ -116,10 +116,11 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
     the rest of buf is left holding partial sums. chunks: [start, stop) per rank, contiguous, covering
     buf, possibly empty. Collective on comm.
 
-    ring: the pipelined ring with these chunks; mpi: MPI Reduce_scatter. rd and hier have no
-    reduce-scatter of their own (recursive doubling's halving variant and a per-chunk shared-memory
-    sum are not written): they sum the whole of buf and the caller reads its chunk. Checked when
-    made, like allreduce_schedule."""
+    ring: the pipelined ring with these chunks; mpi: MPI Reduce_scatter; hier: on one node each rank
+    sums its chunk in shared memory, across nodes the whole buffer's hierarchical all-reduce (see
+    comm/hier.py). rd has no reduce-scatter of its own (recursive doubling's halving variant is not
+    written): it sums the whole of buf and the caller reads its chunk. Checked when made, like
+    allreduce_schedule."""
     check_buffer(buf, "reduce_scatter")
     if comm.size == 1:
         return iter(())
@@ -130,6 +131,8 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
         schedule = lambda host: reduce_scatter_schedule(host, comm, chunks=chunks)  # noqa: E731
     elif name == "mpi":
         schedule = lambda host: _mpi_reduce_scatter(host, comm, chunks)  # noqa: E731
+    elif name == "hier":
+        schedule = lambda host: hier_reduce_scatter_schedule(host, comm, chunks)  # noqa: E731
     else:
         schedule = lambda host: SCHEDULES[name](host, comm)  # noqa: E731
     return on_host(buf, schedule)
@@ -137,16 +140,21 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
 
 def shard_gather_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
     """Schedule (all-gather): every rank's buf[chunks[q]] <- rank q's buf[chunks[q]]. Collective on comm.
-    mpi: MPI Allgatherv; every other algorithm: the pipelined ring (the all-gather half of the ring
-    is bandwidth-optimal whatever sums the reduce-scatter did). Checked when made."""
+    The algorithm the reduce-scatter of the same buffer used (auto's choice for its size): mpi: MPI
+    Allgatherv; hier: shared memory on one node, the ring across nodes (comm/hier.py); the others:
+    the pipelined ring (the all-gather half of the ring is bandwidth-optimal whatever sums the
+    reduce-scatter did). Checked when made."""
     check_buffer(buf, "allgather")
     if comm.size == 1:
         return iter(())
-    name = "mpi" if algorithm == "mpi" else "ring"
+    name = resolve(algorithm, buf.nbytes, comm)
+    name = name if name in ("mpi", "hier") else "ring"
     if CHECK.active:
         CHECK.collective(comm, "allgather", name, buf, depth=1)
     if name == "mpi":
         schedule = lambda host: _mpi_allgather(host, comm, chunks)  # noqa: E731
+    elif name == "hier":
+        schedule = lambda host: hier_allgather_schedule(host, comm, chunks)  # noqa: E731
     else:
         schedule = lambda host: allgather_schedule(host, comm, chunks=chunks)  # noqa: E731
     return on_host(buf, schedule)

@@ -163,9 +163,10 @@ class GradientSync:
         self.staged = stage
         if stage:
             self._stage(grads, mine)
-        if comm.size > 1 and compressed is None:
+        if comm.size > 1 and (compressed is None or shards is not None):
             # Collective set-up now, at the same point on every rank (see allreduce_schedule): auto's
-            # thresholds, and the hierarchical sum's shared slots sized for its largest bucket.
+            # thresholds, and the shared slots of the hierarchical sum (or, sharded, its all-gather
+            # of the parameters, compressed sums included) sized for its largest bucket.
             hier_bytes = [view.nbytes for view in self.views if resolve(algorithm, view.nbytes, comm) == "hier"]
             if hier_bytes:
                 reserve(comm, grads.dtype, max(hier_bytes))

@@ -36,7 +36,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm.ring import chunk_bounds, ring_schedule
+from mpitrain.comm.ring import allgather_schedule, chunk_bounds, ring_schedule
 from mpitrain.comm.tunefile import tuned_entry
 from mpitrain.comm.world import node_comm
 from mpitrain.errors import MpitrainError
@@ -253,3 +253,65 @@ def hier_schedule(buf: np.ndarray, comm: MPI.Intracomm, tag: int = _TAG):
             yield from ring_schedule(block, group.leaders, tag)
         if local > 1:
             yield from _share_total(group, block, slots, slice(None) if leader else None)
+
+
+# ---------------------------------------------------------------------------- sharded halves (--zero)
+
+
+def _own_part(chunks, rank: int, start: int, size: int) -> slice:
+    """The part of the block [start, start + size) of the buffer in rank's chunk, as a slice of the block."""
+    first, stop = chunks[rank]
+    lo = min(max(first - start, 0), size)
+    return slice(lo, max(lo, min(stop - start, size)))
+
+
+def hier_reduce_scatter_schedule(buf: np.ndarray, comm: MPI.Intracomm, chunks, tag: int = _TAG):
+    """Schedule (reduce-scatter): buf[chunks[rank]] <- the sum over the ranks of comm of that range
+    (chunks: [start, stop) per rank, contiguous, possibly empty); the rest of buf is left holding
+    partial sums. Collective on comm.
+
+    On one node, in shared memory: block by block every rank copies its block into its slot and,
+    after the node barrier, sums only its own chunk's part of the block over the slots, in
+    local-rank order (hier_schedule's order, so the sum has the bits of its all-reduce): each rank
+    adds 1/L of the buffer from L slots instead of all of it. Across nodes, hier_schedule's
+    all-reduce of the whole buffer, of which the caller reads its chunk."""
+    if comm.size == 1 or buf.size == 0:
+        return
+    group = node_group(comm)
+    if group.nodes > 1:
+        yield from hier_schedule(buf, comm, tag)
+        return
+    block_size = block_bytes(buf.nbytes)
+    per_block = block_size // buf.itemsize
+    slots = group.slots(buf.dtype, block_size)
+    for start in range(0, buf.size, per_block):
+        block = buf[start:start + per_block]
+        yield from _sum_in_node(group, block, slots, _own_part(chunks, comm.rank, start, block.size))
+
+
+def hier_allgather_schedule(buf: np.ndarray, comm: MPI.Intracomm, chunks, tag: int = _TAG):
+    """Schedule (all-gather): every rank's buf[chunks[q]] <- rank q's buf[chunks[q]]. Collective on comm.
+
+    On one node, in shared memory: block by block each rank writes its chunk's part of the block
+    into one shared slot (the first of the block's set: sets alternate by block as in the sum, so
+    a rank writing the next block never overwrites what a slower one still copies out) and, after
+    the node barrier, copies the rest of the block out of it: one copy in and one out per rank,
+    no message. Across nodes, the pipelined ring all-gather."""
+    if comm.size == 1 or buf.size == 0:
+        return
+    group = node_group(comm)
+    if group.nodes > 1:
+        yield from allgather_schedule(buf, comm, chunks=chunks)
+        return
+    block_size = block_bytes(buf.nbytes)
+    per_block = block_size // buf.itemsize
+    slots = group.slots(buf.dtype, block_size)
+    for start in range(0, buf.size, per_block):
+        block = buf[start:start + per_block]
+        shared = slots[(group.blocks % 2) * group.node.size, :block.size]
+        group.blocks += 1
+        part = _own_part(chunks, comm.rank, start, block.size)
+        shared[part] = block[part]
+        yield from group.barrier()
+        block[:part.start] = shared[:part.start]
+        block[part.stop:] = shared[part.stop:]

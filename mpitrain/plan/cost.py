@@ -195,7 +195,8 @@ def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group
     """Bytes each of dp_ranks sends under --zero: per bucket, the reduce-scatter onto the shards'
     owners and the parameters' all-gather, with each rank's chunk the bucket's part of its shard
     (comm/allreduce.py: the ring's or MPI's reduce-scatter sends all but one's own chunk, the
-    all-gather all but the next rank's; rd and hier sum the whole bucket instead)."""
+    all-gather all but the next rank's; rd sums the whole bucket instead; hier sends nothing on
+    one node, and across nodes sums the whole bucket and rings the all-gather)."""
     total = dp_ranks * 0
     if spec.dp == 1:
         return total
@@ -209,7 +210,10 @@ def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group
             reduce = hier_sent(count, itemsize, *placement)
         else:
             reduce = count - chunks[dp_ranks]
-        total = total + (reduce + count - chunks[(dp_ranks + 1) % spec.dp]) * itemsize
+        gather = count - chunks[(dp_ranks + 1) % spec.dp]
+        if algorithm == "hier" and len(placement[2]) == 1:
+            gather = gather * 0  # the shared-memory all-gather of one node
+        total = total + (reduce + gather) * itemsize
     return total
 
 
