@@ -6,11 +6,12 @@
 
 The reference MLP (784-1024-10, ReLU, Adam, float32, 128 samples per rank, synthetic data held
 in memory) trained by `mpitrain.train.train` with the gradient all-reduce as ring or MPI, with
-overlap on and off (and auto, the default), and by `bare`: a plain loop (index a batch, forward,
+overlap on and off (and auto, the default), with --zero 1 (auto, and hier), and by `bare`: a plain loop (index a batch, forward,
 softmax cross-entropy, backward into one flat gradient buffer, one comm.Allreduce, Adam), no
 framework. Samples/s is measured over the second epoch of each run (the first warms up), by
 rank 0, excluding validation; configurations alternate over --trials runs and the median is
-reported, with its ratio to the bare loop.
+reported, with its ratio to the bare loop's median and the median of its ratios to the bare run
+of the same trial ("paired": what drift of a shared machine between trials moves least).
 """
 
 import argparse
@@ -28,25 +29,25 @@ from mpi4py import MPI
 from mpitrain.config import TrainConfig, validate
 from mpitrain.train import train
 
-CONFIGS = {  # name: (allreduce, overlap); None runs the bare loop
+CONFIGS = {  # name: (allreduce, overlap, zero); None runs the bare loop
     "bare": None,
-    "auto overlap": ("auto", True),
-    "auto no-overlap": ("auto", False),
-    "ring overlap": ("ring", True),
-    "ring no-overlap": ("ring", False),
-    "mpi overlap": ("mpi", True),
-    "mpi no-overlap": ("mpi", False),
+    "auto overlap": ("auto", True, 0),
+    "auto no-overlap": ("auto", False, 0),
+    "ring overlap": ("ring", True, 0),
+    "ring no-overlap": ("ring", False, 0),
+    "mpi overlap": ("mpi", True, 0),
+    "mpi no-overlap": ("mpi", False, 0),
+    "auto overlap zero 1": ("auto", True, 1),
+    "hier overlap zero 1": ("hier", True, 1),
 }
 
 
 # ---------------------------------------------------------------------------- the bare loop
 
 
-def bare_samples_per_s(widths: list[int], comm: MPI.Intracomm, per_rank: int, rows: int, steps: int) -> float:
-    """Samples/s of a framework-free data-parallel MLP: flat params and grads, one Allreduce a step."""
-    rng = np.random.default_rng(comm.rank)
-    x_all = rng.standard_normal((rows, widths[0]), dtype=np.float32)
-    y_all = rng.integers(0, widths[-1], rows)
+def bare_step(widths: list[int], comm: MPI.Intracomm, per_rank: int, rng: np.random.Generator):
+    """step(x, y, t) -> loss: one step of a framework-free data-parallel MLP (flat params and
+    grads, forward, softmax cross-entropy, backward, one comm.Allreduce, Adam at step t)."""
     shapes = list(zip(widths[:-1], widths[1:]))
     sizes = [n_in * n_out + n_out for n_in, n_out in shapes]
     params = np.zeros(sum(sizes), np.float32)
@@ -99,6 +100,15 @@ def bare_samples_per_s(widths: list[int], comm: MPI.Intracomm, per_rank: int, ro
         np.subtract(params, work, out=params)
         return loss
 
+    return step
+
+
+def bare_samples_per_s(widths: list[int], comm: MPI.Intracomm, per_rank: int, rows: int, steps: int) -> float:
+    """Samples/s of the bare loop (bare_step) over its second epoch of `steps` steps."""
+    rng = np.random.default_rng(comm.rank)
+    x_all = rng.standard_normal((rows, widths[0]), dtype=np.float32)
+    y_all = rng.integers(0, widths[-1], rows)
+    step = bare_step(widths, comm, per_rank, rng)
     elapsed, t = 0.0, 0
     for epoch in range(2):
         order = rng.permutation(rows)
@@ -115,9 +125,9 @@ def bare_samples_per_s(widths: list[int], comm: MPI.Intracomm, per_rank: int, ro
 # ---------------------------------------------------------------------------- mpitrain
 
 
-def mpitrain_samples_per_s(base: TrainConfig, allreduce: str, overlap: bool, comm: MPI.Intracomm) -> float:
+def mpitrain_samples_per_s(base: TrainConfig, allreduce: str, overlap: bool, zero: int, comm: MPI.Intracomm) -> float:
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer's own progress lines
-        result = train(dataclasses.replace(base, allreduce=allreduce, overlap=overlap), comm)
+        result = train(dataclasses.replace(base, allreduce=allreduce, overlap=overlap, zero=zero), comm)
     return result.history[-1]["samples_per_s"]
 
 
@@ -138,7 +148,7 @@ def main() -> None:
     samples = math.ceil(args.steps * global_batch / 0.9) + comm.size
     base = validate(dataclasses.replace(TrainConfig(), model=args.model, batch_size=global_batch, epochs=2,
                                         synth_samples=samples, device="cpu", progress=False, bucket_mb=args.bucket_mb))
-    mpitrain_samples_per_s(dataclasses.replace(base, steps=1), "auto", True, comm)  # writes the data set once
+    mpitrain_samples_per_s(dataclasses.replace(base, steps=1), "auto", True, 0, comm)  # writes the data set once
 
     from threadpoolctl import threadpool_info
 
@@ -161,10 +171,11 @@ def main() -> None:
     print(f"# world {comm.size}, model {args.model}, Adam, float32, {args.per_rank} samples/rank/step, "
           f"{args.steps} steps/epoch, bucket {args.bucket_mb} MiB; {MPI.Get_library_version().splitlines()[0].strip()}, "
           f"mpi4py {mpi4py.__version__}, numpy {np.__version__}, BLAS {', '.join(blas)}; median of {args.trials}")
-    print(f"{'configuration':<26} {'samples/s':>10} {'vs bare':>8}   runs")
+    paired = {name: float(np.median(np.array(values) / np.array(runs["bare"]))) for name, values in runs.items()}
+    print(f"{'configuration':<30} {'samples/s':>10} {'vs bare':>8} {'paired':>7}   runs")
     for name, value in median.items():
         label = "bare numpy+mpi4py" if name == "bare" else f"mpitrain {name}"
-        print(f"{label:<26} {value:>10.0f} {value / median['bare']:>8.3f}   "
+        print(f"{label:<30} {value:>10.0f} {value / median['bare']:>8.3f} {paired[name]:>7.3f}   "
               + " ".join(f"{v:.0f}" for v in runs[name]))
     for algorithm in ("auto", "ring", "mpi"):
         on, off = median[f"{algorithm} overlap"], median[f"{algorithm} no-overlap"]
@@ -175,7 +186,8 @@ def main() -> None:
                        "steps_per_epoch": args.steps, "bucket_mb": args.bucket_mb, "trials": args.trials,
                        "mpi": MPI.Get_library_version().splitlines()[0].strip(), "mpi4py": mpi4py.__version__,
                        "numpy": np.__version__, "samples_per_s": median, "runs": runs,
-                       "vs_bare": {name: value / median["bare"] for name, value in median.items()}}, out, indent=1)
+                       "vs_bare": {name: value / median["bare"] for name, value in median.items()},
+                       "vs_bare_paired": paired}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ CONFIGS = {  # name: config overrides; "world" False runs one process
     "zero 0": dict(zero=0),
     "zero 1": dict(zero=1),
     "zero 2": dict(zero=2),
+    "zero 1 hier": dict(zero=1, allreduce="hier"),
     "zero 1 float16": dict(zero=1, grad_dtype="float16"),
     "zero 1 bfloat16": dict(zero=1, grad_dtype="bfloat16"),
     "zero 0 bfloat16": dict(zero=0, grad_dtype="bfloat16"),
