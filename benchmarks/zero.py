@@ -8,7 +8,8 @@ parallelism and one process, in one run.
 Every configuration trains the same global batch (default 128) of synthetic data with Adam in
 float32 through `mpitrain.train.train`; samples/s is measured over the second epoch (the first warms
 up), configurations alternate over --trials runs and the median is reported with its ratio to
-plain data parallelism (--zero 0). "one process" is rank 0 training alone on COMM_SELF with as
+plain data parallelism (--zero 0), and "paired", the median over trials of each run's ratio to
+the --zero 0 run of the same trial. "one process" is rank 0 training alone on COMM_SELF with as
 many BLAS threads as the job has ranks, at most the cores it may use (the other ranks sleep): the
 best one machine does without MPI. Bytes sent per step and memory per rank are the metrics record's (busiest rank).
 """
@@ -93,27 +94,36 @@ def main() -> None:
         return
     import mpi4py
 
-    reference = median.get("zero 0", next(iter(median.values())))
+    reference_name = "zero 0" if "zero 0" in median else next(iter(median))
+    reference = median[reference_name]
+
+    def rates(name):
+        return np.array([r["samples_per_s"] for r in runs[name]])
+
+    # Each trial's ratio to the reference run of the same trial: what drift between trials moves least.
+    paired = {name: float(np.median(rates(name) / rates(reference_name))) for name in median}
     command = " ".join(["mpirun", "-n", str(comm.size), "python", *sys.argv])
     print(f"# {command}")
     print(f"# world {comm.size}, model {args.model}, Adam, float32, global batch {args.batch}, {args.steps} steps/epoch; "
           f"{MPI.Get_library_version().splitlines()[0].strip()}, mpi4py {mpi4py.__version__}, "
           f"numpy {np.__version__}; median of {args.trials}")
-    print(f"{'configuration':<18} {'samples/s':>10} {'vs zero 0':>9} {'MB sent/step':>12} {'param MB':>9} "
-          f"{'grad MB':>8} {'optim MB':>9}   runs")
+    print(f"{'configuration':<18} {'samples/s':>10} {'vs ' + reference_name:>9} {'paired':>7} {'MB sent/step':>12} "
+          f"{'param MB':>9} {'grad MB':>8} {'optim MB':>9}   runs")
     for name, value in median.items():
         last = runs[name][-1]
-        print(f"{name:<18} {value:>10.0f} {value / reference:>9.3f} {last['sent_bytes_per_step'] / 1e6:>12.1f} "
+        print(f"{name:<18} {value:>10.0f} {value / reference:>9.3f} {paired[name]:>7.3f} "
+              f"{last['sent_bytes_per_step'] / 1e6:>12.1f} "
               f"{last['param_bytes_per_rank'] / 1e6:>9.1f} {last['grad_bytes_per_rank'] / 1e6:>8.1f} "
               f"{last['optimizer_bytes_per_rank'] / 1e6:>9.1f}   "
               + " ".join(f"{r['samples_per_s']:.0f}" for r in runs[name]))
     if "one process" in median and "zero 1" in median:
-        print(f"zero 1 / one process = {median['zero 1'] / median['one process']:.3f}")
+        pairs = float(np.median(rates("zero 1") / rates("one process")))
+        print(f"zero 1 / one process = {median['zero 1'] / median['one process']:.3f} (paired {pairs:.3f})")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"command": command, "world_size": comm.size, "model": args.model, "batch": args.batch,
                        "steps_per_epoch": args.steps, "trials": args.trials, "samples_per_s": median,
-                       "runs": runs}, out, indent=1)
+                       "paired_vs_" + reference_name.replace(" ", "_"): paired, "runs": runs}, out, indent=1)
 
 
 if __name__ == "__main__":
