@@ -265,6 +265,15 @@ def _own_part(chunks, rank: int, start: int, size: int) -> slice:
     return slice(lo, max(lo, min(stop - start, size)))
 
 
+def _node_blocks(group: NodeGroup, buf: np.ndarray):
+    """(start, block, slots) for each slot-sized block of buf, the node's slots grown to hold one."""
+    block_size = block_bytes(buf.nbytes)
+    per_block = block_size // buf.itemsize
+    slots = group.slots(buf.dtype, block_size)
+    for start in range(0, buf.size, per_block):
+        yield start, buf[start:start + per_block], slots
+
+
 def hier_reduce_scatter_schedule(buf: np.ndarray, comm: MPI.Intracomm, chunks, tag: int = _TAG):
     """Schedule (reduce-scatter): buf[chunks[rank]] <- the sum over the ranks of comm of that range
     (chunks: [start, stop) per rank, contiguous, possibly empty); the rest of buf is left holding
@@ -281,11 +290,7 @@ def hier_reduce_scatter_schedule(buf: np.ndarray, comm: MPI.Intracomm, chunks, t
     if group.nodes > 1:
         yield from hier_schedule(buf, comm, tag)
         return
-    block_size = block_bytes(buf.nbytes)
-    per_block = block_size // buf.itemsize
-    slots = group.slots(buf.dtype, block_size)
-    for start in range(0, buf.size, per_block):
-        block = buf[start:start + per_block]
+    for start, block, slots in _node_blocks(group, buf):
         yield from _sum_in_node(group, block, slots, _own_part(chunks, comm.rank, start, block.size))
 
 
@@ -303,11 +308,7 @@ def hier_allgather_schedule(buf: np.ndarray, comm: MPI.Intracomm, chunks, tag: i
     if group.nodes > 1:
         yield from allgather_schedule(buf, comm, chunks=chunks)
         return
-    block_size = block_bytes(buf.nbytes)
-    per_block = block_size // buf.itemsize
-    slots = group.slots(buf.dtype, block_size)
-    for start in range(0, buf.size, per_block):
-        block = buf[start:start + per_block]
+    for start, block, slots in _node_blocks(group, buf):
         shared = slots[(group.blocks % 2) * group.node.size, :block.size]
         group.blocks += 1
         part = _own_part(chunks, comm.rank, start, block.size)
