@@ -21,7 +21,7 @@ import time
 from mpi4py import MPI
 
 from mpitrain.comm.buckets import GradientSync
-from mpitrain.parallel.ps import Server
+from mpitrain.parallel.ps_server import Server
 from mpitrain.parallel.stage import Stage
 from mpitrain.cli import main
 

@@ -331,7 +331,7 @@ def test_three_sync_workers_sum_in_worker_order_so_runs_repeat_bit_for_bit(comm,
 
 def test_a_signal_at_a_server_other_than_server_0_stops_the_run(comm, small_classification, shared_dir, monkeypatch):
     """--servers 2: the second server receives SIGUSR1; every rank stops with a checkpoint."""
-    from mpitrain.parallel.ps import Server
+    from mpitrain.parallel.ps_server import Server
 
     layout = (4, {"sync": "ps", "servers": 2})
     probe, calls = Server.probe, {"n": 0}

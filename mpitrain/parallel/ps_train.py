@@ -36,8 +36,9 @@ from mpitrain.nn.model import Model, flat_offsets, full_shapes, parse_widths
 from mpitrain.optim import buffer_names, schedule
 from mpitrain.preflight import check_outputs
 from mpitrain.parallel.pipeline import StageLink
-from mpitrain.parallel.ps import (FLAG_BAD_INPUT, FLAG_NONFINITE, FLAG_SIGNAL, Roles, Server, ServerStats, Stop,
-                                  WorkerLink, check_config, check_drained, describe, share_parameters)
+from mpitrain.parallel.ps import (FLAG_BAD_INPUT, FLAG_NONFINITE, FLAG_SIGNAL, Roles, WorkerLink, check_config,
+                                  check_drained, describe, share_parameters)
+from mpitrain.parallel.ps_server import Server, ServerStats, Stop
 from mpitrain.parallel.stage import Stage
 from mpitrain.parallel.state import init_from, save_model
 from mpitrain.report import Reporter, TrainResult, busiest_rank, summarize, validation_metrics, written_files
