@@ -10,6 +10,7 @@ import ctypes
 import math
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -246,23 +247,51 @@ def limit_blas_threads(comm: MPI.Intracomm, requested: int | None = None) -> int
     return threads
 
 
-def settle_threads(timeout: float = 1.0, window: float = 0.01) -> float:
-    """Sleep until this process's other threads stop using CPU, at most `timeout` seconds; returns
+def runnable_threads() -> int | None:
+    """Threads of this process, other than the caller, that are running or waiting for a core
+    (state R in /proc/self/task/*/stat); None where /proc cannot tell (not Linux)."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    me, count = threading.get_native_id(), 0
+    for tid in tids:
+        if int(tid) == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                stat = handle.read()
+        except OSError:  # the thread ended
+            continue
+        count += stat[stat.rindex(")") + 2:].startswith("R")  # after "pid (name) ": the state
+    return count
+
+
+def settle_threads(timeout: float = 1.0, window: float = 0.005) -> float:
+    """Sleep until no other thread of this process is runnable, at most `timeout` seconds; returns
     the seconds waited. Call after work with more BLAS threads than what follows uses, before
     timing the next thing on a node whose cores are all taken.
 
-    OpenBLAS's idle worker threads spin for a while after a multi-threaded call before they sleep
-    (its THREAD_TIMEOUT, 2^28 cycles: about 0.1 s), each holding a core, and lowering the thread
-    count does not stop them. Measured on the 2-core machine: for 0.1-0.15 s after 2-thread
-    products the process used a whole core while its main thread slept, and a one-thread step of
-    784-1024-10 run then on each of 2 ranks took 9.5-17 ms of forward and backward against 5 ms
-    after it. Settled when the process's CPU time grows by under a quarter of the wall time over
-    one `window` of sleep."""
+    OpenBLAS's idle worker threads spin (yielding, so always runnable) for a while after a
+    multi-threaded call before they sleep (its THREAD_TIMEOUT, 2^28 cycles: about 0.1 s), each
+    taking a core when it gets one, and lowering the thread count does not stop them. Measured on
+    the 2-core machine: for 0.1-0.15 s after 2-thread products the process used a whole core while
+    its main thread slept, and a one-thread step of 784-1024-10 run then on each of 2 ranks took
+    9.5-17 ms of forward and backward against 5 ms after it. Settled when two looks `window`
+    apart find none runnable. The thread states are read rather than the CPU time the process
+    uses, which on a loaded node stays low while a spinning thread waits for a core; where /proc
+    cannot tell, the CPU time over one window must be under a quarter of it. A thread that is
+    always busy (MPICH's progress thread with MPIR_CVAR_ASYNC_PROGRESS=1) makes it wait `timeout`."""
     started = time.perf_counter()
+    quiet = 0
     while time.perf_counter() - started < timeout:
         cpu, wall = time.process_time(), time.perf_counter()
         time.sleep(window)
-        if time.process_time() - cpu < 0.25 * (time.perf_counter() - wall):
+        busy = runnable_threads()
+        if busy is None:
+            busy = time.process_time() - cpu >= 0.25 * (time.perf_counter() - wall)
+        quiet = 0 if busy else quiet + 1
+        if quiet == 2:
             break
     return time.perf_counter() - started
 
