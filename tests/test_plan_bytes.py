@@ -93,6 +93,19 @@ def test_hierarchical_bytes_across_emulated_nodes(comm, monkeypatch, per_node):
     compare(comm, 4, [(Spec("grid", 4, algorithm="hier"), {"allreduce": "hier", "batch_size": 16})], per_node)
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_grid_group_spans_the_emulated_nodes_of_its_world_ranks(comm, monkeypatch, zero):
+    """dp 2 x tp 2 on emulated nodes of 2 ranks: each data-parallel group ({0, 2} and {1, 3}) has a
+    rank on each node, so hier's sum (and under --zero its all-gather) crosses them; the run's
+    bytes equal the plan's for 2 ranks per node, which are not zero."""
+    monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", "2")
+    layout = [(Spec("grid", 2, tp=2, zero=zero, algorithm="hier"), {"tp": 2, "zero": zero, "allreduce": "hier"})]
+    compare(comm, 4, layout, 2)
+    if comm.size >= 4:
+        traffic, _ = usage(layout[0][0], config(**layout[0][1]), parse_widths(config().model), 2)
+        assert traffic["dp_bytes_per_step"] > 0
+
+
 def test_hierarchical_bytes_follow_a_tuned_crossover(comm, monkeypatch, shared_dir):
     """A tuning file that makes hier cross nodes from every local rank at every size (the model's
     buckets are far below the built-in 1 MiB): the run and the plan both read it."""

@@ -23,7 +23,8 @@ def world() -> MPI.Intracomm:
 
 
 def emulated_ranks_per_node() -> int | None:
-    """MPITRAIN_RANKS_PER_NODE, when set, pretends every run of that many consecutive ranks is a node."""
+    """MPITRAIN_RANKS_PER_NODE, when set, pretends every run of that many consecutive ranks of
+    COMM_WORLD is a node."""
     value = os.environ.get("MPITRAIN_RANKS_PER_NODE")
     if value is None:
         return None
@@ -40,11 +41,13 @@ def node_comm(comm: MPI.Intracomm) -> MPI.Intracomm:
     """Ranks of `comm` that share this rank's node (an MPI shared-memory split). Collective on comm.
 
     The local rank comes from MPI itself, not from launcher variables, so it is right under
-    mpirun, srun and any other launcher. MPITRAIN_RANKS_PER_NODE emulates smaller nodes.
+    mpirun, srun and any other launcher. MPITRAIN_RANKS_PER_NODE emulates smaller nodes, of
+    consecutive world ranks whatever comm is: a grid's data-parallel group {0, 2} spans two
+    emulated nodes of 2, as it would two real ones.
     """
     per_node = emulated_ranks_per_node()
     if per_node is not None:
-        return comm.Split(color=comm.rank // per_node, key=comm.rank)
+        return comm.Split(color=MPI.COMM_WORLD.Get_rank() // per_node, key=comm.rank)
     return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
 
 
