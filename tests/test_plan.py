@@ -110,6 +110,39 @@ def test_alpha_beta_time_of_each_algorithm():
     assert collectives.allreduce_time(prof, "ring", n, collectives.Group(1), bandwidth) == 0
 
 
+def test_a_zero_bucket_costs_its_algorithms_all_reduce_and_a_ring_all_gather_after_a_whole_sum():
+    """Under ZeRO the ring's, MPI's and (on one node) hier's two halves are priced as their
+    all-reduce; rd, and hier across nodes, sum the whole bucket and then ring the all-gather."""
+    from mpitrain.plan.timing import sync_time
+
+    prof = free_profile(links={"intra": {"alpha_s": 1e-5, "beta_s_per_byte": 1e-9},
+                               "inter": {"alpha_s": 5e-5, "beta_s_per_byte": 8e-9}})
+    n, bandwidth = 4 << 20, 1e10
+    one_node, two_nodes = collectives.Group(4, 1, 4), collectives.Group(4, 2, 2)
+    for group in (one_node, two_nodes):
+        for name in ("ring", "mpi"):
+            assert sync_time(prof, name, 1, n, group, bandwidth) == collectives.allreduce_time(prof, name, n, group,
+                                                                                              bandwidth)
+        half_ring = collectives.allreduce_time(prof, "ring", n, group, bandwidth) / 2
+        assert sync_time(prof, "rd", 1, n, group, bandwidth) == pytest.approx(
+            collectives.allreduce_time(prof, "rd", n, group, bandwidth) + half_ring)
+        hier_sum = collectives.allreduce_time(prof, "hier", n, group, bandwidth)
+        assert sync_time(prof, "hier", 2, n, group, bandwidth) == pytest.approx(
+            hier_sum + (half_ring if group.nodes > 1 else 0.0))
+        assert sync_time(prof, "rd", 0, n, group, bandwidth) == collectives.allreduce_time(prof, "rd", n, group,
+                                                                                          bandwidth)
+
+
+def test_zero_layouts_are_listed_with_every_algorithm_but_recursive_doubling():
+    specs = candidates(4, 3, 4)
+    sharded = {(spec.dp, spec.zero, spec.algorithm) for spec in specs if spec.kind == "grid" and spec.zero}
+    assert {(4, zero, name) for zero in (1, 2) for name in ("ring", "hier", "mpi")} <= sharded
+    assert not any(name == "rd" for _, _, name in sharded)
+    assert {spec.algorithm for spec in specs if spec.kind == "grid" and spec.dp > 1 and not spec.zero} == \
+        {"ring", "rd", "hier", "mpi"}
+    assert {spec.algorithm for spec in candidates(4, 3, 4, algorithms=("rd",)) if spec.zero} == {"ring"}
+
+
 def test_a_measured_curve_replaces_the_formula_for_its_group():
     prof = free_profile(collectives=[{"algorithm": "ring", "ranks": 2, "nodes": 1, "bytes": [1000, 4000],
                                       "seconds": [1e-4, 4e-4]}])

@@ -24,7 +24,8 @@ layout its flags describe (`config_spec`). Time per step, on the busiest stage (
 
 ZeRO stages (Rajbhandari et al., "ZeRO", SC 2020; --zero, comm/buckets.py): stage 1 keeps 1/dp of
 the optimizer state per rank, stage 2 also 1/dp of the gradients (plus two staging slots); both
-sum gradients as a ring reduce-scatter + all-gather, the bytes and time of a ring all-reduce.
+sum gradients as a reduce-scatter + all-gather of the run's algorithm (zero_sent: the bytes;
+timing.sync_time: the time).
 """
 
 from dataclasses import asdict, dataclass, replace

@@ -58,7 +58,10 @@ def candidates(world: int, n_dense: int, ranks_per_node: int, zero_stages=ZERO_S
             pipes = [(m, s) for m in MICRO_BATCHES for s in SCHEDULES] if pp > 1 else [(1, "1f1b")]
             for micro, schedule in pipes:
                 for zero in (zero_stages if dp > 1 else (0,)):
-                    for algorithm in (("ring",) if zero or dp == 1 else algorithms):
+                    # Under ZeRO, rd would sum whole buckets and then ring the all-gather: never
+                    # better than the ring's own halves, so it is not listed.
+                    sharded = tuple(a for a in algorithms if a != "rd") or ("ring",)
+                    for algorithm in (("ring",) if dp == 1 else sharded if zero else algorithms):
                         specs.append(Spec("grid", dp, tp, pp, micro, schedule, zero, algorithm))
     if parameter_server and world > 1:
         servers = 1

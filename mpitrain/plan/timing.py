@@ -140,6 +140,18 @@ def stage_time(machine, profile, spec, layers, micro_rows, itemsize, n_dense, tp
     return compute, tensor, pipeline, last_backward
 
 
+def sync_time(profile: dict, algorithm: str, zero: int, nbytes: int, group, bandwidth: float) -> float:
+    """Seconds to sum one bucket of nbytes over the data-parallel group: its all-reduce; under ZeRO
+    its reduce-scatter and the parameters' all-gather (comm/allreduce.py), priced as the
+    algorithm's all-reduce (the ring's and MPI's two halves, hier's two passes through shared
+    memory on one node), and where the algorithm sums the whole bucket first (rd, hier across
+    nodes) that all-reduce and the ring's all-gather half after it."""
+    seconds = allreduce_time(profile, algorithm, nbytes, group, bandwidth)
+    if zero and (algorithm == "rd" or (algorithm == "hier" and group.nodes > 1)):
+        seconds += allreduce_time(profile, "ring", nbytes, group, bandwidth) / 2
+    return seconds
+
+
 def exposed_sync(bucket_seconds: list[float], bucket_layers: list[int], backward: list[float], efficiency: float):
     """Seconds the gradient sum adds after backward. Buckets run one after another, each from the
     moment backward finishes its layers; the share `efficiency` of the overlap with the backward
@@ -200,9 +212,8 @@ def _predict_grid(spec, config, widths, ranks_per_node, profile, machine, choose
         seconds = []
         for start, stop, _ in buckets:
             nbytes = (stop - start) * itemsize
-            algorithm = "ring" if spec.zero else spec.algorithm
-            algorithm = choose(nbytes, dp_group) if algorithm == "auto" else algorithm
-            seconds.append(allreduce_time(profile, algorithm, nbytes, dp_group, machine.bandwidth_at(nbytes)))
+            algorithm = choose(nbytes, dp_group) if spec.algorithm == "auto" else spec.algorithm
+            seconds.append(sync_time(profile, algorithm, spec.zero, nbytes, dp_group, machine.bandwidth_at(nbytes)))
         efficiency = profile["overlap_efficiency"] if config.overlap else 0.0
         data = exposed_sync(seconds, [first for _, _, first in buckets], backward, efficiency)
         block = -(-n_params(layers) // spec.dp)  # this rank's 1/dp of the stage: its shard under ZeRO
