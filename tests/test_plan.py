@@ -330,6 +330,18 @@ def test_layout_auto_refuses_layout_flags_and_runs_the_plans_pick(comm, capsys):
     assert np.isfinite(ranked[0].step_s)
 
 
+def test_layout_auto_keeps_a_compressed_runs_allreduce_flag(comm):
+    """--grad-dtype runs with --allreduce ring or auto only (its sum is a pairwise exchange of its
+    own): the pick keeps the flag instead of setting hier or MPI, which validation would refuse."""
+    from mpitrain.plan.auto import choose
+
+    for allreduce in ("auto", "ring"):
+        config = plan_config(layout="auto", steps=1, grad_dtype="float16", allreduce=allreduce)
+        chosen, _ = choose(config, comm)
+        assert chosen.allreduce == allreduce
+        validate(chosen)
+
+
 def test_layout_auto_never_picks_a_parameter_server_even_when_predicted_fastest(comm, monkeypatch):
     from mpitrain.plan import search as searching
     from mpitrain.plan.auto import choose

@@ -62,6 +62,25 @@ def test_predicted_bytes_and_memory_equal_the_metrics(comm, size):
     compare(comm, size, LAYOUTS[size])
 
 
+# --grad-dtype narrower than --dtype: the buckets' pairwise exchange in the wire dtype, the all-gather
+# of --zero 0 in it too and of --zero 1, 2 in the parameters' dtype; its buffers in grad_bytes_per_rank.
+COMPRESSED = {
+    2: [(Spec("grid", 2, algorithm="ring"), {"allreduce": "ring", "grad_dtype": "float16"}),
+        (Spec("grid", 2, zero=1, algorithm="auto"), {"zero": 1, "grad_dtype": "float16", "error_feedback": True,
+                                                     "bucket_mb": 1e-4})],
+    4: [(Spec("grid", 2, tp=2, algorithm="auto"), {"tp": 2, "grad_dtype": "float16", "error_feedback": True}),
+        (Spec("grid", 4, zero=2, algorithm="ring"), {"zero": 2, "allreduce": "ring", "grad_dtype": "float16",
+                                                     "bucket_mb": 1e-4, "batch_size": 16}),
+        (Spec("grid", 2, pp=2, micro_batches=2, zero=1, algorithm="auto"),
+         {"pp": 2, "micro_batches": 2, "zero": 1, "grad_dtype": "float16", "bucket_mb": 1e-4})],
+}
+
+
+@pytest.mark.parametrize("size", sorted(COMPRESSED))
+def test_compressed_bytes_and_memory_equal_the_metrics(comm, size):
+    compare(comm, size, COMPRESSED[size])
+
+
 @pytest.mark.parametrize("size", [2, 4])
 def test_a_stale_synchronous_server_is_planned_at_its_bound(comm, size):
     """At --staleness K a server holds as many gradient slots as its workers ran apart: the plan gives

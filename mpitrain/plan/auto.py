@@ -17,6 +17,7 @@ from mpi4py import MPI
 from mpitrain.comm import agree, local_rank_and_size
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import parse_widths
+from mpitrain.plan.cost import wire_itemsize
 from mpitrain.plan.profile import load_profile
 from mpitrain.plan.search import ALGORITHMS, search
 
@@ -34,7 +35,10 @@ def choose(config, comm: MPI.Intracomm):
             error = exc
     agree(comm, error)
     profile = comm.bcast(profile, root=0)
-    algorithms = ALGORITHMS if config.allreduce == "auto" else (config.allreduce,)
+    # A compressed sum (--grad-dtype, comm/compress.py) is its own exchange whatever the algorithm,
+    # and it runs with --allreduce ring or auto only: the search prices the ring and the flag stays.
+    compressed = wire_itemsize(config) is not None
+    algorithms = ("ring",) if compressed else ALGORITHMS if config.allreduce == "auto" else (config.allreduce,)
     ranked, infeasible = search(comm.size, config, widths, ranks_on_node, profile, zero_stages=(0,),
                                 algorithms=algorithms, parameter_server=False)
     if not ranked:
@@ -44,7 +48,7 @@ def choose(config, comm: MPI.Intracomm):
     spec = best.spec
     chosen = dataclasses.replace(config, tp=spec.tp, pp=spec.pp, micro_batches=spec.micro_batches,
                                  pipeline_schedule=spec.schedule,
-                                 allreduce=spec.algorithm if spec.dp > 1 else config.allreduce)
+                                 allreduce=spec.algorithm if spec.dp > 1 and not compressed else config.allreduce)
     line = (f"layout auto: {spec.describe()} ({comm.size} rank(s), {ranks_on_node} per node; predicted "
             f"{best.step_s * 1e3:.3g} ms/step, {best.samples_per_s:.0f} samples/s, dominant term {best.dominant}; "
             f"profile {profile['name'] or profile['source']})")

@@ -34,6 +34,7 @@ import numpy as np
 
 from mpitrain.comm.buckets import MiB, plan_buckets, slot_elements, zero2_buckets
 from mpitrain.comm.hier import TWO_LEVEL_BYTES, equal_nodes, tuned_two_level_bytes
+from mpitrain.comm.compress import wire_dtype
 from mpitrain.comm.ring import chunk_bounds
 from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.nn.model import layer_roles
@@ -173,11 +174,39 @@ def tensor_sums(layers: list[dict]) -> list[tuple[str, int]]:
 # ---------------------------------------------------------------------------- bytes and memory per rank
 
 
-def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group, placement, choose):
+def wire_itemsize(config) -> int | None:
+    """Bytes per value of --grad-dtype where it is narrower than --dtype (the buckets are then
+    summed compressed, comm/compress.py), else None."""
+    if config.grad_dtype is None:
+        return None
+    wire = wire_dtype(config.grad_dtype).itemsize
+    return wire if wire < np.dtype(config.dtype).itemsize else None
+
+
+def compressed_bytes(bucket_chunks: list[list[int]], dp: int, wire: int, itemsize: int, error_feedback: bool,
+                     params: int) -> int:
+    """Bytes a rank holds for compressed sums (comm/compress.py: CompressedSum.nbytes): per bucket
+    its rounded copy and the dp receive slots of the largest chunk in the wire dtype, and with
+    error feedback the gradient plus residual in the parameters' dtype; with error feedback the
+    residual of all `params` entries. bucket_chunks: each bucket's chunk lengths over the ranks."""
+    held = 0
+    for chunks in bucket_chunks:
+        count = sum(chunks)
+        held += count * wire + dp * max(max(chunks), 1) * wire + (count * itemsize if error_feedback else 0)
+    return held + (params * itemsize if error_feedback else 0)
+
+
+def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group, placement, choose,
+            wire: int | None = None):
     """Bytes each of dp_ranks (an array) sends summing buckets of `counts` elements over its
-    data-parallel group; placement: (node index, local rank, ranks per node) within the group."""
+    data-parallel group; placement: (node index, local rank, ranks per node) within the group.
+    wire: the compressed dtype's bytes per value (comm/compress.py: each rank sends every owner
+    its chunk, and the owners' sums go round the ring's all-gather, both in the wire dtype)."""
     total = dp_ranks * 0
     for count in counts:
+        if wire is not None:
+            total = total + ring_sent(count, spec.dp, dp_ranks) * wire
+            continue
         algorithm = "ring" if spec.zero else spec.algorithm
         if algorithm == "auto":
             algorithm = choose(count * itemsize, group)
@@ -192,12 +221,15 @@ def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group
     return total
 
 
-def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group, placement, choose):
+def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group, placement, choose,
+              wire: int | None = None):
     """Bytes each of dp_ranks sends under --zero: per bucket, the reduce-scatter onto the shards'
     owners and the parameters' all-gather, with each rank's chunk the bucket's part of its shard
     (comm/allreduce.py: the ring's or MPI's reduce-scatter sends all but one's own chunk, the
     all-gather all but the next rank's; rd sums the whole bucket instead; hier sends nothing on
-    one node, and across nodes sums the whole bucket and rings the all-gather)."""
+    one node, and across nodes sums the whole bucket and rings the all-gather). wire: compressed
+    (comm/compress.py), the reduce-scatter sends every owner its chunk in the wire dtype whatever
+    the algorithm, and the all-gather stays in the parameters' dtype."""
     total = dp_ranks * 0
     if spec.dp == 1:
         return total
@@ -205,16 +237,18 @@ def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group
         count = stop - start
         chunks = np.array([max(0, min(b, stop) - max(a, start)) for a, b in shards])
         algorithm = choose(count * itemsize, group) if spec.algorithm == "auto" else spec.algorithm
-        if algorithm == "rd":
-            reduce = rd_sent(count, spec.dp, dp_ranks)
+        if wire is not None:
+            reduce = (count - chunks[dp_ranks]) * wire
+        elif algorithm == "rd":
+            reduce = rd_sent(count, spec.dp, dp_ranks) * itemsize
         elif algorithm == "hier":
-            reduce = hier_sent(count, itemsize, *placement)
+            reduce = hier_sent(count, itemsize, *placement) * itemsize
         else:
-            reduce = count - chunks[dp_ranks]
+            reduce = (count - chunks[dp_ranks]) * itemsize
         gather = count - chunks[(dp_ranks + 1) % spec.dp]
         if algorithm == "hier" and len(placement[2]) == 1:
             gather = gather * 0  # the shared-memory all-gather of one node
-        total = total + (reduce + gather) * itemsize
+        total = total + reduce + gather * itemsize
     return total
 
 
@@ -296,16 +330,23 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             if stage > 0:
                 pp_bytes = pp_bytes + batches * layers[0]["in"] * itemsize
             shard = np.array([stop - start for start, stop in shards])
+            wire = wire_itemsize(config) if spec.dp > 1 else None
+            held = 0  # --grad-dtype's buffers (the same on every rank of the group)
+            if wire is not None:
+                counts = [stop - start for start, stop, _ in buckets]
+                chunk_lengths = ([[max(0, min(b, stop) - max(a, start)) for a, b in shards] for start, stop, _ in buckets]
+                                 if spec.zero else [[b - a for a, b in chunk_bounds(n, spec.dp)] for n in counts])
+                held = compressed_bytes(chunk_lengths, spec.dp, wire, itemsize, config.error_feedback, params)
             fields = {
                 "param": np.full(spec.dp, params * itemsize),
-                "grad": (staged + shard if staged is not None else np.full(spec.dp, params)) * itemsize,
+                "grad": (staged + shard if staged is not None else np.full(spec.dp, params)) * itemsize + held,
                 "optimizer": len(buffer_names(config)) * (shard if spec.zero >= 1 else np.full(spec.dp, params)) * itemsize,
                 "activation": np.array([per_batch[rows][1] for rows in batches.tolist()]),
                 "tp": np.array([per_batch[rows][0] for rows in batches.tolist()]),
                 "pp": pp_bytes,
-                "dp": (zero_sent(buckets, shards, itemsize, spec, dp_ranks, group, placement, choose) if spec.zero
+                "dp": (zero_sent(buckets, shards, itemsize, spec, dp_ranks, group, placement, choose, wire) if spec.zero
                        else dp_sent([stop - start for start, stop, _ in buckets], itemsize, spec, dp_ranks, group,
-                                    placement, choose))}
+                                    placement, choose, wire))}
             micro_rows = [b - a for a, b in micro_batch_bounds(int(batches[0]), spec.micro_batches)]
             yield stage, tp_rank, layers, micro_rows, fields
 
