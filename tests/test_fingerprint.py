@@ -83,7 +83,7 @@ def test_parameter_server_push_mismatch_is_named(comm, shared_dir):
     model = [int(width) for width in "6-4-3".split("-")]
     n_params = sum(a * b + b for a, b in zip(model, model[1:]))
     expected = mismatch(call("recv", "float32", n_params - mismatches.PS_SHORT_BY).replace(SITE, r"at ps_train\.py:\d+"),
-                        "calls " + call("send", "float32", n_params, ", tag 62").replace(SITE, r"at ps\.py:\d+"))
+                        "calls " + call("send", "float32", n_params, ", tag 62").replace(SITE, r"at ps_server\.py:\d+"))
     assert len(lines) == 1 and re.match(expected, lines[0]), (lines, expected)
 
 
