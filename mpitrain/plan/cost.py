@@ -196,6 +196,12 @@ def compressed_bytes(bucket_chunks: list[list[int]], dp: int, wire: int, itemsiz
     return held + (params * itemsize if error_feedback else 0)
 
 
+def shard_parts(shards, start: int, stop: int) -> np.ndarray:
+    """Entries of the bucket [start, stop) in each rank's shard: the chunk lengths of its sum under
+    --zero (comm/buckets.py: bucket_chunks)."""
+    return np.array([max(0, min(b, stop) - max(a, start)) for a, b in shards])
+
+
 def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group, placement, choose,
             wire: int | None = None):
     """Bytes each of dp_ranks (an array) sends summing buckets of `counts` elements over its
@@ -207,9 +213,7 @@ def dp_sent(counts: list[int], itemsize: int, spec: Spec, dp_ranks, group: Group
         if wire is not None:
             total = total + ring_sent(count, spec.dp, dp_ranks) * wire
             continue
-        algorithm = "ring" if spec.zero else spec.algorithm
-        if algorithm == "auto":
-            algorithm = choose(count * itemsize, group)
+        algorithm = choose(count * itemsize, group) if spec.algorithm == "auto" else spec.algorithm
         if algorithm == "ring":
             total = total + ring_sent(count, spec.dp, dp_ranks) * itemsize
         elif algorithm == "rd":
@@ -235,7 +239,7 @@ def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group
         return total
     for start, stop, _ in buckets:
         count = stop - start
-        chunks = np.array([max(0, min(b, stop) - max(a, start)) for a, b in shards])
+        chunks = shard_parts(shards, start, stop)
         algorithm = choose(count * itemsize, group) if spec.algorithm == "auto" else spec.algorithm
         if wire is not None:
             reduce = (count - chunks[dp_ranks]) * wire
@@ -333,9 +337,8 @@ def grid_ranks(spec: Spec, config, widths: list[int], ranks_per_node: int, choos
             wire = wire_itemsize(config) if spec.dp > 1 else None
             held = 0  # --grad-dtype's buffers (the same on every rank of the group)
             if wire is not None:
-                counts = [stop - start for start, stop, _ in buckets]
-                chunk_lengths = ([[max(0, min(b, stop) - max(a, start)) for a, b in shards] for start, stop, _ in buckets]
-                                 if spec.zero else [[b - a for a, b in chunk_bounds(n, spec.dp)] for n in counts])
+                chunk_lengths = [shard_parts(shards, start, stop) if spec.zero else
+                                 [b - a for a, b in chunk_bounds(stop - start, spec.dp)] for start, stop, _ in buckets]
                 held = compressed_bytes(chunk_lengths, spec.dp, wire, itemsize, config.error_feedback, params)
             fields = {
                 "param": np.full(spec.dp, params * itemsize),
