@@ -73,7 +73,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser("tune", help="measure the all-reduce algorithms, save thresholds for auto",
                                description="Time every all-reduce algorithm at powers of two from 8 B up, on "
-                               "this job's layout, and save the fastest per size for --allreduce auto. Run it "
+                               "this job's layout, and save the fastest per size for --allreduce auto; the same "
+                               "for the reduce-scatter + all-gather pair that --zero 1 and 2 run. Run it "
                                "under mpirun with the world size you train with.")
     tune.add_argument("--max-mb", type=float, default=64, metavar="MB", help="largest buffer (default 64 MiB)")
     tune.add_argument("--trials", type=int, default=5, metavar="N", help="timed trials per size (default 5)")
@@ -192,15 +193,18 @@ def run_tune(args: argparse.Namespace) -> None:
         raise MpitrainError(f"--max-mb {args.max_mb} --trials {args.trials}: need at least 8 bytes and one trial")
     path = args.out or tune.cache_path()
     agree(comm, error_of(check_file, path, True) if comm.rank == 0 else None)  # before minutes of timing
-    key, table = tune.tune(comm, int(args.max_mb * (1 << 20)), args.trials, path)
+    key, table, sharded = tune.tune(comm, int(args.max_mb * (1 << 20)), args.trials, path)
     group = tune.node_group(comm)
     if comm.rank == 0:
-        bands = ", ".join(f"below {bound} B {name}" if bound else f"then {name}" for bound, name in table)
+        def bands(thresholds):
+            return ", ".join(f"below {bound} B {name}" if bound else f"then {name}" for bound, name in thresholds)
+
+        line = f"{key}: all-reduce {bands(table)}; --zero's reduce-scatter + all-gather {bands(sharded)}"
         if group.cross is not None:
             crossover = group.two_level_bytes
-            bands += ("; hier crosses nodes from every local rank " +
-                      (f"from {crossover} B" if crossover is not None else "never (the leaders alone)"))
-        print(f"{key}: {bands}\nwrote {path}")
+            line += ("; hier crosses nodes from every local rank " +
+                     (f"from {crossover} B" if crossover is not None else "never (the leaders alone)"))
+        print(f"{line}\nwrote {path}")
 
 
 def run_model_file(args: argparse.Namespace) -> None:

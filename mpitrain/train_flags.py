@@ -73,7 +73,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seeds init, shuffling and the synthetic set (default 0)")
     group = parser.add_argument_group("parallel and hardware")
     group.add_argument("--allreduce", metavar=one_of("allreduce"),
-                       help="gradient sum: auto picks by bucket size from `mpitrain tune`'s thresholds; ring "
+                       help="gradient sum: auto picks by bucket size from `mpitrain tune`'s thresholds (under "
+                       "--zero, those of the reduce-scatter + all-gather pair); ring "
                        "(pipelined), rd (recursive doubling), hier (shared memory per node + ring over "
                        "nodes), mpi (MPI Allreduce) (default auto)")
     group.add_argument("--device", metavar=one_of("device"),

@@ -139,6 +139,27 @@ def test_hierarchical_bytes_follow_a_tuned_crossover(comm, monkeypatch, shared_d
     compare(comm, 4, [(Spec("grid", 4, algorithm="hier"), {"allreduce": "hier", "batch_size": 16})], 2)
 
 
+@pytest.mark.parametrize("size", [2, 4])
+def test_zero_buckets_follow_the_sharded_thresholds(comm, monkeypatch, shared_dir, size):
+    """A tuning file whose all-reduce table says mpi and whose sharded table says hier: --zero 0 sends
+    MPI's bytes, --zero 1 and 2 send none (hier's halves on one node), and the plan reads the same
+    table for each (the halves are priced from the sharded one, not the all-reduce's)."""
+    path = os.path.join(shared_dir, "tune.json")
+    if comm.rank == 0:
+        with open(path, "w") as out:
+            json.dump({"format": tunefile.FORMAT, "layouts": {tunefile.layout_key(size, 1): {
+                "thresholds": [[None, "mpi"]], "sharded_thresholds": [[None, "hier"]]}}}, out)
+    comm.Barrier()
+    monkeypatch.setenv(tunefile.ENV_FILE, path)
+    compare(comm, size, [(Spec("grid", size, algorithm="auto"), {}),
+                         (Spec("grid", size, zero=1, algorithm="auto"), {"zero": 1}),
+                         (Spec("grid", size, zero=2, algorithm="auto"), {"zero": 2, "bucket_mb": 1e-4})])
+    with groups_of(comm, size) as group:
+        if group is not None:
+            sent = [train(config(steps=2, zero=zero), group).history[-1]["dp_bytes_per_step"] for zero in (0, 1)]
+            assert sent[0] > 0 and sent[1] == 0
+
+
 def compare(comm, size, layouts, ranks_on_node=None):
     """Train each (spec, overrides) on `size` ranks of comm and compare the plan's fields with the
     last record's; ranks_on_node: the plan's ranks per node (default: this node's)."""

@@ -31,6 +31,8 @@ def test_thresholds_pick_the_band_a_size_falls_in():
 def test_defaults_exist_for_every_layout(world, nodes):
     table = tune.check_table(tune.default_table(world, nodes), "defaults")
     assert table[-1][0] is None
+    sharded = tune.check_table(tune.default_table(world, nodes, sharded=True), "defaults", tune.SHARDED_CANDIDATES)
+    assert sharded[-1][0] is None
 
 
 def _write(path, layouts):
@@ -54,6 +56,57 @@ def test_auto_follows_rank_0s_tuning_file(comm, tmp_path, monkeypatch):
     np.testing.assert_array_equal(buf, np.full(3, comm.size))
 
 
+def test_zero_halves_follow_their_own_thresholds_and_default_without_them(comm, tmp_path, monkeypatch):
+    """A layout's sharded_thresholds pick the reduce-scatter + all-gather of --zero, and its
+    thresholds the all-reduce; an entry without sharded ones (a file from before they existed)
+    leaves the halves on the built-in table. The pick is the algorithm that actually runs: the
+    halves of hier on one node send no message, the ring's send each rank's chunk."""
+    from mpitrain.comm import traffic
+    from mpitrain.comm.allreduce import resolve, shard_gather_schedule, shard_reduce_schedule
+    from mpitrain.comm.ring import chunk_bounds, complete
+
+    path = os.path.join(tmp_path, "tune.json")
+    key = tune.layout_key(comm.size, 1)
+    _write(path, {key: {"thresholds": [[None, "hier"]], "sharded_thresholds": [[None, "ring"]]}})
+    monkeypatch.setenv(tune.ENV_FILE, path)
+    fresh = comm.Dup()
+    picks = [resolve("auto", 1 << 20, fresh), resolve("auto", 1 << 20, fresh, sharded=True)]
+    buf = np.arange(1000, dtype=np.float64) * (comm.rank + 1)
+    chunks = chunk_bounds(buf.size, comm.size)
+    before = traffic.sent()
+    complete(shard_reduce_schedule(buf, fresh, "auto", chunks))
+    complete(shard_gather_schedule(buf, fresh, "auto", chunks))
+    sent = traffic.sent() - before
+    fresh.Free()
+    np.testing.assert_array_equal(buf, np.arange(1000) * comm.size * (comm.size + 1) / 2)
+    if comm.size > 1:
+        assert picks == ["hier", "ring"]
+        assert sent == 2 * (buf.size - buf.size // comm.size) * buf.itemsize
+    _write(path, {key: {"thresholds": [[None, "mpi"]]}})
+    fresh = comm.Dup()
+    picks = [resolve("auto", n, fresh, sharded=True) for n in (8, 1 << 20, 1 << 30)] if comm.size > 1 else None
+    fresh.Free()
+    if comm.size > 1:
+        expected = tune.Thresholds(tune.default_table(comm.size, 1, sharded=True))
+        assert picks == [expected(8), expected(1 << 20), expected(1 << 30)]
+
+
+def test_a_sharded_table_with_rd_is_refused():
+    """rd has no reduce-scatter of its own (it sums the whole bucket): never a sharded pick."""
+    with pytest.raises(MpitrainError, match="algorithms from mpi, hier, ring"):
+        tune.check_table([[None, "rd"]], "sharded", tune.SHARDED_CANDIDATES)
+
+
+def test_a_malformed_sharded_table_fails_on_every_rank(comm, tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, "tune.json")
+    _write(path, {tune.layout_key(comm.size, 1): {"thresholds": [[None, "mpi"]], "sharded_thresholds": [[None, "rd"]]}})
+    monkeypatch.setenv(tune.ENV_FILE, path)
+    fresh = comm.Dup()
+    with pytest.raises(MpitrainError, match="sharded_thresholds: thresholds must be"):
+        tune.choose(8, fresh, sharded=True)
+    fresh.Free()
+
+
 def test_a_malformed_file_fails_on_every_rank(comm, tmp_path, monkeypatch):
     path = os.path.join(tmp_path, "tune.json")
     _write(path, {tune.layout_key(comm.size, 1): {"thresholds": [[64, "bogus"]]}})
@@ -66,13 +119,18 @@ def test_a_malformed_file_fails_on_every_rank(comm, tmp_path, monkeypatch):
 
 def test_tune_measures_and_saves_this_layout(comm, tmp_path):
     path = comm.bcast(os.path.join(tmp_path, "tune.json"), root=0)
-    key, table = tune.tune(comm, max_bytes=1024, trials=1, path=path)
+    key, table, sharded = tune.tune(comm, max_bytes=1024, trials=1, path=path)
     saved = tune.read_file(path) if comm.rank == 0 else None
     assert key == tune.layout_key(comm.size, 1)
     tune.check_table(table, "fitted")
+    tune.check_table(sharded, "fitted", tune.SHARDED_CANDIDATES)
     if comm.rank == 0:
         assert saved["layouts"][key]["thresholds"] == table
+        assert saved["layouts"][key]["sharded_thresholds"] == sharded
         assert saved["layouts"][key]["measured"]["bytes"] == [8 << e for e in range(8)]  # 8 B .. 1 KiB
+        timings = saved["layouts"][key]["measured"]["sharded_seconds"]
+        assert sorted(timings) == sorted(tune.SHARDED_CANDIDATES)
+        assert all(len(seconds) == 8 and min(seconds) > 0 for seconds in timings.values())
 
 
 def test_the_tune_command_writes_the_file_or_asks_for_ranks(comm, tmp_path, capsys):
@@ -109,7 +167,7 @@ def test_tune_on_nodes_of_equal_size_learns_where_hier_crosses_from_every_rank(c
     path = comm.bcast(os.path.join(tmp_path, "tune.json"), root=0)
     monkeypatch.setenv(tune.ENV_FILE, path)
     fresh = comm.Dup()
-    key, _ = tune.tune(fresh, max_bytes=64 << 10, trials=1, path=path)
+    key, _, _ = tune.tune(fresh, max_bytes=64 << 10, trials=1, path=path)
     fresh.Free()
     assert key == tune.layout_key(comm.size, comm.size // 2)
     entry = comm.bcast(tune.read_file(path)["layouts"][key] if comm.rank == 0 else None, root=0)

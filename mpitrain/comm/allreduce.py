@@ -59,10 +59,11 @@ def check_buffer(buf, what: str) -> None:
         raise MpitrainError(f"{what} needs a 1-D contiguous buffer, got shape {buf.shape}")
 
 
-def resolve(algorithm: str, nbytes: int, comm: MPI.Intracomm) -> str:
-    """The concrete algorithm for `algorithm` ("auto" looks up the measured thresholds; collective)."""
+def resolve(algorithm: str, nbytes: int, comm: MPI.Intracomm, sharded: bool = False) -> str:
+    """The concrete algorithm for `algorithm` ("auto" looks up the measured thresholds, of the
+    all-reduce or with sharded=True of the reduce-scatter + all-gather pair; collective)."""
     if algorithm == "auto":
-        return thresholds.choose(nbytes, comm)
+        return thresholds.choose(nbytes, comm, sharded)
     if algorithm not in SCHEDULES:
         raise MpitrainError(f"allreduce algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
     return algorithm
@@ -116,6 +117,7 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
     the rest of buf is left holding partial sums. chunks: [start, stop) per rank, contiguous, covering
     buf, possibly empty. Collective on comm.
 
+    `auto` picks from the sharded thresholds (comm/thresholds.py), the pair's own measurements.
     ring: the pipelined ring with these chunks; mpi: MPI Reduce_scatter; hier: on one node each rank
     sums its chunk in shared memory, across nodes the whole buffer's hierarchical all-reduce (see
     comm/hier.py). rd has no reduce-scatter of its own (recursive doubling's halving variant is not
@@ -124,7 +126,7 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
     check_buffer(buf, "reduce_scatter")
     if comm.size == 1:
         return iter(())
-    name = resolve(algorithm, buf.nbytes, comm)
+    name = resolve(algorithm, buf.nbytes, comm, sharded=True)
     if CHECK.active:
         CHECK.collective(comm, "reduce_scatter", name, buf, depth=1)
     if name == "ring":
@@ -140,14 +142,14 @@ def shard_reduce_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
 
 def shard_gather_schedule(buf, comm: MPI.Intracomm, algorithm: str, chunks):
     """Schedule (all-gather): every rank's buf[chunks[q]] <- rank q's buf[chunks[q]]. Collective on comm.
-    The algorithm the reduce-scatter of the same buffer used (auto's choice for its size): mpi: MPI
+    The algorithm the reduce-scatter of the same buffer used (auto's sharded choice for its size): mpi: MPI
     Allgatherv; hier: shared memory on one node, the ring across nodes (comm/hier.py); the others:
     the pipelined ring (the all-gather half of the ring is bandwidth-optimal whatever sums the
     reduce-scatter did). Checked when made."""
     check_buffer(buf, "allgather")
     if comm.size == 1:
         return iter(())
-    name = resolve(algorithm, buf.nbytes, comm)
+    name = resolve(algorithm, buf.nbytes, comm, sharded=True)
     name = name if name in ("mpi", "hier") else "ring"
     if CHECK.active:
         CHECK.collective(comm, "allgather", name, buf, depth=1)

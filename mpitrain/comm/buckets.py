@@ -167,7 +167,9 @@ class GradientSync:
             # Collective set-up now, at the same point on every rank (see allreduce_schedule): auto's
             # thresholds, and the shared slots of the hierarchical sum (or, sharded, its all-gather
             # of the parameters, compressed sums included) sized for its largest bucket.
-            hier_bytes = [view.nbytes for view in self.views if resolve(algorithm, view.nbytes, comm) == "hier"]
+            sharded = shards is not None
+            hier_bytes = [view.nbytes for view in self.views
+                          if resolve(algorithm, view.nbytes, comm, sharded) == "hier"]
             if hier_bytes:
                 reserve(comm, grads.dtype, max(hier_bytes))
         self._bucket_of_layer = {first: index for index, (_, _, first) in enumerate(self.buckets)
@@ -339,7 +341,8 @@ class GradientSync:
         """One bucket's all-reduce on the trace, from its first message to its last (bytes: what it sent)."""
         from mpitrain.comm.ring import SEGMENT_BYTES
 
-        algorithm = resolve(self.algorithm, nbytes, self.comm)  # auto's choice is cached by now: no message
+        # auto's choice is cached by now: no message
+        algorithm = resolve(self.algorithm, nbytes, self.comm, self.shards is not None)
         TRACE.span("gradient all-reduce", f"all-reduce {nbytes} B ({algorithm})", started, algorithm=algorithm,
                    bucket_bytes=nbytes, bytes=sent, segments=-(-nbytes // self.comm.size // SEGMENT_BYTES) or 1)
 

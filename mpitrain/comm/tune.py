@@ -1,5 +1,6 @@
 """`mpitrain tune`: measure every all-reduce algorithm per buffer size and save the thresholds
-that `auto` reads (comm/thresholds.py); on nodes of equal size, also the buffer size from which
+that `auto` reads (comm/thresholds.py); the same for the reduce-scatter + all-gather pair that
+--zero runs on each bucket (the "sharded" thresholds); on nodes of equal size, also the buffer size from which
 `hier` crosses nodes from every local rank rather than from the leaders alone (comm/hier.py),
 which depends on the network (measured on a shaped 1 Gbit/s link: 1 MiB; unshaped, lower).
 
@@ -14,16 +15,18 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm.allreduce import allreduce
+from mpitrain.comm.allreduce import allreduce, shard_gather_schedule, shard_reduce_schedule
 from mpitrain.comm.hier import node_group
-from mpitrain.comm.thresholds import (CANDIDATES, DEFAULTS, ENV_FILE, FORMAT, MiB, Thresholds, cache_path,
-                                      check_table, choose, default_table, layout_key, load_table, read_file)
+from mpitrain.comm.ring import chunk_bounds, complete
+from mpitrain.comm.thresholds import (CANDIDATES, DEFAULTS, ENV_FILE, FORMAT, SHARDED_CANDIDATES, SHARDED_DEFAULTS,
+                                      MiB, Thresholds, cache_path, check_table, choose, default_table, layout_key,
+                                      load_table, read_file)
 from mpitrain.errors import MpitrainError
 from mpitrain.outputs import atomic_write, write_error
 
-__all__ = ["CANDIDATES", "DEFAULTS", "ENV_FILE", "FORMAT", "Thresholds", "cache_path", "check_table", "choose",
-           "default_table", "fit", "fit_crossover", "layout_key", "load_table", "measure", "measure_crossover",
-           "read_file", "save", "tune"]
+__all__ = ["CANDIDATES", "DEFAULTS", "ENV_FILE", "FORMAT", "SHARDED_CANDIDATES", "SHARDED_DEFAULTS", "Thresholds",
+           "cache_path", "check_table", "choose", "default_table", "fit", "fit_crossover", "layout_key", "load_table",
+           "measure", "measure_crossover", "read_file", "save", "tune"]
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -38,14 +41,28 @@ def time_allreduce(buf: np.ndarray, comm: MPI.Intracomm, algorithm: str, reps: i
     return comm.allreduce((time.perf_counter() - started) / reps, op=MPI.MAX)
 
 
+def time_halves(buf: np.ndarray, comm: MPI.Intracomm, algorithm: str, reps: int) -> float:
+    """Seconds per reduce-scatter + all-gather pair on equal chunks (what --zero runs on a bucket),
+    over `reps` back-to-back pairs, the slowest rank's mean. Collective."""
+    chunks = chunk_bounds(buf.size, comm.size)
+    comm.Barrier()
+    started = time.perf_counter()
+    for _ in range(reps):
+        complete(shard_reduce_schedule(buf, comm, algorithm, chunks))
+        complete(shard_gather_schedule(buf, comm, algorithm, chunks))
+    return comm.allreduce((time.perf_counter() - started) / reps, op=MPI.MAX)
+
+
 def measure(comm: MPI.Intracomm, sizes: list[int], algorithms, trials: int = 5, trial_s: float = 0.005,
-            dtype=np.float32) -> dict[str, list[float]]:
-    """{algorithm: median seconds per call at each size (bytes)}. Collective.
+            dtype=np.float32, sharded: bool = False) -> dict[str, list[float]]:
+    """{algorithm: median seconds per call at each size (bytes)} of the all-reduce, or with
+    sharded=True of the reduce-scatter + all-gather pair. Collective.
 
     Trials of the algorithms alternate, so a burst of load from another process hits them all
     alike; each trial repeats the call for about trial_s seconds (the same count on every rank).
     """
-    return _alternate(comm, sizes, {name: (name, None) for name in algorithms}, trials, trial_s, dtype)
+    return _alternate(comm, sizes, {name: (name, None) for name in algorithms}, trials, trial_s, dtype,
+                      time_halves if sharded else time_allreduce)
 
 
 def measure_crossover(comm: MPI.Intracomm, sizes: list[int], trials: int = 5, trial_s: float = 0.005,
@@ -67,14 +84,15 @@ def measure_crossover(comm: MPI.Intracomm, sizes: list[int], trials: int = 5, tr
     return fit_crossover(sizes, seconds["two-level"], seconds["leaders"]), seconds
 
 
-def _alternate(comm, sizes, variants: dict, trials: int, trial_s: float, dtype) -> dict[str, list[float]]:
+def _alternate(comm, sizes, variants: dict, trials: int, trial_s: float, dtype,
+               timer=time_allreduce) -> dict[str, list[float]]:
     """{variant: median seconds per call at each size}; variants: {name: (algorithm, a function to
-    call before each timing of it, or None)}. Collective."""
+    call before each timing of it, or None)}; timer: time_allreduce or time_halves. Collective."""
     def timed(buf, name, reps):
         algorithm, prepare = variants[name]
         if prepare is not None:
             prepare()
-        return time_allreduce(buf, comm, algorithm, reps)
+        return timer(buf, comm, algorithm, reps)
 
     seconds = {name: [] for name in variants}
     for nbytes in sizes:
@@ -125,13 +143,18 @@ def fit(sizes: list[int], seconds: dict[str, list[float]]) -> list:
     return table
 
 
-def save(path: str, key: str, table: list, sizes: list[int], seconds: dict, hier: dict | None = None) -> None:
+def save(path: str, key: str, table: list, sizes: list[int], seconds: dict, hier: dict | None = None,
+         sharded: tuple[list, dict] | None = None) -> None:
     """Merge this layout's entry into the cache file, written atomically (mpitrain/outputs.py);
-    hier: {"two_level_bytes": ..., "bytes": [...], "seconds": {variant: [...]}} where measured."""
+    hier: {"two_level_bytes": ..., "bytes": [...], "seconds": {variant: [...]}} where measured;
+    sharded: (thresholds, {algorithm: seconds per size}) of the reduce-scatter + all-gather pair."""
     contents = read_file(path) or {"format": FORMAT}
     contents["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
     entry = {"thresholds": table, "measured": {"bytes": sizes, "seconds": seconds},
              "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if sharded is not None:
+        entry["sharded_thresholds"] = sharded[0]
+        entry["measured"]["sharded_seconds"] = sharded[1]
     if hier is not None:
         entry["hier_two_level_bytes"] = hier["two_level_bytes"]
         entry["measured"]["hier"] = {"bytes": hier["bytes"], "seconds": hier["seconds"]}
@@ -143,9 +166,12 @@ def save(path: str, key: str, table: list, sizes: list[int], seconds: dict, hier
     atomic_write(path, lambda out: out.write(json.dumps(contents, indent=1).encode()), binary=True)
 
 
-def tune(comm: MPI.Intracomm, max_bytes: int = 64 * MiB, trials: int = 5, path: str | None = None) -> tuple[str, list]:
-    """Measure every candidate at powers of two from 8 B to max_bytes; rank 0 saves the fit to path
-    (default cache_path()). Returns (layout key, thresholds) on every rank. Collective on comm.
+def tune(comm: MPI.Intracomm, max_bytes: int = 64 * MiB, trials: int = 5,
+         path: str | None = None) -> tuple[str, list, list]:
+    """Measure every candidate at powers of two from 8 B to max_bytes, as an all-reduce and as the
+    reduce-scatter + all-gather pair of --zero; rank 0 saves both fits to path (default
+    cache_path()). Returns (layout key, thresholds, sharded thresholds) on every rank. Collective
+    on comm.
     """
     sizes = [1 << e for e in range(3, max_bytes.bit_length())]
     group, hier = node_group(comm), None
@@ -156,14 +182,16 @@ def tune(comm: MPI.Intracomm, max_bytes: int = 64 * MiB, trials: int = 5, path: 
         group.two_level_bytes = crossover  # so that hier's timings below are those of the tuned hier
     seconds = measure(comm, sizes, CANDIDATES, trials)
     table = fit(sizes, seconds)
+    sharded_seconds = measure(comm, sizes, SHARDED_CANDIDATES, trials, sharded=True)
+    sharded = fit(sizes, sharded_seconds)
     key = layout_key(comm.size, node_group(comm).nodes)
     error = None
     if comm.rank == 0:
         try:
-            save(path or cache_path(), key, table, sizes, seconds, hier)
+            save(path or cache_path(), key, table, sizes, seconds, hier, (sharded, sharded_seconds))
         except MpitrainError as exc:
             error = str(exc)
     error = comm.bcast(error, root=0)
     if error is not None:
         raise MpitrainError(error)
-    return key, table
+    return key, table, sharded

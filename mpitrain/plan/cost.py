@@ -240,7 +240,7 @@ def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group
     for start, stop, _ in buckets:
         count = stop - start
         chunks = shard_parts(shards, start, stop)
-        algorithm = choose(count * itemsize, group) if spec.algorithm == "auto" else spec.algorithm
+        algorithm = choose(count * itemsize, group, sharded=True) if spec.algorithm == "auto" else spec.algorithm
         if wire is not None:
             reduce = (count - chunks[dp_ranks]) * wire
         elif algorithm == "rd":
@@ -257,7 +257,8 @@ def zero_sent(buckets, shards, itemsize: int, spec: Spec, dp_ranks, group: Group
 
 
 class AutoChooser:
-    """What --allreduce auto picks for n bytes over a group, and from which buffer size `hier`
+    """What --allreduce auto picks for n bytes over a group (sharded: for --zero's reduce-scatter and
+    all-gather, comm/thresholds.py), and from which buffer size `hier`
     crosses nodes from every local rank there: what `mpitrain tune` saved for that many ranks and
     nodes, else the built-in defaults. Each layout's entry is read once, however many layouts
     a plan prices. tuned=False: the built-in defaults alone, reading no file, for counts that do
@@ -267,10 +268,10 @@ class AutoChooser:
         self.tuned = tuned
         self.tables, self.crossovers = {}, {}
 
-    def __call__(self, nbytes: int, group: Group) -> str:
+    def __call__(self, nbytes: int, group: Group, sharded: bool = False) -> str:
         from mpitrain.comm.thresholds import Thresholds, default_table, load_table
 
-        key = (group.size, group.nodes)
+        key = (group.size, group.nodes, sharded)
         if key not in self.tables:
             self.tables[key] = Thresholds((load_table if self.tuned else default_table)(*key))
         return self.tables[key](nbytes)

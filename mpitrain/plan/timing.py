@@ -212,7 +212,7 @@ def _predict_grid(spec, config, widths, ranks_per_node, profile, machine, choose
         seconds = []
         for start, stop, _ in buckets:
             nbytes = (stop - start) * itemsize
-            algorithm = choose(nbytes, dp_group) if spec.algorithm == "auto" else spec.algorithm
+            algorithm = spec.algorithm if spec.algorithm != "auto" else choose(nbytes, dp_group, sharded=spec.zero > 0)
             seconds.append(sync_time(profile, algorithm, spec.zero, nbytes, dp_group, machine.bandwidth_at(nbytes)))
         efficiency = profile["overlap_efficiency"] if config.overlap else 0.0
         data = exposed_sync(seconds, [first for _, _, first in buckets], backward, efficiency)
