@@ -197,6 +197,8 @@ def run_tune(args: argparse.Namespace) -> None:
     group = tune.node_group(comm)
     if comm.rank == 0:
         def bands(thresholds):
+            if len(thresholds) == 1:
+                return f"{thresholds[0][1]} at every size"
             return ", ".join(f"below {bound} B {name}" if bound else f"then {name}" for bound, name in thresholds)
 
         line = f"{key}: all-reduce {bands(table)}; --zero's reduce-scatter + all-gather {bands(sharded)}"

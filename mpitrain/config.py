@@ -236,13 +236,22 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.zero not in (0, 1, 2):
         raise MpitrainError(f"--zero {config.zero}: expected 0 (no sharding), 1 (optimizer state) or 2 (and gradients)")
     _validate_compression(config)
-    if config.zero == 2 and config.micro_batches > 1:
-        raise MpitrainError(f"--zero 2 keeps only the gradient shard, but --micro-batches {config.micro_batches} adds "
-                            "every layer's gradient up over the step's micro-batches: use --zero 1")
+    problem = zero_problem(config.zero, config.micro_batches)
+    if problem is not None:
+        raise MpitrainError(problem)
     if config.zero and config.sync == "ps":
         raise MpitrainError("--zero shards the data-parallel gradient sum: it needs --sync allreduce "
                             "(the parameter server already holds one copy of the optimizer state)")
     return config
+
+
+def zero_problem(zero: int, micro_batches: int) -> str | None:
+    """Why a ZeRO stage cannot run with this many micro-batches (None: it can); the plan's search
+    marks such layouts infeasible with the same words."""
+    if zero == 2 and micro_batches > 1:
+        return (f"--zero 2 keeps only the gradient shard, but --micro-batches {micro_batches} adds every layer's "
+                "gradient up over the step's micro-batches: use --zero 1")
+    return None
 
 
 def _validate_schedule(config: TrainConfig) -> None:

@@ -219,12 +219,13 @@ def _loop(config: TrainConfig, comm: MPI.Intracomm, guard: Resilience, make_stra
 
 def _allreduce_note(config: TrainConfig, data_comm: MPI.Intracomm) -> str | None:
     """How gradients are summed, for the start-up line: with --allreduce auto, whose thresholds
-    choose the algorithm (a tuning file's, or the built-in ones). Collective on data_comm."""
+    choose the algorithm (a tuning file's, or the built-in ones; under --zero, those of the
+    reduce-scatter + all-gather pair). Collective on data_comm."""
     if data_comm.size == 1:
         return None
     if config.allreduce != "auto":
         return config.allreduce
-    return f"auto, {describe_source(data_comm)}"
+    return f"auto, {describe_source(data_comm, sharded=config.zero > 0)}"
 
 
 def _step_record(comm: MPI.Intracomm, config: TrainConfig, step: int, loss_sum: float, lr: float, seconds: float,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mpitrain.cli import run
-from mpitrain.comm import hier
+from mpitrain.comm import hier, local_rank_and_size
 from mpitrain.comm.traffic import ring_equivalent
 from mpitrain.config import TrainConfig, validate
 from mpitrain.errors import MpitrainError
@@ -328,6 +328,40 @@ def test_layout_auto_refuses_layout_flags_and_runs_the_plans_pick(comm, capsys):
                                                            ranked[0].spec.micro_batches)
     assert line.startswith(f"layout auto: {ranked[0].spec.describe()}")
     assert np.isfinite(ranked[0].step_s)
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_layout_auto_under_zero_picks_among_the_halves_of_that_stage(comm, monkeypatch, zero):
+    """--layout auto --zero 1|2 prices each layout at the run's stage, its reduce-scatter and
+    all-gather (never rd, which has none of its own; under --zero 2 never micro-batches, which it
+    refuses), and the run it sets up validates. Nodes of 2 ranks: where rd was picked before."""
+    from mpitrain.plan.auto import choose
+
+    monkeypatch.setenv("MPITRAIN_RANKS_PER_NODE", "2")
+    config = plan_config(layout="auto", steps=1, zero=zero)
+    chosen, line = choose(config, comm)
+    ranked, _ = search(comm.size, config, WIDTHS, local_rank_and_size(comm)[1], profile.load_profile(None),
+                       zero_stages=(zero,), parameter_server=False)
+    assert line.startswith(f"layout auto: {ranked[0].spec.describe()}")
+    assert chosen.zero == zero and chosen.allreduce != "rd"
+    assert all(p.spec.algorithm != "rd" for p in ranked if p.spec.dp > 1)
+    assert all(p.spec.micro_batches == 1 for p in ranked if p.spec.zero == 2)
+    validate(chosen)
+
+
+def test_layout_auto_is_rank_0s_choice_whatever_the_other_ranks_files_say(comm, tmp_path, monkeypatch):
+    """Rank 0 reads the tuning file and searches; the other ranks' files (here unreadable) are not
+    read, so no rank fails or chooses alone while the others wait in a collective."""
+    from mpitrain.comm import tunefile
+    from mpitrain.plan.auto import choose
+
+    path = os.path.join(tmp_path, f"tune-{comm.rank}.json")
+    with open(path, "w") as out:
+        out.write("{}" if comm.rank == 0 else "not json")
+    monkeypatch.setenv(tunefile.ENV_FILE, path)
+    chosen, line = choose(plan_config(layout="auto", steps=1, zero=1), comm)
+    assert comm.allgather((chosen.tp, chosen.pp, chosen.allreduce, line)) == [(chosen.tp, chosen.pp, chosen.allreduce,
+                                                                              line)] * comm.size
 
 
 def test_layout_auto_keeps_a_compressed_runs_allreduce_flag(comm):

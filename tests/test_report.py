@@ -83,9 +83,13 @@ def test_start_up_line_names_the_all_reduce_thresholds(comm, small_classificatio
     comm.Barrier()
     train(config(data=small_classification, steps=1), comm)
     tuned = capsys.readouterr().out
+    # A file from before the halves of --zero were tuned: their thresholds stay the built-in ones.
+    train(config(data=small_classification, steps=1, zero=1), comm)
+    sharded = capsys.readouterr().out
     if comm.rank == 0 and comm.size > 1:
         assert "all-reduce auto, built-in thresholds" in built_in and tune_file in built_in
         assert f"all-reduce auto, tuned thresholds from {tune_file}" in tuned
+        assert f"all-reduce auto, built-in thresholds for {key} ({tune_file} tunes its all-reduce only" in sharded
     elif comm.rank == 0:
         assert "all-reduce" not in built_in  # one rank sums nothing
 

@@ -338,12 +338,15 @@ class GradientSync:
             self._summed(bucket)
 
     def _trace_bucket(self, nbytes: int, started: float, sent: int) -> None:
-        """One bucket's all-reduce on the trace, from its first message to its last (bytes: what it sent)."""
+        """One bucket's sum on the trace (its all-reduce, or its reduce-scatter under --zero), from its
+        first message to its last (bytes: what it sent)."""
         from mpitrain.comm.ring import SEGMENT_BYTES
 
-        # auto's choice is cached by now: no message
-        algorithm = resolve(self.algorithm, nbytes, self.comm, self.shards is not None)
-        TRACE.span("gradient all-reduce", f"all-reduce {nbytes} B ({algorithm})", started, algorithm=algorithm,
+        # auto's choice is cached by now: no message. A compressed sum is its own exchange.
+        algorithm = "compressed" if self.compressed is not None else \
+            resolve(self.algorithm, nbytes, self.comm, self.shards is not None)
+        what = "reduce-scatter" if self.shards is not None else "all-reduce"
+        TRACE.span("gradient all-reduce", f"{what} {nbytes} B ({algorithm})", started, algorithm=algorithm,
                    bucket_bytes=nbytes, bytes=sent, segments=-(-nbytes // self.comm.size // SEGMENT_BYTES) or 1)
 
     def _advance(self, block: bool, through: int | None = None, done=None) -> None:

@@ -38,9 +38,10 @@ KiB, MiB = 1 << 10, 1 << 20
 # Measured on 2 shared cores (a Xeon VM, 2 MiB of L2 per core) with MPICH 5.0.2 (`mpitrain tune`,
 # two runs, and benchmarks/allreduce.py): MPI's own Allreduce is hard to beat below 32 KiB (one
 # Python call costs what its whole exchange does); at 2 ranks the shared-memory node sum is ahead
-# from 32 to 512 KiB (1.0-1.3x MPI), behind from 1 MiB (0.6-0.9x: every rank adds the whole
-# buffer), and the pipelined ring ties MPI at 2 MiB and leads from 4 MiB (1.1-2.5x). At 4 ranks
-# MPI leads up to 2 MiB, ties the ring at 2-4 MiB, and the ring leads above.
+# from 32 KiB to below 1 MiB (1.0-1.3x MPI; a tie at 512 KiB, where the table hands over to MPI),
+# behind from 1 MiB (0.6-0.9x: every rank adds the whole buffer), and the pipelined ring ties MPI
+# at 2 MiB and leads from 4 MiB (1.1-2.5x), so the table takes the ring from 2 MiB. At 4 ranks
+# MPI leads below 2 MiB, ties the ring at 2-4 MiB, and the ring leads from 4 MiB.
 #
 # Across 2 nodes of 2 ranks (the same MPICH over TCP, benchmarks/allreduce.py) MPI wins or ties
 # below 1 MiB at both link rates. Above, what wins depends on what the link costs: at 1 Gbit/s
@@ -55,8 +56,9 @@ DEFAULTS = {
 }
 # The reduce-scatter + all-gather pair of --zero, the same machines and runs. On one node hier's
 # halves (each rank adds only its own chunk, and the all-gather is one copy in and one out) lead
-# from 32 KiB up to 2 MiB at 2 ranks (1.0-1.6x MPI's Reduce_scatter + Allgatherv) and to 4 MiB at 4
-# ranks (1.2-1.7x) up to 4 MiB; the pipelined ring leads above (1.5-1.9x MPI at 2 ranks, 1.1-1.4x at 4).
+# from 32 KiB to 1 MiB at 2 ranks (1.0-1.6x MPI's Reduce_scatter + Allgatherv) and to 4 MiB at 4
+# ranks (1.2-1.7x); the pipelined ring leads from the next size up, 2 and 8 MiB (1.5-1.9x MPI at
+# 2 ranks, 1.1-1.4x at 4).
 # Across the two emulated hosts the ring leads from 8 MiB at both link rates (1.1-1.2x MPI);
 # below, the link decides: at 1 Gbit/s the ring from 32 KiB (1.15-1.4x), unshaped MPI (1.06-2.4x
 # the ring); MPI is the default there, as a fast network favours it, and `mpitrain tune` learns
@@ -98,18 +100,25 @@ def load_table(world_size: int, nodes: int, sharded: bool = False) -> list:
     return default_table(world_size, nodes, sharded) if table is None else table
 
 
-def describe_source(comm: MPI.Intracomm) -> str:
-    """Which thresholds `auto` uses on comm, for the start-up line: 'tuned thresholds from PATH
-    (p4-n1)' or 'built-in thresholds for p4-n1 (none tuned in PATH)'. Collective on comm; raises
-    MpitrainError on every rank for an unreadable tuning file, as the first all-reduce would."""
+def describe_source(comm: MPI.Intracomm, sharded: bool = False) -> str:
+    """Which thresholds `auto` uses on comm (sharded: those of --zero's reduce-scatter + all-gather),
+    for the start-up line: 'tuned thresholds from PATH (p4-n1)', or 'built-in thresholds for
+    p4-n1 (none tuned in PATH)', or under --zero with a file from before the pair was tuned,
+    'built-in thresholds for p4-n1 (PATH tunes its all-reduce only: rerun mpitrain tune)'.
+    Collective on comm; raises MpitrainError on every rank for an unreadable tuning file, as the
+    first all-reduce would."""
     nodes = node_group(comm).nodes
     text, error = None, None
     if comm.rank == 0:
         path, key = cache_path(), layout_key(comm.size, nodes)
         try:
-            tuned = key in read_file(path).get("layouts", {})
-            text = f"tuned thresholds from {path} ({key})" if tuned else \
-                f"built-in thresholds for {key} (none tuned in {path})"
+            entry = read_file(path).get("layouts", {}).get(key)
+            if entry is None:
+                text = f"built-in thresholds for {key} (none tuned in {path})"
+            elif sharded and "sharded_thresholds" not in entry:
+                text = f"built-in thresholds for {key} ({path} tunes its all-reduce only: rerun mpitrain tune)"
+            else:
+                text = f"tuned thresholds from {path} ({key})"
         except MpitrainError as exc:
             error = str(exc)
     text, error = comm.bcast((text, error), root=0)

@@ -72,7 +72,7 @@ def read_file(path: str) -> dict:
                                 "with 'thresholds')")
         check_table(entry["thresholds"], f"{path}: not an mpitrain tuning file: layout {key!r}")
         if "sharded_thresholds" in entry:
-            check_table(entry["sharded_thresholds"], f"{path}: not an mpitrain tuning file: layout {key!r}'s "
+            check_table(entry["sharded_thresholds"], f"{path}: not an mpitrain tuning file: layout {key!r}, "
                         "sharded_thresholds", SHARDED_CANDIDATES)
         crossover = entry.get("hier_two_level_bytes")
         if crossover is not None and (type(crossover) is not int or crossover < 0):

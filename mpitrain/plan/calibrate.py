@@ -33,9 +33,10 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.backend import available_cores, settle_threads, step_finite
-from mpitrain.comm import local_rank_and_size
+from mpitrain.comm import agree, local_rank_and_size
 from mpitrain.comm.hier import node_group
 from mpitrain.comm.tune import measure
+from mpitrain.errors import MpitrainError
 from mpitrain.plan.cost import OPTIMIZER_PASSES
 from mpitrain.plan.profile import FORMAT, check
 
@@ -341,8 +342,17 @@ def overlap_efficiency(comm: MPI.Intracomm, widths: list[int], batch: int, dtype
     _, ranks_on_node = local_rank_and_size(comm)
     base = _model_config(widths, batch, dtype, allreduce=allreduce)
     spec = Spec("grid", comm.size, algorithm=allreduce)
-    hidden, exposed = (predict(spec, base, widths, ranks_on_node, {**profile, "overlap_efficiency": share}).step_s
-                       for share in (1.0, 0.0))
+    # Priced on rank 0 alone (predict reads the tuning file for auto's choice), so that every rank
+    # takes the same branch below even where the ranks' files differ.
+    prices, error = None, None
+    if comm.rank == 0:
+        try:
+            prices = [predict(spec, base, widths, ranks_on_node, {**profile, "overlap_efficiency": share}).step_s
+                      for share in (1.0, 0.0)]
+        except MpitrainError as exc:
+            error = exc
+    agree(comm, error)
+    hidden, exposed = comm.bcast(prices, root=0)
     if exposed - hidden < 0.05 * exposed:
         return 0.0
     x, y = _rows(widths, batch // comm.size + (comm.rank < batch % comm.size), dtype, comm.rank)

@@ -19,6 +19,7 @@ never picks it.
 
 from dataclasses import dataclass, replace
 
+from mpitrain.config import zero_problem
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import layer_roles
 from mpitrain.parallel.grid import plan_layout
@@ -92,7 +93,8 @@ def search(world: int, config, widths: list[int], ranks_per_node: int, profile: 
 
     ranked, infeasible, choose = [], [], auto_chooser()
     for spec in candidates(world, len(widths) - 1, ranks_per_node, **choices):
-        reason = width_problem(spec, widths)
+        reason = width_problem(spec, widths) or (zero_problem(spec.zero, spec.micro_batches) if spec.kind == "grid"
+                                                 else None)
         if reason is None:
             try:
                 if spec.kind == "grid":
