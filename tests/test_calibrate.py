@@ -122,3 +122,31 @@ def test_one_rank_per_node_names_the_factor_its_rates_got():
     ratio = base["gemm_flops_per_s"]["float32"] / scaled["gemm_flops_per_s"]["float32"]
     assert f"{threads} thread(s) /{ratio:.2f}" in scaled["source"]
     assert whole_model_compute(Machine(scaled, 1, "float32"), widths, 32, 4) == pytest.approx(10 * predicted)
+
+
+def test_a_calibration_times_each_algorithms_all_reduce_and_its_zero_pair(comm, monkeypatch):
+    """On several ranks the profile gets two curves per algorithm: the all-reduce's (every
+    candidate) and --zero's reduce-scatter + all-gather pair's (ring, hier, mpi: rd has none), and
+    over an earlier profile it keeps the curves of other kinds and groups."""
+    if comm.size == 1:
+        pytest.skip("collective curves are measured on two ranks or more")
+    from mpitrain.plan import calibrate as cal
+
+    def fake_measure(comm, sizes, algorithms, trials=3, sharded=False):
+        return {name: [(2e-3 if sharded else 1e-3)] * len(sizes) for name in algorithms}
+
+    monkeypatch.setattr(cal, "measure", fake_measure)
+    monkeypatch.setattr(cal, "measure_gemm", lambda comm, widths, batch, dtype, share, cores: [
+        {"dtype": dtype, "m": 8, "k": 8, "n": 8, "threads": 1, "flops_per_s": 1e9}])
+    monkeypatch.setattr(cal, "stream_rate", lambda working: 1e10)
+    monkeypatch.setattr(cal, "step_overhead", lambda comm, dtype: 1e-3)
+    monkeypatch.setattr(cal, "step_scaled", lambda comm, widths, batch, dtype, profile: profile)
+    monkeypatch.setattr(cal, "overlap_efficiency", lambda *args: 0.0)
+    earlier = profile.builtin()
+    earlier["collectives"] = [{"algorithm": "ring", "ranks": 64, "nodes": 8, "bytes": [1], "seconds": [1.0],
+                               "kind": "halves"}]
+    made = cal.calibrate(comm, [8, 8, 2], 8, "float32", profile.check(earlier, "test"))
+    curves = {(c["algorithm"], c["kind"], c["ranks"]): c["seconds"][0] for c in made["collectives"]}
+    assert curves == {**{(name, "allreduce", comm.size): 1e-3 for name in ("mpi", "rd", "hier", "ring")},
+                      **{(name, "halves", comm.size): 2e-3 for name in ("mpi", "hier", "ring")},
+                      ("ring", "halves", 64): 1.0}

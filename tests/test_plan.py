@@ -133,6 +133,30 @@ def test_a_zero_bucket_costs_its_algorithms_all_reduce_and_a_ring_all_gather_aft
                                                                                           bandwidth)
 
 
+def test_a_zero_bucket_costs_the_measured_curve_of_its_pair_where_the_profile_has_one():
+    """A calibrated profile times each algorithm's reduce-scatter + all-gather pair too (kind
+    "halves"): ZeRO's buckets take that curve for their group, interpolated; the all-reduce keeps
+    its own curve, other groups and algorithms the formulas."""
+    from mpitrain.plan.timing import sync_time
+
+    sizes = [1 << 10, 1 << 20, 1 << 30]
+    prof = free_profile(collectives=[
+        {"algorithm": "hier", "ranks": 4, "nodes": 1, "bytes": sizes, "seconds": [1e-5, 1e-3, 1.0]},
+        {"algorithm": "hier", "ranks": 4, "nodes": 1, "bytes": sizes, "seconds": [2e-5, 4e-4, 0.4], "kind": "halves"}])
+    group, n, bandwidth = collectives.Group(4, 1, 4), 1 << 20, 1e10
+    assert sync_time(prof, "hier", 1, n, group, bandwidth) == pytest.approx(4e-4)
+    assert sync_time(prof, "hier", 2, 1 << 25, group, bandwidth) == pytest.approx(
+        collectives.interpolate(sizes, [2e-5, 4e-4, 0.4], 1 << 25))
+    assert sync_time(prof, "hier", 0, n, group, bandwidth) == pytest.approx(1e-3)
+    assert sync_time(prof, "ring", 1, n, group, bandwidth) == collectives.allreduce_time(prof, "ring", n, group,
+                                                                                        bandwidth)
+    other = collectives.Group(2, 1, 2)
+    assert sync_time(prof, "hier", 1, n, other, bandwidth) == collectives.allreduce_time(prof, "hier", n, other,
+                                                                                        bandwidth)
+    with pytest.raises(MpitrainError, match=r"collectives\[0\].kind 'pair'"):
+        profile.check(free_profile(collectives=[{**prof["collectives"][0], "kind": "pair"}]), "test")
+
+
 def test_zero_layouts_are_listed_with_every_algorithm_but_recursive_doubling():
     specs = candidates(4, 3, 4)
     sharded = {(spec.dp, spec.zero, spec.algorithm) for spec in specs if spec.kind == "grid" and spec.zero}

@@ -35,7 +35,7 @@ from mpi4py import MPI
 from mpitrain.backend import available_cores, settle_threads, step_finite
 from mpitrain.comm import agree, local_rank_and_size
 from mpitrain.comm.hier import node_group
-from mpitrain.comm.tune import measure
+from mpitrain.comm.tune import CANDIDATES, SHARDED_CANDIDATES, measure
 from mpitrain.errors import MpitrainError
 from mpitrain.plan.cost import OPTIMIZER_PASSES
 from mpitrain.plan.profile import FORMAT, check
@@ -412,9 +412,11 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
     intra = {"alpha_s": intra[0], "beta_s_per_byte": intra[1]} if intra else link
     curves = []
     if comm.size > 1:
-        seconds = measure(comm, ALLREDUCE_SIZES, ("ring", "rd", "hier", "mpi"), trials=3)
-        curves = [{"algorithm": name, "ranks": comm.size, "nodes": nodes, "bytes": ALLREDUCE_SIZES,
-                   "seconds": seconds[name]} for name in seconds]
+        # Each algorithm's all-reduce, and (--zero's buckets) its reduce-scatter + all-gather pair.
+        for kind, algorithms in (("allreduce", CANDIDATES), ("halves", SHARDED_CANDIDATES)):
+            seconds = measure(comm, ALLREDUCE_SIZES, algorithms, trials=3, sharded=kind == "halves")
+            curves += [{"algorithm": name, "ranks": comm.size, "nodes": nodes, "bytes": ALLREDUCE_SIZES,
+                        "seconds": seconds[name], "kind": kind} for name in seconds]
     overhead = step_overhead(comm, dtype)
     profile = {
         "format": FORMAT, "name": os.uname().nodename,
@@ -438,8 +440,8 @@ def calibrate(comm: MPI.Intracomm, widths: list[int], batch: int, dtype: str, pr
         # node wrote its intra-node link there: that one is not kept).
         if inter is None and previous["links"]["inter"] != previous["links"]["intra"]:
             profile["links"]["inter"] = previous["links"]["inter"]
-        kept = [c for c in previous["collectives"] if (c["algorithm"], c["ranks"], c["nodes"]) not in
-                {(c2["algorithm"], c2["ranks"], c2["nodes"]) for c2 in curves}]
+        kept = [c for c in previous["collectives"] if (c["algorithm"], c["ranks"], c["nodes"], c["kind"]) not in
+                {(c2["algorithm"], c2["ranks"], c2["nodes"], c2["kind"]) for c2 in curves}]
         profile["collectives"] = kept + curves
         shapes = {(e["dtype"], e["m"], e["k"], e["n"], e["threads"]) for e in gemm}
         profile["gemm"] = [e for e in previous["gemm"]

@@ -166,10 +166,12 @@ def mpi_time(profile: dict, nbytes: float, group: Group, bandwidth: float) -> fl
 FORMULAS = {"ring": ring_time, "rd": rd_time, "hier": hier_time, "mpi": mpi_time}
 
 
-def measured(profile: dict, algorithm: str, group: Group) -> dict | None:
-    """The measured curve of this algorithm for a group of this many ranks and nodes, if any."""
+def measured(profile: dict, algorithm: str, group: Group, kind: str = "allreduce") -> dict | None:
+    """The measured curve of this algorithm for a group of this many ranks and nodes, if any: of its
+    all-reduce, or with kind="halves" of its reduce-scatter + all-gather pair (--zero)."""
     for entry in profile["collectives"]:
-        if entry["algorithm"] == algorithm and entry["ranks"] == group.size and entry["nodes"] == group.nodes:
+        if (entry["algorithm"] == algorithm and entry["ranks"] == group.size and entry["nodes"] == group.nodes
+                and entry.get("kind", "allreduce") == kind):
             return entry
     return None
 

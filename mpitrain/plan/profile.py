@@ -30,9 +30,11 @@ Fields (every rate is per core: one rank with one BLAS thread; times in seconds,
                                with --overlap and without); 0 where one core runs both
     links                      {"intra": {alpha_s, beta_s_per_byte}, "inter": {...}}: point-to-point
                                time alpha + n beta within a node and across nodes
-    collectives                [{algorithm, ranks, nodes, bytes: [...], seconds: [...]}]: measured
-                               all-reduce curves; used (interpolated) for a group of that many ranks
-                               and nodes, the alpha-beta formulas elsewhere
+    collectives                [{algorithm, ranks, nodes, bytes: [...], seconds: [...], kind}]:
+                               measured curves, of the all-reduce (kind "allreduce", the default)
+                               or of --zero's reduce-scatter + all-gather pair (kind "halves");
+                               used (interpolated) for a group of that many ranks and nodes, the
+                               alpha-beta formulas elsewhere
 
 A hand-written profile needs only format, cores_per_node, gemm_flops_per_s,
 memory_bandwidth_per_core, memory_bandwidth_per_node and links.intra; the rest default as in
@@ -46,6 +48,7 @@ import os
 from mpitrain.errors import MpitrainError
 
 FORMAT = 1
+CURVE_KINDS = ("allreduce", "halves")  # a collective curve times the all-reduce, or --zero's pair
 REQUIRED = ("cores_per_node", "gemm_flops_per_s", "memory_bandwidth_per_core", "memory_bandwidth_per_node", "links")
 OPTIONAL = {"name": "", "source": "", "gemm": [], "op_overhead_s": 0.0, "message_overhead_s": 0.0,
             "step_overhead_s": 0.0, "overlap_efficiency": 0.0, "collectives": [], "stream": [],
@@ -148,6 +151,9 @@ def check(profile, where: str) -> dict:
                                 "seconds: [...]}} of equal lengths")
         for key in ("ranks", "nodes"):
             _positive(entry.get(key), f"{where}: collectives[{i}].{key}")
+        if entry.setdefault("kind", "allreduce") not in CURVE_KINDS:
+            raise MpitrainError(f"{where}: collectives[{i}].kind {entry['kind']!r}: expected one of "
+                                f"{', '.join(CURVE_KINDS)}")
         for j, (size, seconds) in enumerate(zip(entry["bytes"], entry["seconds"])):
             _positive(size, f"{where}: collectives[{i}].bytes[{j}]")
             _positive(seconds, f"{where}: collectives[{i}].seconds[{j}]")

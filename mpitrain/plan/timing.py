@@ -17,7 +17,7 @@ import numpy as np
 from mpitrain.comm.buckets import plan_buckets
 from mpitrain.data.sampler import local_batch_sizes
 from mpitrain.optim import buffer_names
-from mpitrain.plan.collectives import allreduce_time, group_of, p2p_time
+from mpitrain.plan.collectives import allreduce_time, group_of, interpolate, measured, p2p_time
 from mpitrain.plan.cost import (OPTIMIZER_PASSES, Prediction, Spec, auto_chooser, busiest, grid_ranks,
                                 local_layers, n_params, tensor_sums, usage)
 
@@ -142,10 +142,15 @@ def stage_time(machine, profile, spec, layers, micro_rows, itemsize, n_dense, tp
 
 def sync_time(profile: dict, algorithm: str, zero: int, nbytes: int, group, bandwidth: float) -> float:
     """Seconds to sum one bucket of nbytes over the data-parallel group: its all-reduce; under ZeRO
-    its reduce-scatter and the parameters' all-gather (comm/allreduce.py), priced as the
-    algorithm's all-reduce (the ring's and MPI's two halves, hier's two passes through shared
-    memory on one node), and where the algorithm sums the whole bucket first (rd, hier across
-    nodes) that all-reduce and the ring's all-gather half after it."""
+    its reduce-scatter and the parameters' all-gather (comm/allreduce.py): the profile's measured
+    curve of that pair where it has one for this group (`mpitrain plan --calibrate` times them);
+    else priced as the algorithm's all-reduce (the ring's and MPI's two halves, hier's passes
+    through shared memory on one node), and where the algorithm sums the whole bucket first (rd,
+    hier across nodes) that all-reduce and the ring's all-gather half after it."""
+    if zero and group.size > 1 and nbytes:
+        curve = measured(profile, algorithm, group, "halves")
+        if curve is not None:
+            return interpolate(curve["bytes"], curve["seconds"], nbytes)
     seconds = allreduce_time(profile, algorithm, nbytes, group, bandwidth)
     if zero and (algorithm == "rd" or (algorithm == "hier" and group.nodes > 1)):
         seconds += allreduce_time(profile, "ring", nbytes, group, bandwidth) / 2
