@@ -144,6 +144,8 @@ def test_zero_buckets_follow_the_sharded_thresholds(comm, monkeypatch, shared_di
     """A tuning file whose all-reduce table says mpi and whose sharded table says hier: --zero 0 sends
     MPI's bytes, --zero 1 and 2 send none (hier's halves on one node), and the plan reads the same
     table for each (the halves are priced from the sharded one, not the all-reduce's)."""
+    if os.environ.get("MPITRAIN_RANKS_PER_NODE"):
+        pytest.skip("one node: hier's halves send nothing there, and the file names a one-node layout")
     path = os.path.join(shared_dir, "tune.json")
     if comm.rank == 0:
         with open(path, "w") as out:

@@ -70,14 +70,16 @@ def test_summary_says_when_nothing_was_saved(comm, small_classification):
 def test_start_up_line_names_the_all_reduce_thresholds(comm, small_classification, shared_dir, monkeypatch, capsys):
     """With --allreduce auto the start-up line says whose thresholds choose: a tuning file's path
     when it has this layout, the built-in ones otherwise."""
+    from mpitrain.comm.hier import node_group
     from mpitrain.comm.thresholds import ENV_FILE
 
+    nodes = node_group(comm).nodes  # collective: on every rank
     tune_file = os.path.join(shared_dir, "tune.json")
     monkeypatch.setenv(ENV_FILE, tune_file)
     train(config(data=small_classification, steps=1), comm)
     built_in = capsys.readouterr().out
     if comm.rank == 0:
-        key = f"p{comm.size}-n1"
+        key = f"p{comm.size}-n{nodes}"
         with open(tune_file, "w") as handle:
             json.dump({"format": 1, "layouts": {key: {"thresholds": [[None, "ring"]]}}}, handle)
     comm.Barrier()

@@ -35,6 +35,11 @@ def test_defaults_exist_for_every_layout(world, nodes):
     assert sharded[-1][0] is None
 
 
+def _key(comm) -> str:
+    """This job's layout key, nodes included (MPITRAIN_RANKS_PER_NODE may emulate several)."""
+    return tune.layout_key(comm.size, hier.node_group(comm).nodes)
+
+
 def _write(path, layouts):
     with open(path, "w") as out:
         json.dump({"format": tune.FORMAT, "layouts": layouts}, out)
@@ -43,7 +48,7 @@ def _write(path, layouts):
 def test_auto_follows_rank_0s_tuning_file(comm, tmp_path, monkeypatch):
     """Each rank writes its own file; rank 0's wins on every rank, so the ranks never disagree."""
     path = os.path.join(tmp_path, "tune.json")
-    key = tune.layout_key(comm.size, 1)
+    key = _key(comm)
     _write(path, {key: {"thresholds": [[64, "rd" if comm.rank == 0 else "mpi"], [None, "ring"]]}})
     monkeypatch.setenv(tune.ENV_FILE, path)
     fresh = comm.Dup()
@@ -66,7 +71,7 @@ def test_zero_halves_follow_their_own_thresholds_and_default_without_them(comm, 
     from mpitrain.comm.ring import chunk_bounds, complete
 
     path = os.path.join(tmp_path, "tune.json")
-    key = tune.layout_key(comm.size, 1)
+    key = _key(comm)
     _write(path, {key: {"thresholds": [[None, "hier"]], "sharded_thresholds": [[None, "ring"]]}})
     monkeypatch.setenv(tune.ENV_FILE, path)
     fresh = comm.Dup()
@@ -87,7 +92,7 @@ def test_zero_halves_follow_their_own_thresholds_and_default_without_them(comm, 
     picks = [resolve("auto", n, fresh, sharded=True) for n in (8, 1 << 20, 1 << 30)] if comm.size > 1 else None
     fresh.Free()
     if comm.size > 1:
-        expected = tune.Thresholds(tune.default_table(comm.size, 1, sharded=True))
+        expected = tune.Thresholds(tune.default_table(comm.size, hier.node_group(comm).nodes, sharded=True))
         assert picks == [expected(8), expected(1 << 20), expected(1 << 30)]
 
 
@@ -99,7 +104,7 @@ def test_a_sharded_table_with_rd_is_refused():
 
 def test_a_malformed_sharded_table_fails_on_every_rank(comm, tmp_path, monkeypatch):
     path = os.path.join(tmp_path, "tune.json")
-    _write(path, {tune.layout_key(comm.size, 1): {"thresholds": [[None, "mpi"]], "sharded_thresholds": [[None, "rd"]]}})
+    _write(path, {_key(comm): {"thresholds": [[None, "mpi"]], "sharded_thresholds": [[None, "rd"]]}})
     monkeypatch.setenv(tune.ENV_FILE, path)
     fresh = comm.Dup()
     with pytest.raises(MpitrainError, match="sharded_thresholds: thresholds must be"):
@@ -109,7 +114,7 @@ def test_a_malformed_sharded_table_fails_on_every_rank(comm, tmp_path, monkeypat
 
 def test_a_malformed_file_fails_on_every_rank(comm, tmp_path, monkeypatch):
     path = os.path.join(tmp_path, "tune.json")
-    _write(path, {tune.layout_key(comm.size, 1): {"thresholds": [[64, "bogus"]]}})
+    _write(path, {_key(comm): {"thresholds": [[64, "bogus"]]}})
     monkeypatch.setenv(tune.ENV_FILE, path)
     fresh = comm.Dup()
     with pytest.raises(MpitrainError, match="thresholds must be"):
@@ -121,7 +126,7 @@ def test_tune_measures_and_saves_this_layout(comm, tmp_path):
     path = comm.bcast(os.path.join(tmp_path, "tune.json"), root=0)
     key, table, sharded = tune.tune(comm, max_bytes=1024, trials=1, path=path)
     saved = tune.read_file(path) if comm.rank == 0 else None
-    assert key == tune.layout_key(comm.size, 1)
+    assert key == _key(comm)
     tune.check_table(table, "fitted")
     tune.check_table(sharded, "fitted", tune.SHARDED_CANDIDATES)
     if comm.rank == 0:
@@ -143,9 +148,10 @@ def test_the_tune_command_writes_the_file_or_asks_for_ranks(comm, tmp_path, caps
             cli.run(argv)
         return
     cli.run(argv)
+    key = _key(comm)
     written = tune.read_file(path) if comm.rank == 0 else None
     if comm.rank == 0:
-        assert tune.layout_key(comm.size, 1) in written["layouts"]
+        assert key in written["layouts"]
         assert f"wrote {path}" in capsys.readouterr().out
 
 
