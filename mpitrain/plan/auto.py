@@ -17,12 +17,11 @@ import dataclasses
 from mpi4py import MPI
 
 from mpitrain.comm import agree, local_rank_and_size
-from mpitrain.config import zero_problem
 from mpitrain.errors import MpitrainError
 from mpitrain.nn.model import parse_widths
 from mpitrain.plan.cost import wire_itemsize
 from mpitrain.plan.profile import load_profile
-from mpitrain.plan.search import ALGORITHMS, Infeasible, search
+from mpitrain.plan.search import ALGORITHMS, search
 
 
 def choose(config, comm: MPI.Intracomm):
@@ -51,11 +50,6 @@ def _search(config, world: int, ranks_on_node: int) -> tuple[dict, str]:
     algorithms = ("ring",) if compressed else ALGORITHMS if config.allreduce == "auto" else (config.allreduce,)
     ranked, infeasible = search(world, config, widths, ranks_on_node, profile, zero_stages=(config.zero,),
                                 algorithms=algorithms, parameter_server=False)
-    # Layouts of one data-parallel rank are listed at --zero 0 (a shard of one rank is the whole),
-    # but the run keeps its --zero, and with it that stage's limits.
-    problems = {id(p): zero_problem(config.zero, p.spec.micro_batches) for p in ranked}
-    infeasible += [Infeasible(p.spec, problems[id(p)]) for p in ranked if problems[id(p)]]
-    ranked = [p for p in ranked if not problems[id(p)]]
     if not ranked:
         reasons = "; ".join(sorted({entry.reason for entry in infeasible}))
         raise MpitrainError(f"--layout auto: no layout of {world} rank(s) fits --model {config.model}: {reasons}")

@@ -93,8 +93,10 @@ def search(world: int, config, widths: list[int], ranks_per_node: int, profile: 
 
     ranked, infeasible, choose = [], [], auto_chooser()
     for spec in candidates(world, len(widths) - 1, ranks_per_node, **choices):
-        reason = width_problem(spec, widths) or (zero_problem(spec.zero, spec.micro_batches) if spec.kind == "grid"
-                                                 else None)
+        # A layout of one data-parallel rank is listed at stage 0 (its shard is the whole), but a run
+        # of it keeps config's --zero, and that stage's limits.
+        reason = width_problem(spec, widths) or (zero_problem(max(spec.zero, config.zero), spec.micro_batches)
+                                                 if spec.kind == "grid" else None)
         if reason is None:
             try:
                 if spec.kind == "grid":
