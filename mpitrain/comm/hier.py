@@ -7,8 +7,9 @@ all the slots, in local-rank order, straight into its own buffer, so every rank 
 holds the same bits of the node's sum. On one node that is the whole all-reduce: one copy, one
 barrier, one pass over the slots, no MPI message, which beats MPI Allreduce from about 32 KiB
 to 512 KiB at 2 ranks here (beyond, every rank adding the whole buffer costs more than MPI's
-exchange; its halves below, where each adds only its own part, lead to 1-4 MiB). With several nodes the leaders then ring-all-reduce their buffers, publish
-the total in a shared slot, and after a second barrier the other ranks copy it out.
+exchange; its halves below, where each adds only its own part, lead to 1-4 MiB). With several
+nodes the leaders then ring-all-reduce their buffers, publish the total in a shared slot, and
+after a second barrier the other ranks copy it out.
 
 When every node has the same number of ranks L > 1 and the buffer holds at least the layout's
 two-level threshold, all of them work across nodes instead of the leaders alone (the two-level

@@ -32,25 +32,30 @@ __all__ = ["CANDIDATES", "DEFAULTS", "ENV_FILE", "FORMAT", "SHARDED_CANDIDATES",
 # ---------------------------------------------------------------------------- measuring
 
 
-def time_allreduce(buf: np.ndarray, comm: MPI.Intracomm, algorithm: str, reps: int) -> float:
-    """Seconds per call of `reps` back-to-back all-reduces, the slowest rank's mean. Collective."""
+def _seconds_per_call(comm: MPI.Intracomm, call, reps: int) -> float:
+    """Seconds per call of `reps` back-to-back calls, the slowest rank's mean. Collective."""
     comm.Barrier()
     started = time.perf_counter()
     for _ in range(reps):
-        allreduce(buf, comm, algorithm)
+        call()
     return comm.allreduce((time.perf_counter() - started) / reps, op=MPI.MAX)
+
+
+def time_allreduce(buf: np.ndarray, comm: MPI.Intracomm, algorithm: str, reps: int) -> float:
+    """Seconds per call of `reps` back-to-back all-reduces, the slowest rank's mean. Collective."""
+    return _seconds_per_call(comm, lambda: allreduce(buf, comm, algorithm), reps)
 
 
 def time_halves(buf: np.ndarray, comm: MPI.Intracomm, algorithm: str, reps: int) -> float:
     """Seconds per reduce-scatter + all-gather pair on equal chunks (what --zero runs on a bucket),
     over `reps` back-to-back pairs, the slowest rank's mean. Collective."""
     chunks = chunk_bounds(buf.size, comm.size)
-    comm.Barrier()
-    started = time.perf_counter()
-    for _ in range(reps):
+
+    def pair():
         complete(shard_reduce_schedule(buf, comm, algorithm, chunks))
         complete(shard_gather_schedule(buf, comm, algorithm, chunks))
-    return comm.allreduce((time.perf_counter() - started) / reps, op=MPI.MAX)
+
+    return _seconds_per_call(comm, pair, reps)
 
 
 def measure(comm: MPI.Intracomm, sizes: list[int], algorithms, trials: int = 5, trial_s: float = 0.005,
